@@ -1,0 +1,32 @@
+"""Exceptions raised inside the engine; the wire layer turns them into error bodies."""
+
+
+class EngineError(Exception):
+    """Base class; `code` is the stable machine-readable name used on the wire."""
+
+    code = "engine_error"
+    http_status = 500
+
+
+class InvalidRequest(EngineError):
+    """The request itself is wrong (token out of vocabulary, K above the maximum, context too long)."""
+
+    code = "invalid_request"
+    http_status = 422
+
+    def __init__(self, field: str, value: object, message: str):
+        self.field, self.value = field, value
+        super().__init__(f"{field}={value!r}: {message}")
+
+
+class ResyncRequired(EngineError):
+    """The server holds no state for this session: resend the round with the full context."""
+
+    code = "resync_required"
+    http_status = 409
+
+
+class SequenceError(ResyncRequired):
+    """The round's sequence number is stale or skips ahead: resend with the full context."""
+
+    code = "bad_sequence"

@@ -1,0 +1,103 @@
+"""Ragged batched forward passes over many sessions' KV caches.
+
+Each session owns a single-sequence `DynamicCache`. To run B sessions at once, their caches are
+left-padded to the longest one and stacked; the new tokens are right-padded; a 2-D attention mask hides
+both paddings and explicit position ids keep every session's RoPE positions its own. Afterwards each
+session gets back its own cache, padding stripped. A batch of one skips all of that and runs in place.
+
+This module does not know about drafts, acceptance or sessions' token lists: callers say which tokens
+to feed and read the logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from flexspec_serve.engine import hf_compat
+
+
+@dataclass
+class CachedSequence:
+    """A KV cache covering the first `length` tokens of some token list (None until first used)."""
+
+    cache: DynamicCache | None = None
+
+    @property
+    def length(self) -> int:
+        return hf_compat.seq_length(self.cache)
+
+    def truncate(self, keep: int) -> None:
+        """Roll back to the first `keep` positions (rejected drafts leave the cache this way)."""
+        if keep < self.length:
+            hf_compat.drop_last(self.cache, self.length - keep)
+
+    def nbytes(self) -> int:
+        return hf_compat.cache_nbytes(self.cache)
+
+
+@torch.inference_mode()
+def run_ragged(
+    model: torch.nn.Module, seqs: list[CachedSequence], inputs: list[list[int]], pad_id: int = 0
+) -> list[torch.Tensor]:
+    """Feed `inputs[i]` (at least one token each) on top of `seqs[i]`; returns logits [n_i, V] per session.
+
+    Every `seqs[i].cache` is extended by `len(inputs[i])` positions.
+    """
+    if len(seqs) != len(inputs):
+        raise ValueError(f"{len(seqs)} sequences but {len(inputs)} inputs")
+    if any(len(x) == 0 for x in inputs):
+        raise ValueError("every sequence needs at least one new token")
+    device = next(model.parameters()).device
+    if len(seqs) == 1:
+        return [_run_single(model, seqs[0], inputs[0], device)]
+    past = [s.length for s in seqs]
+    new = [len(x) for x in inputs]
+    p_max, n_max = max(past), max(new)
+    ids = torch.full((len(seqs), n_max), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), p_max + n_max), dtype=torch.long)
+    for b, (x, p_len, n_len) in enumerate(zip(inputs, past, new)):
+        ids[b, :n_len] = torch.tensor(x, dtype=torch.long)
+        mask[b, p_max - p_len : p_max + n_len] = 1
+    positions = torch.tensor(past)[:, None] + torch.arange(n_max)[None, :]  # [B, N]
+    cache = _stack_left_padded(seqs, p_max) if p_max else DynamicCache()
+    logits = hf_compat.forward_logits(
+        model, ids.to(device), cache, attention_mask=mask.to(device), position_ids=positions.to(device)
+    )  # [B, N, V]
+    _split_back(cache, seqs, past, new, p_max)
+    return [logits[b, :n_len].float() for b, n_len in enumerate(new)]
+
+
+def _run_single(model, seq: CachedSequence, tokens: list[int], device) -> torch.Tensor:
+    if seq.cache is None:
+        seq.cache = DynamicCache()
+    start = seq.length
+    ids = torch.tensor([tokens], dtype=torch.long, device=device)
+    positions = torch.arange(start, start + len(tokens), device=device)[None, :]
+    return hf_compat.forward_logits(model, ids, seq.cache, position_ids=positions)[0].float()  # [n, V]
+
+
+def _stack_left_padded(seqs: list[CachedSequence], p_max: int) -> DynamicCache:
+    per_layer = []
+    reference = next(s for s in seqs if s.length)
+    for layer_idx, (k_ref, v_ref) in enumerate(hf_compat.layer_tensors(reference.cache)):
+        ks, vs = [], []
+        for s in seqs:
+            if s.length:
+                k, v = hf_compat.layer_tensors(s.cache)[layer_idx]
+            else:
+                k, v = k_ref[:, :, :0], v_ref[:, :, :0]
+            pad = p_max - k.shape[2]
+            ks.append(torch.nn.functional.pad(k, (0, 0, pad, 0)))  # [1, H, P, D]
+            vs.append(torch.nn.functional.pad(v, (0, 0, pad, 0)))
+        per_layer.append((torch.cat(ks), torch.cat(vs)))  # [B, H, P, D]
+    return hf_compat.cache_from_tensors(per_layer)
+
+
+def _split_back(cache: DynamicCache, seqs, past, new, p_max) -> None:
+    layers = hf_compat.layer_tensors(cache)  # each [B, H, P + N, D]
+    for b, s in enumerate(seqs):
+        lo, hi = p_max - past[b], p_max + new[b]
+        s.cache = hf_compat.cache_from_tensors([(k[b : b + 1, :, lo:hi], v[b : b + 1, :, lo:hi]) for k, v in layers])

@@ -1,0 +1,60 @@
+"""Acceptance statistics per session and per target version."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class AcceptanceStats:
+    rounds: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    generated_tokens: int = 0  # accepted + one recovered/bonus token per round
+    offered_by_position: list[int] = field(default_factory=list)  # rounds that drafted position i
+    accepted_by_position: list[int] = field(default_factory=list)  # ... and had it accepted
+
+    def record(self, k: int, accepted: int) -> None:
+        self.rounds += 1
+        self.draft_tokens += k
+        self.accepted_tokens += accepted
+        self.generated_tokens += accepted + 1
+        grow = k - len(self.offered_by_position)
+        if grow > 0:
+            self.offered_by_position += [0] * grow
+            self.accepted_by_position += [0] * grow
+        for i in range(k):
+            self.offered_by_position[i] += 1
+            self.accepted_by_position[i] += int(i < accepted)
+
+    def merge(self, other: AcceptanceStats) -> None:
+        self.rounds += other.rounds
+        self.draft_tokens += other.draft_tokens
+        self.accepted_tokens += other.accepted_tokens
+        self.generated_tokens += other.generated_tokens
+        for i, (o, a) in enumerate(zip(other.offered_by_position, other.accepted_by_position)):
+            if i >= len(self.offered_by_position):
+                self.offered_by_position.append(0)
+                self.accepted_by_position.append(0)
+            self.offered_by_position[i] += o
+            self.accepted_by_position[i] += a
+
+    @property
+    def acceptance_length(self) -> float:
+        """Mean tokens per round (accepted + 1); 0 before any round."""
+        return self.generated_tokens / self.rounds if self.rounds else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+    def rate_by_position(self) -> list[float]:
+        return [a / o if o else 0.0 for o, a in zip(self.offered_by_position, self.accepted_by_position)]
+
+    def as_dict(self) -> dict:
+        return {
+            "rounds": self.rounds, "draft_tokens": self.draft_tokens, "accepted_tokens": self.accepted_tokens,
+            "generated_tokens": self.generated_tokens, "acceptance_length": round(self.acceptance_length, 4),
+            "acceptance_rate": round(self.acceptance_rate, 4),
+            "acceptance_rate_by_position": [round(r, 4) for r in self.rate_by_position()],
+        }

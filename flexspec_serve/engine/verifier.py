@@ -1,0 +1,230 @@
+"""Cloud side: verify draft tokens for many sessions of one target version in one forward pass.
+
+The verifier keeps, per session, the committed tokens and a target KV cache (plus a draft KV cache in
+sampling mode, where it recomputes q with its own copy of the frozen draft, so the uplink carries only
+token ids). Sessions live in an LRU store bounded by count and by KV bytes; a session it no longer
+holds answers `ResyncRequired` until the client resends its full context. Rounds are idempotent by
+sequence number, and each round's random numbers come from a generator seeded by (session seed, seq),
+so retries, resyncs and batching never change a result.
+
+It does not batch across time (the caller hands it a batch) and knows nothing of Serve or the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from flexspec_serve.engine import sampling as S
+from flexspec_serve.engine.errors import EngineError, InvalidRequest, ResyncRequired, SequenceError
+from flexspec_serve.engine.ragged import CachedSequence, run_ragged
+from flexspec_serve.engine.stats import AcceptanceStats
+
+
+@dataclass(frozen=True)
+class VerifyRequest:
+    session_id: str
+    seq: int
+    draft_tokens: tuple[int, ...] = ()
+    new_context: tuple[int, ...] = ()
+    full_context: tuple[int, ...] | None = None  # set on a session's first round and on resync
+    sampling: S.SamplingParams = S.SamplingParams()
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    session_id: str
+    seq: int
+    accepted: int  # n: draft tokens kept
+    token: int  # the recovered token (n < K) or the bonus token (n == K)
+    bonus: bool
+    context_len: int  # committed tokens after this round
+    verify_ms: float
+    batch_size: int
+    cache_hit: bool  # False when this round had to (re)build the session's cache
+
+
+@dataclass
+class _Session:
+    tokens: list[int]
+    sampling: S.SamplingParams
+    seed: int
+    target: CachedSequence = field(default_factory=CachedSequence)
+    draft: CachedSequence = field(default_factory=CachedSequence)
+    last_key: tuple | None = None
+    last_outcome: RoundOutcome | None = None
+    stats: AcceptanceStats = field(default_factory=AcceptanceStats)
+
+    def nbytes(self) -> int:
+        return self.target.nbytes() + self.draft.nbytes()
+
+
+@dataclass(frozen=True)
+class VerifierLimits:
+    max_draft_tokens: int = 16
+    max_sessions: int = 4096
+    max_cache_bytes: int = 2 << 30
+
+
+class Verifier:
+    def __init__(self, target: torch.nn.Module, draft: torch.nn.Module | None = None, *, name: str = "target",
+                 limits: VerifierLimits = VerifierLimits()):
+        self.target, self.draft, self.name, self.limits = target.eval(), draft, name, limits
+        self.vocab_size = int(target.config.vocab_size)
+        self.max_positions = int(target.config.max_position_embeddings)
+        self.sessions: OrderedDict[str, _Session] = OrderedDict()
+        self.stats = AcceptanceStats()
+        self.cache_hits = 0
+        self.cache_misses = 0
+        self.evictions = 0
+
+    # ------------------------------------------------------------------ public
+    def verify(self, requests: list[VerifyRequest]) -> list[RoundOutcome | EngineError]:
+        """Verify a batch; one result (or the error for that request) per request, in order."""
+        results: list[RoundOutcome | EngineError | None] = [None] * len(requests)
+        pending = list(range(len(requests)))
+        while pending:  # a session that appears twice in one batch is handled in a later pass
+            seen, this_pass, later = set(), [], []
+            for i in pending:
+                (later if requests[i].session_id in seen else this_pass).append(i)
+                seen.add(requests[i].session_id)
+            self._verify_pass(requests, this_pass, results)
+            pending = later
+        self._evict()
+        return results  # type: ignore[return-value]
+
+    def drop_session(self, session_id: str) -> bool:
+        return self.sessions.pop(session_id, None) is not None
+
+    def session_stats(self, session_id: str) -> AcceptanceStats:
+        return self.sessions[session_id].stats
+
+    def cache_bytes(self) -> int:
+        return sum(s.nbytes() for s in self.sessions.values())
+
+    # ------------------------------------------------------------------ one pass
+    def _verify_pass(self, requests, indices, results) -> None:
+        ready: list[tuple[int, _Session, bool]] = []
+        for i in indices:
+            try:
+                prepared = self._prepare(requests[i])
+            except EngineError as err:
+                results[i] = err
+                continue
+            if isinstance(prepared, RoundOutcome):
+                results[i] = prepared  # idempotent retry
+            else:
+                ready.append((i, *prepared))
+        if not ready:
+            return
+        started = time.perf_counter()
+        target_logits = run_ragged(
+            self.target, [s.target for _, s, _ in ready],
+            [s.tokens[s.target.length :] + list(requests[i].draft_tokens) for i, s, _ in ready],
+        )
+        draft_probs = self._draft_probs(requests, ready)
+        verify_ms = (time.perf_counter() - started) * 1e3
+        for (i, session, hit), logits in zip(ready, target_logits):
+            req = requests[i]
+            k = len(req.draft_tokens)
+            n, token = self._decide(req, session, logits[-(k + 1) :], draft_probs.get(i))
+            results[i] = self._commit(req, session, n, token, verify_ms, len(ready), hit)
+
+    def _prepare(self, req: VerifyRequest) -> tuple[_Session, bool] | RoundOutcome:
+        self._validate(req)
+        key = (req.seq, req.draft_tokens, req.new_context, req.full_context is not None)
+        session = self.sessions.get(req.session_id)
+        if session is not None and session.last_key == key:
+            self.sessions.move_to_end(req.session_id)
+            return session.last_outcome  # the same round again: same answer, applied once
+        hit = req.full_context is None
+        if req.full_context is not None:
+            seed = _session_seed(req.session_id, req.sampling.seed)
+            session = _Session(tokens=list(req.full_context), sampling=req.sampling, seed=seed)
+            self.sessions[req.session_id] = session
+            self.cache_misses += 1
+        elif session is None:
+            raise ResyncRequired(f"session {req.session_id!r} is not held by {self.name}; resend full_context")
+        elif session.last_outcome is not None and req.seq != session.last_outcome.seq + 1:
+            raise SequenceError(
+                f"session {req.session_id!r}: round seq {req.seq} does not follow {session.last_outcome.seq}; "
+                "resend with full_context"
+            )
+        else:
+            self.cache_hits += 1
+        session.tokens.extend(req.new_context)
+        self._check_length(req, session)
+        self.sessions.move_to_end(req.session_id)
+        return session, hit
+
+    def _validate(self, req: VerifyRequest) -> None:
+        k = len(req.draft_tokens)
+        if k > self.limits.max_draft_tokens:
+            raise InvalidRequest("draft_tokens", k, f"K must be at most {self.limits.max_draft_tokens}")
+        for name in ("draft_tokens", "new_context", "full_context"):
+            for t in getattr(req, name) or ():
+                if not 0 <= t < self.vocab_size:
+                    raise InvalidRequest(name, t, f"token id outside the vocabulary [0, {self.vocab_size})")
+        if req.full_context is not None and not req.full_context and not req.new_context:
+            raise InvalidRequest("full_context", [], "a session needs at least one context token")
+        if not req.sampling.greedy and k and self.draft is None:
+            raise InvalidRequest("sampling", req.sampling.temperature,
+                                 f"{self.name} holds no draft copy, so only greedy drafts can be verified")
+
+    def _check_length(self, req: VerifyRequest, session: _Session) -> None:
+        total = len(session.tokens) + len(req.draft_tokens) + 1
+        if total > self.max_positions:
+            session.tokens = session.tokens[: len(session.tokens) - len(req.new_context)]
+            raise InvalidRequest("context", total, f"context + K + 1 exceeds the model's {self.max_positions} positions")
+
+    def _draft_probs(self, requests, ready) -> dict[int, torch.Tensor]:
+        """q [K, V] per sampling-mode request, recomputed with the cloud's copy of the frozen draft."""
+        rows = [(i, s) for i, s, _ in ready if not s.sampling.greedy and requests[i].draft_tokens]
+        if not rows:
+            return {}
+        inputs = [s.tokens[s.draft.length :] + list(requests[i].draft_tokens[:-1]) for i, s in rows]
+        logits = run_ragged(self.draft, [s.draft for _, s in rows], inputs)
+        out = {}
+        for (i, s), lg in zip(rows, logits):
+            k = len(requests[i].draft_tokens)
+            out[i] = S.probs(lg[-k:], s.sampling)  # [K, V]
+        return out
+
+    def _decide(self, req, session: _Session, logits: torch.Tensor, q: torch.Tensor | None) -> tuple[int, int]:
+        draft = list(req.draft_tokens)
+        if session.sampling.greedy:
+            return S.accept_greedy(logits, draft)
+        generator = torch.Generator().manual_seed((session.seed * 1_000_003 + req.seq) % (1 << 63))
+        p = S.probs(logits, session.sampling)  # [K+1, V]
+        return S.accept_sampling(p, q if q is not None else p[:0], draft, generator)
+
+    def _commit(self, req, session: _Session, n: int, token: int, verify_ms, batch_size, hit) -> RoundOutcome:
+        k = len(req.draft_tokens)
+        committed = len(session.tokens) + n
+        session.tokens.extend(req.draft_tokens[:n])
+        session.tokens.append(token)
+        session.target.truncate(committed)  # drop rejected drafts; `token` is fed next round
+        session.draft.truncate(committed)
+        session.stats.record(k, n)
+        self.stats.record(k, n)
+        outcome = RoundOutcome(req.session_id, req.seq, n, token, n == k, len(session.tokens),
+                               round(verify_ms, 3), batch_size, hit)
+        session.last_key = (req.seq, req.draft_tokens, req.new_context, req.full_context is not None)
+        session.last_outcome = outcome
+        return outcome
+
+    def _evict(self) -> None:
+        total = self.cache_bytes()
+        while self.sessions and (len(self.sessions) > self.limits.max_sessions or total > self.limits.max_cache_bytes):
+            _, session = self.sessions.popitem(last=False)
+            total -= session.nbytes()
+            self.evictions += 1
+
+
+def _session_seed(session_id: str, seed: int) -> int:
+    digest = hashlib.sha256(f"{seed}:{session_id}".encode()).digest()
+    return int.from_bytes(digest[:6], "little")

@@ -1,0 +1,215 @@
+"""The wire protocol between edge and cloud: pydantic models and two encodings.
+
+- JSON: `model.model_dump_json()` / `Model.model_validate_json()`, for debugging and curl;
+- compact: msgpack arrays in a fixed field order, with token lists bit-packed at the width the largest
+  id needs (11 bits for a 2048-token vocabulary), trailing empty fields omitted. Content type
+  `application/x-flexspec`.
+
+The uplink carries token ids only, never probability vectors: the draft is frozen and shared, so the
+cloud recomputes q with its own copy. Both encodings decode into the same validated models, so every
+limit below applies to both. Errors travel as `ErrorBody`; exceptions stay inside the process.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgpack
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from flexspec_serve.engine.sampling import SamplingParams
+from flexspec_serve.engine.verifier import RoundOutcome, VerifyRequest
+
+PROTOCOL_VERSION = 1
+COMPACT_CONTENT_TYPE = "application/x-flexspec"
+MAX_TOKENS_PER_FIELD = 32_768
+MAX_DRAFT_TOKENS_WIRE = 64
+TokenId = Annotated[int, Field(ge=0, lt=1 << 31)]
+
+
+class ProtocolError(ValueError):
+    """A payload that cannot be decoded or does not validate; `field` names the first bad field."""
+
+    def __init__(self, message: str, field: str | None = None, value: object = None):
+        super().__init__(message)
+        self.field, self.value = field, value
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Sampling(_Wire):
+    temperature: float = Field(0.0, ge=0.0, le=10.0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus mass; 1 = off")
+    seed: int = Field(0, ge=0, lt=1 << 63, description="seeds the session's random numbers")
+
+
+class DraftRound(_Wire):
+    """One round from the edge: draft tokens to verify on top of the session's committed context."""
+
+    protocol_version: Literal[1] = Field(PROTOCOL_VERSION, description="wire protocol version")
+    session_id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:\-]+$")
+    seq: int = Field(ge=0, lt=1 << 31, description="round sequence number: 0, 1, 2, ... per session")
+    target: str | None = Field(None, max_length=64, description="version or alias; None = the pinned one")
+    new_context: list[TokenId] = Field(default_factory=list, max_length=MAX_TOKENS_PER_FIELD,
+                                       description="context tokens the client added since its last round")
+    draft_tokens: list[TokenId] = Field(default_factory=list, max_length=MAX_DRAFT_TOKENS_WIRE,
+                                        description="d_1..d_K (K may be 0: cloud-only step)")
+    sampling: Sampling | None = Field(None, description="set on the first round; None = greedy")
+    full_context: list[TokenId] | None = Field(None, max_length=MAX_TOKENS_PER_FIELD,
+                                               description="every committed token: first round and resync")
+
+    def to_request(self) -> VerifyRequest:
+        s = self.sampling or Sampling()
+        return VerifyRequest(
+            session_id=self.session_id, seq=self.seq, draft_tokens=tuple(self.draft_tokens),
+            new_context=tuple(self.new_context),
+            full_context=None if self.full_context is None else tuple(self.full_context),
+            sampling=SamplingParams(s.temperature, s.top_p, s.seed),
+        )
+
+
+class ServerTimings(_Wire):
+    queue_ms: float = Field(0.0, description="time waiting for a batch")
+    verify_ms: float = Field(0.0, description="forward passes and decisions for the batch")
+    batch_size: int = Field(1, ge=1, description="rounds verified together")
+
+
+class RoundResult(_Wire):
+    protocol_version: Literal[1] = PROTOCOL_VERSION
+    session_id: str
+    seq: int
+    accepted: int = Field(ge=0, description="n: draft tokens kept")
+    token: int = Field(ge=0, description="recovered token (n < K) or bonus token (n == K)")
+    bonus: bool
+    version: str = Field(description="the target version that served the round")
+    context_len: int = Field(ge=1, description="committed tokens after this round")
+    cache_hit: bool = True
+    timings: ServerTimings = Field(default_factory=ServerTimings)
+
+    @classmethod
+    def from_outcome(cls, out: RoundOutcome, version: str, queue_ms: float = 0.0) -> RoundResult:
+        return cls(session_id=out.session_id, seq=out.seq, accepted=out.accepted, token=out.token, bonus=out.bonus,
+                   version=version, context_len=out.context_len, cache_hit=out.cache_hit,
+                   timings=ServerTimings(queue_ms=round(queue_ms, 3), verify_ms=out.verify_ms,
+                                         batch_size=out.batch_size))
+
+
+class ErrorDetail(_Wire):
+    code: str = Field(description="stable machine-readable name, e.g. resync_required, invalid_request")
+    message: str
+    field: str | None = None
+    value: str | None = Field(None, description="the offending value, shortened")
+    retry_after_s: float | None = None
+
+
+class ErrorBody(_Wire):
+    error: ErrorDetail
+
+    @classmethod
+    def of(cls, code: str, message: str, field: str | None = None, value: object = None, **kw) -> ErrorBody:
+        shown = None if value is None else repr(value)[:200]
+        return cls(error=ErrorDetail(code=code, message=message, field=field, value=shown, **kw))
+
+
+# --------------------------------------------------------------------------- compact encoding
+
+_ROUND_FIELDS = ("protocol_version", "session_id", "seq", "target", "new_context", "draft_tokens", "sampling",
+                 "full_context")
+_TOKEN_FIELDS = {"new_context", "draft_tokens", "full_context"}
+_RESULT_FIELDS = ("protocol_version", "session_id", "seq", "accepted", "token", "bonus", "version", "context_len",
+                  "cache_hit", "timings")
+
+
+def pack_tokens(tokens: list[int]) -> bytes:
+    """[width byte][ids bit-packed at `width` bits, big-endian bit order]."""
+    if not tokens:
+        return b"\x00"
+    arr = np.asarray(tokens, dtype=np.uint64)
+    width = max(1, int(arr.max()).bit_length())
+    bits = ((arr[:, None] >> np.arange(width - 1, -1, -1, dtype=np.uint64)) & 1).astype(np.uint8)
+    return bytes([width]) + np.packbits(bits.reshape(-1)).tobytes()
+
+
+def unpack_tokens(blob: bytes, field: str) -> list[int]:
+    if not blob:
+        raise ProtocolError(f"{field}: empty token blob", field)
+    width, body = blob[0], np.frombuffer(blob[1:], dtype=np.uint8)
+    if width == 0:
+        return []
+    if width > 31:
+        raise ProtocolError(f"{field}: token width {width} bits is over 31", field, width)
+    count = body.size * 8 // width
+    bits = np.unpackbits(body)[: count * width].reshape(count, width).astype(np.uint64)
+    if body.size != (count * width + 7) // 8:
+        raise ProtocolError(f"{field}: {body.size} bytes do not hold whole {width}-bit tokens", field)
+    return (bits << np.arange(width - 1, -1, -1, dtype=np.uint64)).sum(axis=1).astype(np.int64).tolist()
+
+
+def encode_round(r: DraftRound) -> bytes:
+    row = []
+    for name in _ROUND_FIELDS:
+        value = getattr(r, name)
+        if name in _TOKEN_FIELDS and value is not None:
+            value = pack_tokens(value) if (value or name == "draft_tokens") else None
+        elif name == "sampling" and value is not None:
+            value = [value.temperature, value.top_p, value.seed]
+        row.append(value)
+    while row and row[-1] is None:
+        row.pop()
+    return msgpack.packb(row, use_bin_type=True)
+
+
+def decode_round(payload: bytes) -> DraftRound:
+    row = _unpack_array(payload, len(_ROUND_FIELDS))
+    data = {}
+    for name, value in zip(_ROUND_FIELDS, row):
+        if value is None:
+            continue
+        if name in _TOKEN_FIELDS:
+            if not isinstance(value, bytes):
+                raise ProtocolError(f"{name}: expected packed token bytes", name, type(value).__name__)
+            value = unpack_tokens(value, name)
+        elif name == "sampling":
+            if not isinstance(value, list) or len(value) != 3:
+                raise ProtocolError("sampling: expected [temperature, top_p, seed]", name, value)
+            value = dict(zip(("temperature", "top_p", "seed"), value))
+        data[name] = value
+    return validate(DraftRound, data)
+
+
+def encode_result(r: RoundResult) -> bytes:
+    row = [getattr(r, n) for n in _RESULT_FIELDS[:-1]]
+    t = r.timings
+    row.append([t.queue_ms, t.verify_ms, t.batch_size])
+    return msgpack.packb(row, use_bin_type=True)
+
+
+def decode_result(payload: bytes) -> RoundResult:
+    row = _unpack_array(payload, len(_RESULT_FIELDS))
+    data = dict(zip(_RESULT_FIELDS, row))
+    if isinstance(data.get("timings"), list):
+        data["timings"] = dict(zip(("queue_ms", "verify_ms", "batch_size"), data["timings"]))
+    return validate(RoundResult, data)
+
+
+def _unpack_array(payload: bytes, max_len: int) -> list:
+    try:
+        row = msgpack.unpackb(payload, raw=False, max_bin_len=1 << 20, max_array_len=1 << 16, max_str_len=4096)
+    except (ValueError, msgpack.exceptions.ExtraData, msgpack.exceptions.FormatError,
+            msgpack.exceptions.StackError) as err:
+        raise ProtocolError(f"not a valid compact payload: {err}") from None
+    if not isinstance(row, list) or not 1 <= len(row) <= max_len:
+        raise ProtocolError(f"compact payload must be an array of 1..{max_len} fields")
+    return row
+
+
+def validate(cls: type[BaseModel], data) -> BaseModel:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or None
+        raise ProtocolError(f"{field}: {first['msg']}", field, first.get("input")) from None
