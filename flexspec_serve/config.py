@@ -119,10 +119,10 @@ PROFILES: dict[str, dict[str, Any]] = {
     "default": dict(
         name="default", vocab_size=2048, hidden_size=256, intermediate_size=688, num_layers=6, num_heads=8,
         num_kv_heads=4, max_positions=1024, frozen_layers=3, draft_shared_layers=1, draft_own_layers=1,
-        seq_len=256, batch_size=16, tokenizer_chars=8_000_000, corpus_chars=12_000_000,
-        pretrain=dict(steps=750, lr=2e-3, max_seconds=960), distill=dict(steps=250, lr=2e-3, max_seconds=240),
-        evolve=dict(steps=70, lr=2e-3, rank=8, alpha=16.0, kl_weight=0.5, max_seconds=240),
-        unconstrained=dict(steps=100, lr=1e-3, max_seconds=180),
+        seq_len=256, batch_size=8, tokenizer_chars=8_000_000, corpus_chars=12_000_000,
+        pretrain=dict(steps=1500, lr=3e-3), distill=dict(steps=400, lr=2e-3),
+        evolve=dict(steps=150, lr=2e-3, rank=8, alpha=16.0, kl_weight=0.5),
+        unconstrained=dict(steps=150, lr=1e-3),
     ),
 }
 

@@ -124,27 +124,30 @@ _RESULT_FIELDS = ("protocol_version", "session_id", "seq", "accepted", "token", 
 
 
 def pack_tokens(tokens: list[int]) -> bytes:
-    """[width byte][ids bit-packed at `width` bits, big-endian bit order]."""
+    """[header byte: width (5 bits) | padding bits (3 bits) << 5][ids bit-packed at `width` bits, MSB first]."""
     if not tokens:
         return b"\x00"
     arr = np.asarray(tokens, dtype=np.uint64)
     width = max(1, int(arr.max()).bit_length())
+    if width > 31:
+        raise ProtocolError(f"token id {int(arr.max())} does not fit 31 bits", "tokens", int(arr.max()))
     bits = ((arr[:, None] >> np.arange(width - 1, -1, -1, dtype=np.uint64)) & 1).astype(np.uint8)
-    return bytes([width]) + np.packbits(bits.reshape(-1)).tobytes()
+    pad = -(len(tokens) * width) % 8
+    return bytes([width | pad << 5]) + np.packbits(bits.reshape(-1)).tobytes()
 
 
 def unpack_tokens(blob: bytes, field: str) -> list[int]:
     if not blob:
         raise ProtocolError(f"{field}: empty token blob", field)
-    width, body = blob[0], np.frombuffer(blob[1:], dtype=np.uint8)
+    width, pad, body = blob[0] & 31, blob[0] >> 5, np.frombuffer(blob[1:], dtype=np.uint8)
     if width == 0:
+        if pad or body.size:
+            raise ProtocolError(f"{field}: malformed empty token list", field)
         return []
-    if width > 31:
-        raise ProtocolError(f"{field}: token width {width} bits is over 31", field, width)
-    count = body.size * 8 // width
-    bits = np.unpackbits(body)[: count * width].reshape(count, width).astype(np.uint64)
-    if body.size != (count * width + 7) // 8:
+    n_bits = body.size * 8 - pad
+    if n_bits <= 0 or n_bits % width:
         raise ProtocolError(f"{field}: {body.size} bytes do not hold whole {width}-bit tokens", field)
+    bits = np.unpackbits(body)[:n_bits].reshape(-1, width).astype(np.uint64)
     return (bits << np.arange(width - 1, -1, -1, dtype=np.uint64)).sum(axis=1).astype(np.int64).tolist()
 
 

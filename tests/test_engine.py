@@ -1,0 +1,210 @@
+"""The speculative engine: lossless greedy and sampling, ragged batching, rollback/resync, bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from flexspec_serve.engine import InvalidRequest, ResyncRequired, SequenceError
+from flexspec_serve.engine.generate import speculative_generate
+from flexspec_serve.engine.proposer import DraftProposer
+from flexspec_serve.engine.ragged import CachedSequence, run_ragged
+from flexspec_serve.engine.sampling import SamplingParams
+from flexspec_serve.engine.verifier import Verifier, VerifierLimits, VerifyRequest
+
+VERSIONS = ("v1", "v2", "v3", "v2-unconstrained")
+MAX_NEW = 20
+
+
+def target_greedy(model, prompt, n):
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def reference_greedy(family_models, humaneval_prompts):
+    prompts = humaneval_prompts[:20]
+    return {v: [target_greedy(family_models[v], p, MAX_NEW) for p in prompts] for v in VERSIONS}
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("k", [1, 3, 8, "varying"])
+def test_greedy_speculative_output_equals_target_greedy(family_models, humaneval_prompts, reference_greedy,
+                                                        version, k):
+    choose_k = (lambda i, r: (i + r) % 9) if k == "varying" else k  # 0..8, different per session and round
+    verifier = Verifier(family_models[version], family_models["draft"])
+    results = speculative_generate(DraftProposer(family_models["draft"]), verifier, humaneval_prompts[:20],
+                                   MAX_NEW, choose_k)
+    assert [r.tokens for r in results] == reference_greedy[version]
+
+
+def test_cloud_only_generation_equals_target_greedy(family_models, humaneval_prompts, reference_greedy):
+    results = speculative_generate(None, Verifier(family_models["v3"]), humaneval_prompts[:20], MAX_NEW)
+    assert [r.tokens for r in results] == reference_greedy["v3"]
+    assert all(r.stats.acceptance_length == 1.0 for r in results)
+
+
+def _outcomes(verifier, requests, one_at_a_time):
+    if one_at_a_time:
+        return [verifier.verify([r])[0] for r in requests]
+    return verifier.verify(requests)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_ragged_batched_verification_equals_one_at_a_time(family_models, humaneval_prompts, temperature):
+    draft, target = family_models["draft"], family_models["v2"]
+    prompts = [p[: 5 + 7 * i] for i, p in enumerate(humaneval_prompts[:6])]  # different context lengths
+    runs = []
+    for one_at_a_time in (True, False):
+        proposer, verifier = DraftProposer(draft), Verifier(target, draft)
+        sessions = [proposer.start(f"s{i}", p, SamplingParams(temperature, 1.0, i)) for i, p in enumerate(prompts)]
+        log = []
+        for rnd in range(5):
+            ks = [(i * 3 + rnd) % 7 for i in range(len(sessions))]  # ragged K, zeros included
+            props = proposer.propose(sessions, ks)
+            reqs = [VerifyRequest(f"s{i}", rnd, tuple(pr.tokens), full_context=tuple(prompts[i]) if rnd == 0 else None,
+                                  sampling=SamplingParams(temperature, 1.0, i)) for i, pr in enumerate(props)]
+            outs = _outcomes(verifier, reqs, one_at_a_time)
+            assert max(o.batch_size for o in outs) == (1 if one_at_a_time else len(reqs))
+            for s, r, o in zip(sessions, reqs, outs):
+                proposer.apply(s, list(r.draft_tokens), o.accepted, o.token)
+                log.append((r.draft_tokens, o.accepted, o.token))
+        runs.append(log)
+    assert runs[0] == runs[1]
+
+
+def test_batched_draft_proposals_equal_single_ones(family_models, humaneval_prompts):
+    proposer = DraftProposer(family_models["draft"])
+    prompts = [p[: 4 + 5 * i] for i, p in enumerate(humaneval_prompts[:5])]
+    batch = proposer.propose([proposer.start(str(i), p, SamplingParams()) for i, p in enumerate(prompts)], [4] * 5)
+    single = [proposer.propose([proposer.start(str(i), p, SamplingParams())], [4])[0] for i, p in enumerate(prompts)]
+    assert [b.tokens for b in batch] == [s.tokens for s in single]
+
+
+def test_ragged_forward_logits_match_unpadded(family_models):
+    model = family_models["v1"]
+    a, b = CachedSequence(), CachedSequence()
+    run_ragged(model, [a], [[5, 6, 7, 8, 9, 10]])
+    run_ragged(model, [b], [[11, 12]])
+    batched = run_ragged(model, [a, b], [[3, 4], [13, 14, 15]])
+    solo_a, solo_b = CachedSequence(), CachedSequence()
+    ref_a = run_ragged(model, [solo_a], [[5, 6, 7, 8, 9, 10, 3, 4]])[0][-2:]
+    ref_b = run_ragged(model, [solo_b], [[11, 12, 13, 14, 15]])[0][-3:]
+    torch.testing.assert_close(batched[0], ref_a, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(batched[1], ref_b, atol=1e-4, rtol=1e-4)
+    assert a.length == 8 and b.length == 5
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_resync_after_eviction_gives_identical_continuation(family_models, humaneval_prompts, temperature):
+    draft, target = family_models["draft"], family_models["v3"]
+    prompt = humaneval_prompts[3]
+
+    def run(evict_at):
+        proposer, verifier = DraftProposer(draft), Verifier(target, draft)
+        s = proposer.start("dev", prompt, SamplingParams(temperature, 1.0, 11))
+        for rnd in range(8):
+            prop = proposer.propose([s], [3])[0]
+            req = VerifyRequest("dev", rnd, tuple(prop.tokens), full_context=tuple(prompt) if rnd == 0 else None,
+                                sampling=SamplingParams(temperature, 1.0, 11))
+            if rnd == evict_at:
+                assert verifier.drop_session("dev")
+                with pytest.raises(ResyncRequired):
+                    raise verifier.verify([req])[0]
+                proposer.resync(s)  # the client also rebuilds its draft cache from scratch
+                req = VerifyRequest("dev", rnd, req.draft_tokens, full_context=tuple(s.tokens), sampling=req.sampling)
+            out = verifier.verify([req])[0]
+            proposer.apply(s, list(prop.tokens), out.accepted, out.token)
+        return s.generated
+
+    assert run(evict_at=None) == run(evict_at=4)
+
+
+def test_rollback_keeps_cache_equal_to_committed_tokens(family_models, humaneval_prompts):
+    draft, target = family_models["draft"], family_models["v1"]
+    proposer, verifier = DraftProposer(draft), Verifier(target, draft)
+    s = proposer.start("x", humaneval_prompts[0], SamplingParams())
+    for rnd in range(6):
+        prop = proposer.propose([s], [5])[0]
+        out = verifier.verify([VerifyRequest("x", rnd, tuple(prop.tokens),
+                                             full_context=tuple(s.tokens) if rnd == 0 else None)])[0]
+        proposer.apply(s, prop.tokens, out.accepted, out.token)
+        server = verifier.sessions["x"]
+        assert server.tokens == s.tokens
+        assert server.target.length == len(s.tokens) - 1  # the last (recovered/bonus) token is fed next round
+        assert s.cache.length <= len(s.tokens) - 1
+
+
+def test_retried_round_returns_the_same_result_and_is_applied_once(family_models, humaneval_prompts):
+    verifier = Verifier(family_models["v1"], family_models["draft"])
+    prompt = tuple(humaneval_prompts[1])
+    first = VerifyRequest("r", 0, (1, 2, 3), full_context=prompt, sampling=SamplingParams(0.8, 1.0, 5))
+    a = verifier.verify([first])[0]
+    length = len(verifier.sessions["r"].tokens)
+    b = verifier.verify([first])[0]
+    assert a == b and len(verifier.sessions["r"].tokens) == length
+    with pytest.raises(SequenceError):
+        raise verifier.verify([VerifyRequest("r", 5, (4,))])[0]
+    nxt = verifier.verify([VerifyRequest("r", 1, (4,))])[0]
+    assert nxt.seq == 1 and verifier.sessions["r"].stats.rounds == 2
+
+
+def test_unknown_session_without_context_asks_for_resync(family_models):
+    with pytest.raises(ResyncRequired, match="full_context"):
+        raise Verifier(family_models["v1"]).verify([VerifyRequest("ghost", 3, (1,))])[0]
+
+
+@pytest.mark.parametrize(
+    "request_kwargs, field",
+    [(dict(draft_tokens=(1, 99_999)), "draft_tokens"), (dict(draft_tokens=(1,) * 17), "draft_tokens"),
+     (dict(full_context=tuple(range(5)) * 200), "context"), (dict(full_context=(-1, 3)), "full_context")],
+)
+def test_bad_inputs_raise_errors_naming_the_value(family_models, request_kwargs, field):
+    base = dict(session_id="bad", seq=0, full_context=(1, 2, 3))
+    verifier = Verifier(family_models["v1"], limits=VerifierLimits(max_draft_tokens=16))
+    err = verifier.verify([VerifyRequest(**{**base, **request_kwargs})])[0]
+    assert isinstance(err, InvalidRequest) and err.field == field
+    assert str(err.value) in str(err)
+
+
+def test_one_bad_request_does_not_fail_the_batch(family_models):
+    verifier = Verifier(family_models["v1"])
+    good = VerifyRequest("good", 0, (), full_context=(5, 6, 7))
+    bad = VerifyRequest("bad", 0, (10**6,), full_context=(5, 6, 7))
+    out_bad, out_good = verifier.verify([bad, good])
+    assert isinstance(out_bad, InvalidRequest) and out_good.context_len == 4
+
+
+def test_lru_evicts_by_count_and_bytes(family_models):
+    verifier = Verifier(family_models["v1"], limits=VerifierLimits(max_sessions=2))
+    for i in range(3):
+        verifier.verify([VerifyRequest(f"s{i}", 0, (), full_context=(1, 2, 3))])
+    assert list(verifier.sessions) == ["s1", "s2"] and verifier.evictions == 1
+    tight = Verifier(family_models["v1"], limits=VerifierLimits(max_cache_bytes=1))
+    tight.verify([VerifyRequest("a", 0, (), full_context=(1, 2, 3))])
+    assert not tight.sessions
+
+
+def test_statistics_count_rounds_and_positions(family_models, humaneval_prompts):
+    verifier = Verifier(family_models["v1"], family_models["draft"])
+    res = speculative_generate(DraftProposer(family_models["draft"]), verifier, humaneval_prompts[:3], 16, 4)
+    s = verifier.stats
+    assert s.rounds == sum(r.stats.rounds for r in res)
+    assert s.generated_tokens == s.accepted_tokens + s.rounds
+    rates = s.rate_by_position()
+    assert len(rates) == 4 and all(0 <= r <= 1 for r in rates)
+    assert s.acceptance_length == pytest.approx(s.generated_tokens / s.rounds)
+
+
+def test_core_imports_no_ray():
+    code = (
+        "import importlib, pkgutil, sys, flexspec_serve\n"
+        "for m in pkgutil.walk_packages(flexspec_serve.__path__, 'flexspec_serve.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "bad = sorted(n for n in sys.modules if n == 'ray' or n.startswith('ray.'))\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)

@@ -1,0 +1,160 @@
+"""The model family: offline loading, the backbone contract, hashes, manifest, config errors."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from flexspec_serve.config import ConfigError, ZooProfile, load_yaml, parse_model, zoo_profile
+from flexspec_serve.zoo.loading import TokenizerMismatch, check_tokenizers_match, load_causal_lm, load_tokenizer
+from flexspec_serve.zoo.manifest import Manifest, backbone_prefixes, count_params, hash_tensors
+from flexspec_serve.zoo.report import acceptance_table, implied_tau, teacher_forced_alpha
+
+TARGETS = ("v1", "v2", "v3")
+
+
+def test_every_member_loads_offline_with_from_pretrained(tiny_family, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    manifest = Manifest.load(tiny_family)
+    assert {"v1", "v2", "v3", "v2-unconstrained", "draft"} <= {m.name for m in manifest.members}
+    for m in manifest.members:
+        model = AutoModelForCausalLM.from_pretrained(tiny_family / m.name)
+        tok = AutoTokenizer.from_pretrained(tiny_family / m.name)
+        assert model.config.vocab_size == len(tok)
+        assert hash_tensors(model) == m.sha256
+
+
+def test_constrained_versions_share_tokenizer_and_backbone(tiny_family, family_models):
+    p = zoo_profile("tiny")
+    manifest = Manifest.load(tiny_family)
+    vocabs = [load_tokenizer(tiny_family / name).get_vocab() for name in TARGETS + ("draft",)]
+    assert all(v == vocabs[0] for v in vocabs)
+    hashes = {name: hash_tensors(family_models[name], backbone_prefixes(p.frozen_layers)) for name in TARGETS}
+    assert len(set(hashes.values())) == 1
+    assert {manifest.member(n).backbone_sha256 for n in TARGETS} == set(hashes.values())
+    # the versions really differ above the backbone
+    assert len({manifest.member(n).sha256 for n in TARGETS}) == len(TARGETS)
+
+
+def test_draft_shares_the_backbone_layers_it_reuses(tiny_family, family_models):
+    p = zoo_profile("tiny")
+    shared = backbone_prefixes(p.draft_shared_layers)
+    base = hash_tensors(family_models["draft"], shared)
+    for name in TARGETS:
+        assert hash_tensors(family_models[name], shared) == base
+
+
+def test_unconstrained_version_breaks_the_backbone_hash(tiny_family):
+    manifest = Manifest.load(tiny_family)
+    assert manifest.member("v2-unconstrained").backbone_sha256 != manifest.member("v1").backbone_sha256
+
+
+def test_draft_costs_at_most_a_third_of_a_target(family_models):
+    """Per-token matmul cost scales with the decoder blocks' parameters (embeddings/LM head shared alike)."""
+
+    def block_params(model):
+        return sum(p.numel() for p in model.model.layers.parameters())
+
+    assert block_params(family_models["draft"]) * 3 <= block_params(family_models["v1"])
+    assert count_params(family_models["draft"])[1] < count_params(family_models["v1"])[1] / 2.9
+
+
+def test_manifest_round_trips(tiny_family, tmp_path):
+    manifest = Manifest.load(tiny_family)
+    manifest.save(tmp_path)
+    assert Manifest.load(tmp_path) == manifest
+    assert json.loads((tmp_path / "manifest.json").read_text())["members"][0]["name"] == "v1"
+
+
+def test_valid_family_is_reused_not_rebuilt(tiny_family):
+    from flexspec_serve.zoo.family import build_family
+
+    started = time.monotonic()
+    manifest = build_family(zoo_profile("tiny"), tiny_family, seed=0, coupled=True)
+    assert time.monotonic() - started < 5
+    assert manifest == Manifest.load(tiny_family)
+
+
+def test_build_is_deterministic_for_a_seed(tmp_path):
+    from flexspec_serve.config import PROFILES
+    from flexspec_serve.zoo.family import build_family
+
+    micro = dict(PROFILES["tiny"], name="micro", tokenizer_chars=60_000, corpus_chars=60_000,
+                 pretrain=dict(steps=3, lr=1e-3), distill=dict(steps=2, lr=1e-3),
+                 evolve=dict(steps=2, lr=1e-3, rank=2), unconstrained=dict(steps=2, lr=1e-3))
+    profile = parse_model(ZooProfile, micro, "micro")
+    a = build_family(profile, tmp_path / "a", seed=3)
+    b = build_family(profile, tmp_path / "b", seed=3)
+    assert [m.sha256 for m in a.members] == [m.sha256 for m in b.members]
+
+
+def test_alpha_of_a_model_against_itself_is_one(family_models, tokenizer):
+    v1 = family_models["v1"]
+    windows = [tokenizer("def add(a, b):\n    return a + b\n")["input_ids"]]
+    greedy, sampling = teacher_forced_alpha(v1, v1, windows, temperature=0.8)
+    assert greedy == 1.0
+    assert sampling == pytest.approx(1.0, abs=1e-5)
+    assert implied_tau(1.0) == 5.0
+
+
+def test_acceptance_report_runs_and_orders_contract_breaker_last(tiny_family):
+    rows = acceptance_table(tiny_family, n_prompts=2, max_new=12, n_files=1, window=64)
+    by_pair = {(r.draft, r.version): r for r in rows}
+    assert {("draft", v) for v in TARGETS + ("v2-unconstrained",)} <= set(by_pair)
+    assert ("coupled/draft-v2", "v2") in by_pair
+    for r in rows:
+        assert 0.0 <= r.alpha_greedy <= 1.0 and 1.0 <= r.tau_greedy <= 5.0 and 0 < r.distinct_share <= 1
+    frozen_alpha = min(by_pair[("draft", v)].alpha_greedy for v in TARGETS)
+    assert by_pair[("draft", "v2-unconstrained")].alpha_greedy < frozen_alpha
+
+
+def test_mismatched_tokenizers_are_refused_naming_both_models(tokenizer, tmp_path):
+    from flexspec_serve.zoo.tokenizer import train_tokenizer
+
+    other = train_tokenizer(["def f(x):\n    return x * 2\n" * 50], 300, tmp_path / "other")
+    check_tokenizers_match("draft", tokenizer, "v1", tokenizer)
+    with pytest.raises(TokenizerMismatch, match="'draft'.*'other-target'"):
+        check_tokenizers_match("draft", tokenizer, "other-target", other)
+
+
+@pytest.mark.parametrize(
+    "patch, field",
+    [({"hidden_size": "wide"}, "hidden_size"), ({"num_layers": 1}, "num_layers"),
+     ({"colour": "blue"}, "colour"), ({"pretrain": {"steps": 0, "lr": 1e-3}}, "pretrain.steps")],
+)
+def test_bad_zoo_config_names_field_and_value(tmp_path, patch, field):
+    import yaml
+
+    from flexspec_serve.config import PROFILES
+
+    path = tmp_path / "zoo.yaml"
+    path.write_text(yaml.safe_dump({**PROFILES["tiny"], **patch}))
+    with pytest.raises(ConfigError) as info:
+        load_yaml(ZooProfile, path)
+    assert field in str(info.value) and "zoo.yaml" in str(info.value)
+
+
+def test_unknown_profile_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="tiny"):
+        zoo_profile("huge")
+
+
+def test_cli_zoo_build_reports_config_errors_without_traceback(tmp_path, capsys):
+    from flexspec_serve.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nvocab_size: 3\n")
+    assert main(["zoo", "build", "--config", str(bad), "--out", str(tmp_path / "f")]) == 2
+    err = capsys.readouterr().err
+    assert "vocab_size" in err and "Traceback" not in err
+
+
+def test_loading_never_reaches_the_network(tmp_path):
+    with pytest.raises(OSError):
+        load_causal_lm("no-such-org/no-such-model-xyz")
+    assert torch.get_num_threads() >= 1
