@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	$(VENV)/bin/flexspec demo
+	$(VENV)/bin/flexspec demo $(if $(PROFILE),--profile $(PROFILE))
 
 test: install
 	$(PY) -m pytest -q

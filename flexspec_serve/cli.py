@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -39,6 +40,35 @@ def _add_zoo(sub) -> None:
     i = zsub.add_parser("info", help="print the family manifest as a table")
     _family_args(i)
     i.set_defaults(func=cmd_zoo_info)
+
+
+def _add_bench(sub) -> None:
+    bench = sub.add_parser("bench", help="benchmarks that run in-process on the model family")
+    bsub = bench.add_subparsers(dest="bench_cmd", required=True)
+    a = bsub.add_parser("adaptive", help="adaptive K vs fixed K vs cloud-only per device class and channel "
+                                         "(emulated time, real models)")
+    _family_args(a)
+    a.add_argument("--target", default="v1", help="target version (default: %(default)s)")
+    a.add_argument("--classes", nargs="+", default=["flagship-phone", "midrange-phone", "wearable"])
+    a.add_argument("--settings", nargs="+", help="channel settings (default: every carried trace + good fading poor)")
+    a.add_argument("--devices-per-cell", type=int, default=4)
+    a.add_argument("--max-new", type=int, default=48)
+    a.add_argument("--out", type=Path, default=Path("docs/results/adaptive"))
+    a.set_defaults(func=cmd_bench_adaptive)
+
+
+def cmd_bench_adaptive(args) -> int:
+    from flexspec_serve.edge import bench
+
+    cfg = bench.BenchConfig(family=_family_dir(args), target=args.target, classes=tuple(args.classes),
+                            devices_per_cell=args.devices_per_cell, max_new_tokens=args.max_new)
+    if args.settings:
+        cfg.settings = tuple(args.settings)
+    cells = bench.run_bench(cfg)
+    summary = bench.analyse(cells, cfg)
+    bench.write_outputs(cells, summary, args.out, "flexspec " + " ".join(sys.argv[1:]))
+    print((args.out / "adaptive.md").read_text())
+    return 0
 
 
 def _family_args(p) -> None:
@@ -101,11 +131,48 @@ def print_table(title: str, rows: list[dict]) -> None:
     Console(width=200).print(table)
 
 
+def _add_demo(sub) -> None:
+    d = sub.add_parser("demo", help="build the family if missing, print its compatibility table, and decode a "
+                                    "HumanEval prompt speculatively (what `make demo` runs)")
+    d.add_argument("--profile", default=os.environ.get("FLEXSPEC_PROFILE", "default"), choices=sorted(PROFILES),
+                   help="family profile (default: $FLEXSPEC_PROFILE or %(default)s)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--prompts", type=int, default=10, help="HumanEval prompts for the compatibility table")
+    d.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args) -> int:
+    from flexspec_serve.engine.generate import speculative_generate
+    from flexspec_serve.engine.proposer import DraftProposer
+    from flexspec_serve.engine.verifier import Verifier
+    from flexspec_serve.zoo.corpus import humaneval_problems
+    from flexspec_serve.zoo.family import build_family
+    from flexspec_serve.zoo.loading import load_causal_lm, load_tokenizer
+    from flexspec_serve.zoo.report import acceptance_table, rows_as_dicts
+
+    out = paths.family_dir(args.profile, args.seed)
+    manifest = build_family(zoo_profile(args.profile), out, seed=args.seed)
+    _print_manifest(manifest)
+    rows = acceptance_table(out, n_prompts=args.prompts, max_new=48, n_files=4)
+    print_table("Frozen draft vs every target version (K = 4)", rows_as_dicts(rows))
+    tok, draft = load_tokenizer(out / "v1"), load_causal_lm(out / "draft")
+    prompt = humaneval_problems(1)[0].prompt
+    for version in ("v1", "v3"):
+        res = speculative_generate(DraftProposer(draft), Verifier(load_causal_lm(out / version), draft),
+                                   [tok(prompt, add_special_tokens=False)["input_ids"]], 64, 4)[0]
+        print(f"\n--- {version}: acceptance length {res.stats.acceptance_length:.2f} over {res.stats.rounds} rounds ---")
+        print(prompt[-200:] + "\033[1m" + tok.decode(res.tokens) + "\033[0m")
+    print(f"\nfamily: {out}\nnext: `flexspec bench adaptive --profile {args.profile}` for the channel-aware K study")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flexspec", description="FlexSpec edge-cloud speculative decoding")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="cmd", required=True)
     _add_zoo(sub)
+    _add_bench(sub)
+    _add_demo(sub)
     for ep in entry_points(group="flexspec_serve.commands"):
         try:
             ep.load()(sub)

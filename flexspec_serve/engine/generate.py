@@ -1,8 +1,10 @@
-"""In-process generation loops on the engine: speculative (draft + verifier) and cloud-only.
+"""In-process generation loop on the engine: speculative (draft + verifier) and cloud-only.
 
-One loop serves every caller (tests, benchmarks, the acceptance report): it advances a list of sessions
-round by round, batching draft steps and verification across the sessions still running. K per round
-comes from `choose_k(session_index, round_index) -> int`. No network, no channel: see `edge/` for that.
+One loop serves every caller (tests, benchmarks, the acceptance report, the edge emulator): it advances
+a list of sessions round by round, batching draft steps and verification across the sessions still
+running, and sends each round through a transport (the real wire encoding, in-process by default).
+K per round comes from `choose_k(session_index, round_index)`; `on_round` sees every finished round.
+No channel or clock here: the edge emulator adds those through the two hooks.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from dataclasses import dataclass, field
 from flexspec_serve.engine.proposer import DraftProposer
 from flexspec_serve.engine.sampling import SamplingParams
 from flexspec_serve.engine.stats import AcceptanceStats
-from flexspec_serve.engine.verifier import RoundOutcome, Verifier, VerifyRequest
 
 
 @dataclass
@@ -21,20 +22,44 @@ class GenerationResult:
     prompt: list[int]
     tokens: list[int]  # generated tokens only (up to max_new_tokens)
     stats: AcceptanceStats = field(default_factory=AcceptanceStats)
-    rounds: list[RoundOutcome] = field(default_factory=list)
+    rounds: list = field(default_factory=list)  # RoundResult per round
+
+
+@dataclass(frozen=True)
+class RoundEvent:
+    """What `on_round` is told about one finished round of session `index`."""
+
+    index: int
+    round_index: int
+    k: int
+    accepted: int
+    prefill_tokens: int  # context tokens the draft had to feed before drafting
+    bytes_up: int
+    bytes_down: int
+    result: object  # protocol.RoundResult
 
 
 def speculative_generate(
     proposer: DraftProposer | None,
-    verifier: Verifier,
+    transport,
     prompts: list[list[int]],
     max_new_tokens: int,
     choose_k: Callable[[int, int], int] | int = 4,
     sampling: SamplingParams = SamplingParams(),
     session_prefix: str = "s",
     stop_token: int | None = None,
+    on_round: Callable[[RoundEvent], None] | None = None,
+    target: str | None = None,
 ) -> list[GenerationResult]:
-    """Generate for every prompt; `proposer=None` or K = 0 means cloud-only rounds."""
+    """Generate for every prompt; `proposer=None` or K = 0 means cloud-only rounds.
+
+    `transport` is a `Transport` or a bare `Verifier` (wrapped in a `LocalTransport`).
+    """
+    from flexspec_serve import protocol as P
+    from flexspec_serve.transport import LocalTransport, RoundFailed
+
+    if not hasattr(transport, "round_trip"):
+        transport = LocalTransport(transport)
     pick = (lambda i, r: choose_k) if isinstance(choose_k, int) else choose_k
     sessions = [proposer.start(f"{session_prefix}{i}", p, _session_sampling(sampling, i)) if proposer else None
                 for i, p in enumerate(prompts)]
@@ -43,28 +68,33 @@ def speculative_generate(
     while running:
         ks = [0 if proposer is None else max(0, min(pick(i, round_idx), max_new_tokens - len(results[i].tokens) - 1))
               for i in running]
+        prefill = [len(sessions[i].tokens) - sessions[i].cache.length if proposer else 0 for i in running]
         proposals = proposer.propose([sessions[i] for i in running], ks) if proposer else [None] * len(running)
-        requests = []
+        rounds = []
         for i, prop in zip(running, proposals):
-            draft = tuple(prop.tokens) if prop else ()
-            first = round_idx == 0
-            requests.append(VerifyRequest(
-                session_id=f"{session_prefix}{i}", seq=round_idx, draft_tokens=draft,
-                full_context=tuple(prompts[i]) if first else None, sampling=_session_sampling(sampling, i)))
-        outcomes = verifier.verify(requests)
+            s = _session_sampling(sampling, i)
+            rounds.append(P.DraftRound(
+                session_id=f"{session_prefix}{i}", seq=round_idx, target=target if round_idx == 0 else None,
+                draft_tokens=prop.tokens if prop else [],
+                full_context=list(prompts[i]) if round_idx == 0 else None,
+                sampling=P.Sampling(temperature=s.temperature, top_p=s.top_p, seed=s.seed) if round_idx == 0 else None))
+        exchanges = transport.round_trip(rounds)
         still = []
-        for i, req, out in zip(running, requests, outcomes):
-            if isinstance(out, Exception):
-                raise out
-            new = list(req.draft_tokens[: out.accepted]) + [out.token]
+        for pos, (i, rnd, ex) in enumerate(zip(running, rounds, exchanges)):
+            if isinstance(ex.result, P.ErrorBody):
+                raise RoundFailed(ex.result)
+            out, draft = ex.result, rnd.draft_tokens
             if proposer:
-                proposer.apply(sessions[i], list(req.draft_tokens), out.accepted, out.token)
+                proposer.apply(sessions[i], draft, out.accepted, out.token)
             res = results[i]
+            new = draft[: out.accepted] + [out.token]
             res.tokens.extend(new)
-            res.stats.record(len(req.draft_tokens), out.accepted)
+            res.stats.record(len(draft), out.accepted)
             res.rounds.append(out)
-            done = len(res.tokens) >= max_new_tokens or (stop_token is not None and stop_token in new)
-            if not done:
+            if on_round:
+                on_round(RoundEvent(i, round_idx, len(draft), out.accepted, prefill[pos], ex.bytes_up,
+                                    ex.bytes_down, out))
+            if len(res.tokens) < max_new_tokens and (stop_token is None or stop_token not in new):
                 still.append(i)
         running, round_idx = still, round_idx + 1
     for res in results:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -84,13 +85,8 @@ def train(
     opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, betas=(0.9, 0.95))
     model.train()
     ema, started, step = None, time.monotonic(), 0
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(
-        TextColumn(f"[bold]{desc:<22}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-        TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), transient=False,
-    ) as bar:
-        task = bar.add_task(desc, total=spec.steps, loss=float("nan"))
+    log_every = max(1, spec.steps // 20)
+    with _progress(desc, spec.steps) as bar:
         for step in range(1, spec.steps + 1):
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, spec)
@@ -100,12 +96,42 @@ def train(
             torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
             opt.step()
             ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
-            bar.update(task, advance=1, loss=ema)
+            bar(step, ema)
+            if bar.quiet and (step % log_every == 0 or step == spec.steps):
+                log.info("%s: step %d/%d loss %.3f (%.0fs)", desc, step, spec.steps, ema, time.monotonic() - started)
             if spec.max_seconds is not None and time.monotonic() - started > spec.max_seconds:
                 log.warning("%s: stopped at step %d of %d (time budget %.0fs)", desc, step, spec.steps, spec.max_seconds)
                 break
     model.eval()
     return {"final_loss": float(ema), "steps": step, "seconds": time.monotonic() - started}
+
+
+class _progress:
+    """A rich progress bar with the loss on a terminal; periodic log lines elsewhere (CI logs)."""
+
+    def __init__(self, desc: str, total: int):
+        self.quiet = not sys.stderr.isatty()
+        self.desc, self.total = desc, total
+
+    def __enter__(self):
+        if not self.quiet:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._bar = Progress(TextColumn(f"[bold]{self.desc:<22}"), BarColumn(),
+                                 TextColumn("{task.completed}/{task.total}"), TextColumn("loss {task.fields[loss]:.3f}"),
+                                 TimeElapsedColumn())
+            self._bar.__enter__()
+            self._task = self._bar.add_task(self.desc, total=self.total, loss=float("nan"))
+        return self
+
+    def __call__(self, step: int, loss: float) -> None:
+        if not self.quiet:
+            self._bar.update(self._task, completed=step, loss=loss)
+
+    def __exit__(self, *exc):
+        if not self.quiet:
+            self._bar.__exit__(*exc)
+        return False
 
 
 def _lr_at(step: int, spec: TrainSpec) -> float:

@@ -1,0 +1,226 @@
+"""Wireless links in emulated time: each direction answers "sent N bytes at t (ms), delivered when?".
+
+- `StatisticalChannel`: distance path loss, block Rayleigh or Rician fading correlated in time
+  (Gauss-Markov), Shannon rate R = B * log2(1 + SNR * |h|^2) scaled by an efficiency, base one-way
+  delay, and Gilbert-Elliott outages;
+- `TraceChannel`: Mahimahi traces (one line per 1500-byte delivery opportunity, ms timestamps, repeated
+  lines = several packets that millisecond, looping at the end).
+
+What the device can *observe* is kept apart (`LinkObserver`): it only sees its own past transfers.
+Channels are deterministic for a seed; time never goes backwards for a channel's state.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+MTU_BYTES = 1500
+TRACE_DIR = Path(__file__).resolve().parents[1] / "data" / "traces" / "mahimahi"
+
+
+class TraceFormatError(ValueError):
+    pass
+
+
+def parse_mahimahi(path: str | Path) -> np.ndarray:
+    """Sorted int64 ms timestamps, one per delivery opportunity; errors name the file and line."""
+    path = Path(path)
+    stamps: list[int] = []
+    with path.open() as fh:
+        for lineno, line in enumerate(fh, 1):
+            text = line.strip()
+            if not text:
+                continue
+            try:
+                value = int(text)
+            except ValueError:
+                raise TraceFormatError(f"{path.name}:{lineno}: expected a millisecond timestamp, got {text!r}") from None
+            if value < 0 or (stamps and value < stamps[-1]):
+                raise TraceFormatError(f"{path.name}:{lineno}: timestamp {value} is negative or goes backwards")
+            stamps.append(value)
+    if not stamps or stamps[-1] <= 0:
+        raise TraceFormatError(f"{path.name}: no delivery opportunities (empty trace or only time 0)")
+    return np.asarray(stamps, dtype=np.int64)
+
+
+class TraceChannel:
+    """One direction of a Mahimahi link; `offset_ms` starts this device somewhere inside the trace."""
+
+    def __init__(self, stamps_ms: np.ndarray, one_way_delay_ms: float = 20.0, offset_ms: float = 0.0, name: str = ""):
+        self.stamps = stamps_ms
+        self.period_ms = int(stamps_ms[-1])  # mahimahi loops the trace after its last timestamp
+        self.delay_ms, self.offset_ms, self.name = one_way_delay_ms, offset_ms, name
+
+    @classmethod
+    def from_file(cls, path: str | Path, **kw) -> TraceChannel:
+        return cls(parse_mahimahi(path), name=Path(path).name, **kw)
+
+    def delivery_ms(self, nbytes: int, t_ms: float) -> float:
+        """Time the last byte arrives: the ceil(N/1500)-th opportunity at or after t, plus the one-way delay."""
+        packets = max(1, math.ceil(nbytes / MTU_BYTES))
+        t = t_ms + self.offset_ms
+        loops, within = divmod(t, self.period_ms)
+        first = int(np.searchsorted(self.stamps, math.ceil(within), side="left"))
+        last = first + packets - 1  # index into the looped trace
+        extra_loops, idx = divmod(last, len(self.stamps))
+        done = (loops + extra_loops) * self.period_ms + self.stamps[idx]
+        return float(done - self.offset_ms + self.delay_ms)
+
+    def mean_rate_bps(self) -> float:
+        return len(self.stamps) * MTU_BYTES * 8 / (self.period_ms / 1e3)
+
+    def reported_rate_bps(self, t_ms: float, stale_ms: float = 200.0, window_ms: float = 1000.0) -> float:
+        """What a modem would report: the capacity over the window before t - stale_ms (>= 1 packet)."""
+        end = (t_ms + self.offset_ms - stale_ms) % self.period_ms
+        start = end - window_ms
+        n = int(np.searchsorted(self.stamps, end) - np.searchsorted(self.stamps, max(0.0, start)))
+        if start < 0:  # the window wraps into the end of the previous loop
+            n += int(len(self.stamps) - np.searchsorted(self.stamps, self.period_ms + start))
+        return max(1, n) * MTU_BYTES * 8 / (window_ms / 1e3)
+
+
+@dataclass(frozen=True)
+class RadioSetting:
+    """A statistical link setting; see `STATISTICAL_SETTINGS` for named presets."""
+
+    distance_m: float = 200.0
+    bandwidth_hz: float = 5e6
+    tx_power_dbm: float = 23.0
+    path_loss_exponent: float = 3.5
+    ref_loss_db: float = 40.0  # path loss at 1 m
+    noise_figure_db: float = 7.0
+    rician_k: float = 0.0  # 0 = Rayleigh
+    coherence_ms: float = 50.0  # fading time correlation (Gauss-Markov)
+    block_ms: float = 5.0  # fading block length
+    efficiency: float = 0.6  # share of Shannon capacity a real modem reaches
+    one_way_delay_ms: float = 20.0
+    outage_enter_prob: float = 0.0  # per block, good -> outage
+    outage_mean_ms: float = 200.0
+
+    def mean_snr_db(self) -> float:
+        loss = self.ref_loss_db + 10 * self.path_loss_exponent * math.log10(max(self.distance_m, 1.0))
+        noise_dbm = -174 + 10 * math.log10(self.bandwidth_hz) + self.noise_figure_db
+        return self.tx_power_dbm - loss - noise_dbm
+
+
+STATISTICAL_SETTINGS: dict[str, RadioSetting] = {
+    "good": RadioSetting(distance_m=80, rician_k=6.0, coherence_ms=200, one_way_delay_ms=10),
+    "fading": RadioSetting(distance_m=300, rician_k=0.0, coherence_ms=20, one_way_delay_ms=25,
+                           outage_enter_prob=0.002, outage_mean_ms=150),
+    "poor": RadioSetting(distance_m=900, bandwidth_hz=1.4e6, rician_k=0.0, coherence_ms=40, one_way_delay_ms=60,
+                         outage_enter_prob=0.01, outage_mean_ms=400),
+}
+
+
+class StatisticalChannel:
+    """Block-fading link; the fading and outage process is generated lazily block by block from a seed."""
+
+    def __init__(self, setting: RadioSetting, seed: int):
+        self.s = setting
+        self.rng = np.random.default_rng(seed)
+        self._obs_rng = np.random.default_rng(seed + 7_777_777)  # observation noise never perturbs the channel
+        self.rho = math.exp(-setting.block_ms / setting.coherence_ms)
+        self.snr_linear = 10 ** (setting.mean_snr_db() / 10)
+        self._rates: list[float] = []  # bits per ms for each block so far
+        self._h = self._draw_scatter()
+        self._in_outage, self._outage_left = False, 0
+
+    def _draw_scatter(self) -> complex:
+        return complex(self.rng.normal(), self.rng.normal()) / math.sqrt(2)
+
+    def _next_block_rate(self) -> float:
+        s = self.s
+        self._h = self.rho * self._h + math.sqrt(1 - self.rho**2) * self._draw_scatter()  # Gauss-Markov
+        los = math.sqrt(s.rician_k / (s.rician_k + 1))
+        h = los + math.sqrt(1 / (s.rician_k + 1)) * self._h
+        if self._in_outage:
+            self._outage_left -= 1
+            self._in_outage = self._outage_left > 0
+        elif self.rng.random() < s.outage_enter_prob:
+            self._in_outage = True
+            self._outage_left = max(1, int(self.rng.exponential(s.outage_mean_ms / s.block_ms)))
+        if self._in_outage:
+            return 0.0
+        rate_bps = s.efficiency * s.bandwidth_hz * math.log2(1 + self.snr_linear * abs(h) ** 2)
+        return rate_bps / 1e3  # bits per ms
+
+    def rate_bps_at(self, t_ms: float) -> float:
+        return self._block_rate(int(max(0.0, t_ms) // self.s.block_ms)) * 1e3
+
+    def reported_rate_bps(self, t_ms: float, stale_ms: float = 20.0, noise_db: float = 1.0) -> float:
+        """A CSI-based rate estimate: the true rate stale_ms ago, with log-normal estimation noise."""
+        noise = 10 ** (self._obs_rng.normal(0.0, noise_db) / 10)
+        return max(1e3, self.rate_bps_at(t_ms - stale_ms) * noise)
+
+    def _block_rate(self, block: int) -> float:
+        while len(self._rates) <= block:
+            self._rates.append(self._next_block_rate())
+        return self._rates[block]
+
+    def delivery_ms(self, nbytes: int, t_ms: float) -> float:
+        bits_left, t = nbytes * 8.0, t_ms
+        while True:
+            block = int(t // self.s.block_ms)
+            end = (block + 1) * self.s.block_ms
+            rate = self._block_rate(block)
+            if rate * (end - t) >= bits_left:
+                return t + bits_left / rate + self.s.one_way_delay_ms
+            bits_left -= rate * (end - t)
+            t = end
+
+
+@dataclass
+class Link:
+    """Uplink and downlink of one device."""
+
+    up: TraceChannel | StatisticalChannel
+    down: TraceChannel | StatisticalChannel
+    name: str = ""
+
+
+def trace_names() -> list[str]:
+    return sorted(p.stem for p in TRACE_DIR.glob("*.up") if (TRACE_DIR / f"{p.stem}.down").exists())
+
+
+def make_link(setting: str, seed: int, offset_ms: float = 0.0, trace_delay_ms: float = 20.0) -> Link:
+    """A named setting: a carried Mahimahi trace name, or one of STATISTICAL_SETTINGS."""
+    if setting in STATISTICAL_SETTINGS:
+        s = STATISTICAL_SETTINGS[setting]
+        return Link(StatisticalChannel(s, seed), StatisticalChannel(s, seed + 1), setting)
+    if setting in trace_names():
+        up = TraceChannel.from_file(TRACE_DIR / f"{setting}.up", one_way_delay_ms=trace_delay_ms, offset_ms=offset_ms)
+        down = TraceChannel.from_file(TRACE_DIR / f"{setting}.down", one_way_delay_ms=trace_delay_ms,
+                                      offset_ms=offset_ms)
+        return Link(up, down, setting)
+    raise ValueError(f"unknown channel setting {setting!r}; traces: {trace_names()}, "
+                     f"statistical: {sorted(STATISTICAL_SETTINGS)}")
+
+
+class LinkObserver:
+    """What a device knows of its link: its own transfers' delays (EMA) and the modem's rate reports.
+
+    It never sees the true channel; predictions are latency + bytes / reported rate.
+    """
+
+    def __init__(self, prior_delay_ms: float = 50.0, prior_rate_bps: float = 1e6, smoothing: float = 0.1):
+        self.delay_ms = {"up": prior_delay_ms, "down": prior_delay_ms}
+        self.rate_bps = {"up": prior_rate_bps, "down": prior_rate_bps}
+        self.a = smoothing
+
+    def record(self, direction: str, nbytes: int, elapsed_ms: float) -> None:
+        """A finished transfer: its delay beyond the serialisation time feeds the latency estimate."""
+        latency = max(0.0, elapsed_ms - self.ms_per_byte(direction) * nbytes)
+        self.delay_ms[direction] = (1 - self.a) * self.delay_ms[direction] + self.a * latency
+
+    def report_rate(self, direction: str, rate_bps: float) -> None:
+        self.rate_bps[direction] = max(1.0, rate_bps)
+
+    def ms_per_byte(self, direction: str) -> float:
+        return 8e3 / self.rate_bps[direction]
+
+    def predict_ms(self, direction: str, nbytes: int) -> float:
+        return self.delay_ms[direction] + self.ms_per_byte(direction) * nbytes

@@ -1,0 +1,156 @@
+"""Choosing the draft length K each round: FlexSpec's channel-aware controller and the baselines.
+
+Every policy implements `choose(view) -> K` and `observe(k, accepted)`; K = 0 means a cloud-only round
+(the cloud generates the next token alone). FlexSpec's controller maximises expected goodput
+
+    E[tau | K, alpha] / E[T_round(K)],   tau = (1 - alpha^(K+1)) / (1 - alpha),
+    T_round(K) = K t_draft + t_up(bytes(K)) + t_verify(K) + t_down      (t_up, t_down include the RTT)
+
+plus, for K > 0, whatever draft prefill could not be hidden in earlier rounds' waiting time (a device
+that has sat out rounds must first feed the tokens the cloud produced meanwhile).
+
+subject to the expected energy per generated token staying within the device's budget; alpha is an
+online estimate per (device, target version): a Beta posterior with exponential forgetting, so it
+follows a target that changes under the device. If no K meets the budget it takes the cheapest K.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flexspec_serve.edge.devices import CloudProfile, DeviceProfile
+
+
+@dataclass(frozen=True)
+class RoundView:
+    """What the device knows when it chooses K (predictions from its own observations)."""
+
+    up_ms: float  # predicted uplink latency of a round message (excluding its serialisation)
+    down_ms: float  # predicted downlink delivery time of the answer
+    prefill_ms: float = 0.0  # draft prefill still on the critical path if this round drafts
+    up_ms_per_byte: float = 0.0  # from the reported uplink rate
+    bytes_per_draft_token: float = 1.5  # compact encoding: ids bit-packed (11 bits at a 2048 vocabulary)
+    round_overhead_bytes: float = 24.0
+
+    def up_total_ms(self, k: int) -> float:
+        return self.up_ms + self.up_ms_per_byte * (self.round_overhead_bytes + self.bytes_per_draft_token * k)
+
+
+class AcceptanceEstimator:
+    """Beta(a, b) posterior on the per-token acceptance rate, forgetting old rounds at rate `decay`."""
+
+    def __init__(self, prior_a: float = 3.0, prior_b: float = 2.0, decay: float = 0.97):
+        self.a0, self.b0, self.decay = prior_a, prior_b, decay
+        self.s = self.f = 0.0  # discounted successes / failures
+
+    def update(self, k: int, accepted: int) -> None:
+        if k == 0:
+            return
+        self.s = self.decay * self.s + accepted
+        self.f = self.decay * self.f + (1 if accepted < k else 0)
+
+    @property
+    def alpha(self) -> float:
+        return (self.a0 + self.s) / (self.a0 + self.b0 + self.s + self.f)
+
+    def reset(self) -> None:
+        self.s = self.f = 0.0
+
+
+def expected_tau(alpha: float, k: int) -> float:
+    if k == 0:
+        return 1.0
+    return float(k + 1) if alpha >= 1.0 else (1 - alpha ** (k + 1)) / (1 - alpha)
+
+
+@dataclass
+class Policy:
+    name: str = "policy"
+
+    def choose(self, view: RoundView) -> int:
+        raise NotImplementedError
+
+    def observe(self, k: int, accepted: int) -> None:
+        pass
+
+
+@dataclass
+class FixedK(Policy):
+    k: int = 4
+
+    def __post_init__(self):
+        self.name = f"fixed-{self.k}"
+
+    def choose(self, view: RoundView) -> int:
+        return self.k
+
+
+@dataclass
+class CloudOnly(Policy):
+    name: str = "cloud-only"
+
+    def choose(self, view: RoundView) -> int:
+        return 0
+
+
+@dataclass
+class AcceptanceAdaptive(Policy):
+    """+2 after a fully accepted round, -1 after a rejection (channel-blind)."""
+
+    k_max: int = 8
+    k: int = 4
+    name: str = "accept-adaptive"
+
+    def choose(self, view: RoundView) -> int:
+        return self.k
+
+    def observe(self, k: int, accepted: int) -> None:
+        self.k = min(self.k_max, self.k + 2) if accepted == k else max(1, self.k - 1)
+
+
+class FlexSpecController(Policy):
+    def __init__(self, device: DeviceProfile, cloud: CloudProfile, k_max: int = 8,
+                 estimator: AcceptanceEstimator | None = None):
+        self.name = "adaptive"
+        self.device, self.cloud, self.k_max = device, cloud, k_max
+        self.estimator = estimator or AcceptanceEstimator()
+
+    def round_ms(self, k: int, view: RoundView) -> float:
+        prefill = view.prefill_ms if k else 0.0
+        return prefill + self.device.draft_ms(k) + view.up_total_ms(k) + self.cloud.verify_ms(k) + view.down_ms
+
+    def round_j(self, k: int, view: RoundView) -> float:
+        d = self.device
+        return (d.draft_ms(k) * d.compute_w + view.up_total_ms(k) * d.tx_w + view.down_ms * d.rx_w
+                + self.cloud.verify_ms(k) * d.idle_w) / 1e3
+
+    def plan(self, view: RoundView) -> list[tuple[int, float, float]]:
+        """(K, expected tokens/s, expected J/token) for every K."""
+        alpha = self.estimator.alpha
+        rows = []
+        for k in range(self.k_max + 1):
+            tau = expected_tau(alpha, k)
+            rows.append((k, tau / self.round_ms(k, view) * 1e3, self.round_j(k, view) / tau))
+        return rows
+
+    def choose(self, view: RoundView) -> int:
+        rows = self.plan(view)
+        feasible = [r for r in rows if r[2] <= self.device.energy_budget_j_per_token]
+        if not feasible:
+            return min(rows, key=lambda r: r[2])[0]
+        return max(feasible, key=lambda r: r[1])[0]
+
+    def observe(self, k: int, accepted: int) -> None:
+        self.estimator.update(k, accepted)
+
+
+def make_policy(name: str, device: DeviceProfile, cloud: CloudProfile, k_max: int = 8) -> Policy:
+    if name == "adaptive":
+        return FlexSpecController(device, cloud, k_max)
+    if name == "cloud-only":
+        return CloudOnly()
+    if name == "accept-adaptive":
+        return AcceptanceAdaptive(k_max=k_max)
+    if name.startswith("fixed-") and name[6:].isdigit():
+        return FixedK(k=min(int(name[6:]), k_max))
+    raise ValueError(f"unknown policy {name!r}; use adaptive, cloud-only, accept-adaptive or fixed-K")

@@ -1,0 +1,196 @@
+"""Edge side: channels, traces, the FlexSpec controller and its baselines, fleet specs, the emulator."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import yaml
+
+from flexspec_serve.config import ConfigError, load_yaml
+from flexspec_serve.edge.channels import (
+    STATISTICAL_SETTINGS, LinkObserver, RadioSetting, StatisticalChannel, TraceChannel, TraceFormatError, make_link, parse_mahimahi,
+    trace_names,
+)
+from flexspec_serve.edge.controller import (
+    AcceptanceAdaptive, AcceptanceEstimator, CloudOnly, FixedK, FlexSpecController, RoundView, expected_tau,
+)
+from flexspec_serve.edge.devices import DEVICE_CLASSES, CloudProfile, DeviceProfile, FleetSpec
+
+PHONE = DEVICE_CLASSES["midrange-phone"]
+CLOUD = CloudProfile()
+
+
+def test_same_seed_gives_the_same_channel_realisation():
+    s = STATISTICAL_SETTINGS["fading"]
+    times = np.arange(0, 20_000, 97.0)
+    a = [StatisticalChannel(s, 5).delivery_ms(400, t) for t in times]
+    b = [StatisticalChannel(s, 5).delivery_ms(400, t) for t in times]
+    c = [StatisticalChannel(s, 6).delivery_ms(400, t) for t in times]
+    assert a == b and a != c
+
+
+def test_observation_noise_does_not_change_the_true_channel():
+    s = STATISTICAL_SETTINGS["fading"]
+    quiet, watched = StatisticalChannel(s, 1), StatisticalChannel(s, 1)
+    for t in range(0, 5000, 50):
+        watched.reported_rate_bps(t)
+    assert [quiet.delivery_ms(100, t) for t in range(0, 5000, 50)] == [
+        watched.delivery_ms(100, t) for t in range(0, 5000, 50)]
+
+
+def test_rician_line_of_sight_fades_less_than_rayleigh():
+    def spread(k):
+        ch = StatisticalChannel(RadioSetting(rician_k=k, coherence_ms=5), 3)
+        rates = np.array([ch.rate_bps_at(t) for t in range(0, 200_000, 25)])
+        return rates.std() / rates.mean()
+
+    assert spread(10.0) < spread(0.0)
+
+
+def test_mahimahi_repeated_timestamps_are_several_packets(tmp_path):
+    path = tmp_path / "t.up"
+    path.write_text("1\n1\n1\n5\n")
+    ch = TraceChannel.from_file(path, one_way_delay_ms=0)
+    assert ch.delivery_ms(3 * 1500, 0) == 1  # three packets in millisecond 1
+    assert ch.delivery_ms(4 * 1500, 0) == 5
+
+
+def test_mahimahi_trace_loops(tmp_path):
+    path = tmp_path / "t.up"
+    path.write_text("2\n10\n")
+    ch = TraceChannel.from_file(path, one_way_delay_ms=0)
+    assert ch.delivery_ms(100, 11) == 12  # next loop: 10 + 2
+    assert ch.delivery_ms(3 * 1500, 0) == 12  # 2, 10, then 12
+
+
+@pytest.mark.parametrize("n_bytes, start, expected", [(1, 0, 1), (1500, 0, 1), (1501, 0, 2), (15_000, 3, 13)])
+def test_constant_rate_trace_delivery_is_the_arithmetic(tmp_path, n_bytes, start, expected):
+    path = tmp_path / "12mbps.up"
+    path.write_text("1\n")  # one 1500-byte packet every millisecond
+    ch = TraceChannel.from_file(path, one_way_delay_ms=7)
+    assert ch.delivery_ms(n_bytes, start) == expected + 7
+
+
+@pytest.mark.parametrize("text, where", [("", "no delivery"), ("1\nabc\n", ":2:"), ("5\n3\n", ":2:"), ("0\n", "no delivery")])
+def test_malformed_traces_are_refused_naming_the_line(tmp_path, text, where):
+    path = tmp_path / "bad.up"
+    path.write_text(text)
+    with pytest.raises(TraceFormatError, match=where):
+        parse_mahimahi(path)
+
+
+def test_carried_real_traces_parse_and_look_cellular():
+    names = trace_names()
+    assert {"ATT-LTE-driving", "TMobile-LTE-short", "TMobile-UMTS-driving", "Verizon-EVDO-driving"} <= set(names)
+    for name in names:
+        link = make_link(name, 0)
+        assert 50e3 < link.up.mean_rate_bps() < 50e6 and 50e3 < link.down.mean_rate_bps() < 50e6
+
+
+def view(up_ms=30.0, down_ms=30.0, **kw):
+    return RoundView(up_ms=up_ms, down_ms=down_ms, **kw)
+
+
+def controller(alpha, device=PHONE, cloud=CLOUD):
+    est = AcceptanceEstimator(prior_a=alpha * 1000, prior_b=(1 - alpha) * 1000)
+    return FlexSpecController(device, cloud, k_max=8, estimator=est)
+
+
+def test_controller_picks_smaller_k_when_acceptance_drops():
+    assert controller(0.5).choose(view()) < controller(0.9).choose(view())
+
+
+def test_controller_picks_smaller_k_when_the_uplink_rate_collapses():
+    fast = view(up_ms_per_byte=8e3 / 1e6)  # 1 Mbit/s
+    slow = view(up_ms_per_byte=8e3 / 2e3)  # 2 kbit/s: every draft token costs ~6 ms of airtime
+    assert controller(0.8).choose(slow) < controller(0.8).choose(fast)
+
+
+def test_controller_drafts_more_when_the_round_trip_grows():
+    assert controller(0.8).choose(view(200, 200)) > controller(0.8).choose(view(10, 10))
+
+
+def test_controller_picks_cloud_only_when_drafting_cannot_pay():
+    slow = DeviceProfile("slow", 400.0, 10.0, 2.0, 1.0, 1.0, 0.1, 5.0, 512)
+    assert controller(0.6, device=slow).choose(view()) == 0
+
+
+def test_controller_keeps_within_the_energy_budget():
+    thirsty = DeviceProfile("thirsty", 20.0, 1.0, 30.0, 1.0, 1.0, 0.1, 0.05, 512)
+    c = controller(0.85, device=thirsty)
+    k = c.choose(view())
+    assert c.round_j(k, view()) / expected_tau(0.85, k) <= 0.05
+    assert k < controller(0.85, device=DeviceProfile("free", 20.0, 1.0, 30.0, 1.0, 1.0, 0.1, 10.0, 512)).choose(view())
+
+
+def test_acceptance_estimate_follows_a_changed_target():
+    est = AcceptanceEstimator()
+    for _ in range(60):
+        est.update(4, 4)
+    high = est.alpha
+    for _ in range(60):
+        est.update(4, 0)
+    assert high > 0.9 and est.alpha < 0.3
+
+
+def test_baselines_behave_as_specified():
+    assert FixedK(k=3).choose(view()) == 3 and FixedK(k=3).name == "fixed-3"
+    assert CloudOnly().choose(view()) == 0
+    p = AcceptanceAdaptive(k_max=8, k=4)
+    p.observe(4, 4)
+    assert p.choose(view()) == 6
+    p.observe(6, 2)
+    assert p.choose(view()) == 5
+    for _ in range(10):
+        p.observe(p.k, 0)
+    assert p.choose(view()) == 1
+
+
+def test_link_observer_separates_latency_from_rate():
+    obs = LinkObserver(prior_delay_ms=0.0, smoothing=1.0)
+    obs.report_rate("up", 8e3)  # 1 byte per ms
+    obs.record("up", 100, 130.0)
+    assert obs.delay_ms["up"] == pytest.approx(30.0) and obs.predict_ms("up", 50) == pytest.approx(80.0)
+
+
+def test_fleet_spec_assigns_classes_by_share():
+    spec = FleetSpec(devices=10, mix=[{"device_class": "wearable", "share": 0.25},
+                                      {"device_class": "flagship-phone", "share": 0.75, "channel": "good"}])
+    classes = [a.device_class for a in spec.assignments()]
+    assert len(classes) == 10 and classes.count("wearable") in (2, 3)
+
+
+@pytest.mark.parametrize("patch, field", [
+    ({"devices": 0}, "devices"), ({"policy": "fastest"}, "policy"), ({"colour": 1}, "colour"),
+    ({"mix": [{"device_class": "toaster", "share": 1.0}]}, "toaster"),
+    ({"mix": [{"device_class": "wearable", "share": 0.5}]}, "sum to 0.5"),
+])
+def test_fleet_yaml_errors_name_the_field(tmp_path, patch, field):
+    path = tmp_path / "fleet.yaml"
+    path.write_text(yaml.safe_dump({"mix": [{"device_class": "wearable", "share": 1.0}], **patch}))
+    with pytest.raises(ConfigError, match=field):
+        load_yaml(FleetSpec, path)
+
+
+def test_emulated_devices_account_time_energy_and_bytes(family_models, humaneval_prompts):
+    from flexspec_serve.edge.controller import make_policy
+    from flexspec_serve.edge.emulator import EmulatedDevice, run_devices
+    from flexspec_serve.engine.proposer import DraftProposer
+    from flexspec_serve.engine.verifier import Verifier
+
+    devices = [EmulatedDevice(f"d{i}", DEVICE_CLASSES[c], make_link(s, i), make_policy(p, DEVICE_CLASSES[c], CLOUD))
+               for i, (c, s, p) in enumerate([("flagship-phone", "good", "adaptive"), ("wearable", "poor", "fixed-3"),
+                                               ("midrange-phone", "TMobile-LTE-short", "cloud-only")])]
+    summaries = run_devices(devices, [p[-64:] for p in humaneval_prompts[:3]], DraftProposer(family_models["draft"]),
+                            Verifier(family_models["v1"], family_models["draft"]), max_new_tokens=24)
+    for dev, s in zip(devices, summaries):
+        assert s.tokens >= 24 and s.seconds > 0 and s.j_per_token > 0
+        for r in dev.records:
+            assert r.round_ms == pytest.approx(r.draft_ms + r.up_ms + r.verify_ms + r.down_ms)
+            assert r.bytes_up > 0 and r.bytes_down > 0
+    assert summaries[2].mean_k == 0 and summaries[1].mean_k == pytest.approx(3, abs=0.5)
+    # the same seeds give the same emulation
+    again = [EmulatedDevice(d.device_id, d.profile, make_link(d.link.name, i), make_policy(d.policy.name, d.profile, CLOUD))
+             for i, d in enumerate(devices)]
+    assert run_devices(again, [p[-64:] for p in humaneval_prompts[:3]], DraftProposer(family_models["draft"]),
+                       Verifier(family_models["v1"], family_models["draft"]), max_new_tokens=24) == summaries
