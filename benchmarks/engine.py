@@ -1,0 +1,118 @@
+"""Engine benchmarks on CPU (printed tables; `python -m benchmarks.engine [--profile default]`).
+
+1. verify time vs batch size (K = 4 on a 256-token context, rolled back after every call);
+2. batched vs one-at-a-time verification throughput at batch 16;
+3. speculative vs cloud-only generation, with zero network delay and with an emulated round trip,
+   split into draft time, verify time and round trips so it is clear where the win comes from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from flexspec_serve import paths
+from flexspec_serve.engine.generate import speculative_generate
+from flexspec_serve.engine.proposer import DraftProposer
+from flexspec_serve.engine.verifier import Verifier, VerifyRequest
+from flexspec_serve.zoo.corpus import humaneval_problems
+from flexspec_serve.zoo.loading import load_causal_lm, load_tokenizer
+
+
+def _contexts(tok, n: int, length: int) -> list[list[int]]:
+    text = "".join(p.prompt + p.canonical_solution for p in humaneval_problems(60))
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    return [ids[i * 37 : i * 37 + length] for i in range(n)]
+
+
+def verify_ms(verifier: Verifier, contexts, k: int, reps: int) -> float:
+    """Median ms of one verify call over len(contexts) sessions (caches warm, drafts rolled back)."""
+    reqs = [VerifyRequest(f"b{i}", 0, (), full_context=tuple(c)) for i, c in enumerate(contexts)]
+    verifier.verify(reqs)  # build the caches
+    times, seq = [], 1
+    for _ in range(reps):
+        for i, c in enumerate(contexts):  # keep every session at the same length: drop last round's tokens
+            s = verifier.sessions[f"b{i}"]
+            s.tokens = s.tokens[: len(c) + 1]
+            s.target.truncate(len(c))
+        batch = [VerifyRequest(f"b{i}", seq, tuple(c[1 : k + 1])) for i, c in enumerate(contexts)]
+        started = time.perf_counter()
+        out = verifier.verify(batch)
+        times.append((time.perf_counter() - started) * 1e3)
+        assert not any(isinstance(o, Exception) for o in out), out
+        seq += 1
+    return statistics.median(times)
+
+
+def table(title: str, header: list[str], rows: list[list]) -> None:
+    print(f"\n{title}")
+    print(" | ".join(f"{h:>14}" for h in header))
+    for r in rows:
+        print(" | ".join(f"{v:>14.2f}" if isinstance(v, float) else f"{v!s:>14}" for v in r))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--profile", default="default")
+    ap.add_argument("--family", help="family directory (default: the profile's)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--rtt-ms", type=float, default=50.0)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    fam = paths.family_dir(args.profile) if args.family is None else args.family
+    tok, draft, target = load_tokenizer(f"{fam}/v1"), load_causal_lm(f"{fam}/draft"), load_causal_lm(f"{fam}/v1")
+    print(f"family {fam}; torch threads {args.threads}")
+
+    rows, per_b = [], {}
+    for b in (1, 2, 4, 8, 16, 32):
+        ms = verify_ms(Verifier(target, draft), _contexts(tok, b, 256), 4, args.reps)
+        per_b[b] = ms
+        rows.append([b, ms, ms / b, b * 5 / ms * 1e3])
+    table("verify time vs batch size (K = 4, 256-token context)", ["batch", "ms/call", "ms/session", "verified tok/s"],
+          rows)
+
+    single = verify_ms(Verifier(target, draft), _contexts(tok, 1, 256), 4, args.reps)
+    batched = per_b[16]
+    table("batched vs one at a time (16 sessions, K = 4)", ["mode", "ms for 16", "verified tok/s"],
+          [["one-at-a-time", 16 * single, 16 * 5 / (16 * single) * 1e3], ["batched", batched, 16 * 5 / batched * 1e3],
+           ["speedup", 16 * single / batched, ""]])
+
+    prompts = [tok(p.prompt, add_special_tokens=False)["input_ids"] for p in humaneval_problems(4)]
+    rows = []
+    for name, k in (("cloud-only", 0), ("speculative K=4", 4)):
+        timing = {"draft": 0.0, "verify": 0.0}
+        proposer = DraftProposer(draft) if k else None
+        if proposer:
+            proposer.propose = _timed(proposer.propose, timing, "draft")
+        verifier = Verifier(target, draft)
+        verifier.verify = _timed(verifier.verify, timing, "verify")
+        tokens = rounds = 0
+        for i, p in enumerate(prompts):  # one session at a time: a single device's latency
+            res = speculative_generate(proposer, verifier, [p], 64, k, session_prefix=f"{name}{i}")[0]
+            tokens += len(res.tokens)
+            rounds += res.stats.rounds
+        compute_s = (timing["draft"] + timing["verify"]) / 1e3
+        rtt_s = rounds * args.rtt_ms / 1e3
+        rows.append([name, rounds, timing["draft"] / tokens, timing["verify"] / tokens, tokens / compute_s,
+                     tokens / (compute_s + rtt_s)])
+    table(f"speculative vs cloud-only, one session, 64 tokens x {len(prompts)} prompts",
+          ["mode", "rounds", "draft ms/tok", "verify ms/tok", "tok/s (0 RTT)", f"tok/s ({args.rtt_ms:.0f} ms RTT)"], rows)
+
+
+def _timed(fn, acc: dict, key: str):
+    def wrapper(*a, **kw):
+        started = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            acc[key] += (time.perf_counter() - started) * 1e3
+
+    return wrapper
+
+
+if __name__ == "__main__":
+    main()
