@@ -208,3 +208,12 @@ def test_core_imports_no_ray():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def test_gpu_verify_script_runs_on_cpu_in_small_shape():
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_verify.py"
+    out = subprocess.run([sys.executable, str(script), "--small", "--device", "cpu", "--batches", "1", "2",
+                          "--reps", "2", "--warmup", "1"], capture_output=True, text=True, timeout=300, check=True)
+    assert "eager" in out.stdout and "static" in out.stdout and "x floor" in out.stdout

@@ -158,3 +158,51 @@ def test_loading_never_reaches_the_network(tmp_path):
     with pytest.raises(OSError):
         load_causal_lm("no-such-org/no-such-model-xyz")
     assert torch.get_num_threads() >= 1
+
+
+def test_family_config_from_zoo_loads_every_pair(tiny_family):
+    from flexspec_serve.models import FamilyConfig, load_pair
+
+    cfg = FamilyConfig.from_zoo(tiny_family)
+    assert [t.name for t in cfg.targets] == ["v1", "v2", "v3", "v2-unconstrained"]
+    pair = load_pair(cfg, "v3")
+    assert pair.target.config.vocab_size == pair.draft.config.vocab_size == len(pair.tokenizer)
+
+
+def test_family_config_refuses_a_target_with_another_tokenizer(tiny_family, tmp_path):
+    import shutil
+
+    from flexspec_serve.models import FamilyConfig, load_pair
+    from flexspec_serve.zoo.tokenizer import train_tokenizer
+
+    other = tmp_path / "other-target"
+    shutil.copytree(tiny_family / "v1", other)
+    train_tokenizer(["import os\nprint(os.getcwd())\n" * 40], 300, other)
+    cfg = FamilyConfig(draft={"name": "draft", "path": str(tiny_family / "draft")},
+                       targets=[{"name": "other", "path": str(other)}])
+    with pytest.raises(TokenizerMismatch, match="other-target"):
+        load_pair(cfg, "other")
+
+
+def test_family_config_errors_name_the_field():
+    from flexspec_serve.models import FamilyConfig
+
+    with pytest.raises(ConfigError, match="targets"):
+        parse_model(FamilyConfig, {"draft": {"name": "d", "path": "x"}, "targets": []}, "family.yaml")
+    with pytest.raises(ConfigError, match="repeated"):
+        parse_model(FamilyConfig, {"draft": {"name": "d", "path": "x"},
+                                   "targets": [{"name": "a", "path": "x"}, {"name": "a", "path": "y"}]}, "f")
+    with pytest.raises(ConfigError, match="trust_remote_code"):
+        parse_model(FamilyConfig, {"draft": {"name": "d", "path": "x", "trust_remote_code": "maybe"},
+                                   "targets": [{"name": "a", "path": "x"}]}, "f")
+
+
+def test_every_cli_subcommand_has_help():
+    from flexspec_serve.cli import build_parser
+
+    parser = build_parser()
+    commands = [["zoo", "build"], ["zoo", "report"], ["zoo", "info"], ["bench", "adaptive"], ["demo"]]
+    for argv in commands:
+        with pytest.raises(SystemExit) as info:
+            parser.parse_args([*argv, "--help"])
+        assert info.value.code == 0

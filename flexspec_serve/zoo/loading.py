@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ def load_causal_lm(path: str | Path, dtype: str = "float32", trust_remote_code: 
     """`AutoModelForCausalLM.from_pretrained` from a local directory or the local HF cache only."""
     hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code, local_files_only=True
+        os.path.expanduser(str(path)), dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code, local_files_only=True
     )
     if device:
         model.to(device)
@@ -28,7 +29,7 @@ def load_causal_lm(path: str | Path, dtype: str = "float32", trust_remote_code: 
 
 
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code, local_files_only=True)
+    return AutoTokenizer.from_pretrained(os.path.expanduser(str(path)), trust_remote_code=trust_remote_code, local_files_only=True)
 
 
 def check_tokenizers_match(draft_name: str, draft_tok: PreTrainedTokenizerBase, target_name: str,

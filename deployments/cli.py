@@ -1,0 +1,112 @@
+"""`flexspec serve up | status | down`: registered into the core CLI through the
+`flexspec_serve.commands` entry point, so the Ray-free core never imports this module."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("flexspec.serve")
+APP_NAME = "flexspec"
+
+
+def register(sub) -> None:
+    serve_p = sub.add_parser("serve", help="run the cloud side on Ray Serve")
+    ssub = serve_p.add_subparsers(dest="serve_cmd", required=True)
+    up = ssub.add_parser("up", help="start an embedded local Ray (or join --address) and deploy the app")
+    up.add_argument("--config", type=Path, help="AppConfig YAML (default: the family's v1 + v2, stable=v1, canary=v2)")
+    up.add_argument("--profile", default="default", help="family profile when no --config is given")
+    up.add_argument("--versions", nargs="+", default=["v1", "v2"], help="versions to deploy when no --config")
+    up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--address", help="an existing Ray cluster (e.g. auto); default: embedded local Ray")
+    up.add_argument("--detach", action="store_true", help="start a local Ray head in the background and return")
+    up.set_defaults(func=cmd_up)
+    st = ssub.add_parser("status", help="deployment status and per-version statistics")
+    st.add_argument("--address", default="auto")
+    st.set_defaults(func=cmd_status)
+    down = ssub.add_parser("down", help="delete the app; --stop-ray also stops a detached local Ray")
+    down.add_argument("--address", default="auto")
+    down.add_argument("--stop-ray", action="store_true")
+    down.set_defaults(func=cmd_down)
+
+
+def app_config(args):
+    from deployments.config import AppConfig
+    from flexspec_serve import paths
+    from flexspec_serve.config import load_yaml
+
+    if args.config:
+        return load_yaml(AppConfig, args.config)
+    family = paths.family_dir(args.profile)
+    if not (family / "manifest.json").exists():
+        raise FileNotFoundError(f"no model family at {family}: run `flexspec zoo build --profile {args.profile}`")
+    aliases = {"stable": args.versions[0]}
+    if len(args.versions) > 1:
+        aliases["canary"] = args.versions[1]
+    return AppConfig.for_family(family, args.versions, aliases=aliases)
+
+
+def cmd_up(args) -> int:
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+
+    cfg = app_config(args)
+    if args.detach and not args.address:
+        subprocess.run(["ray", "start", "--head", "--disable-usage-stats", "--include-dashboard=false"], check=True)
+        args.address = "auto"
+    ray.init(address=args.address, include_dashboard=False, ignore_reinit_error=True,
+             log_to_driver=False, configure_logging=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+    serve.run(build_app(cfg.model_dump()), name=APP_NAME, route_prefix="/")
+    print(f"flexspec-serve up: http://127.0.0.1:{args.port}  versions {[v.name for v in cfg.versions]}  "
+          f"aliases {cfg.aliases}")
+    if args.detach:
+        return 0
+    print("Ctrl-C to stop")
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    try:
+        while not stop:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    serve.shutdown()
+    ray.shutdown()
+    return 0
+
+
+def cmd_status(args) -> int:
+    import ray
+    from ray import serve
+
+    ray.init(address=args.address, log_to_driver=False, configure_logging=False)
+    status = serve.status()
+    for name, app in status.applications.items():
+        print(f"app {name}: {app.status}")
+        for dep, ds in app.deployments.items():
+            print(f"  {dep:<28} {ds.status}  replicas {dict(ds.replica_states)}")
+    return 0
+
+
+def cmd_down(args) -> int:
+    import ray
+    from ray import serve
+
+    ray.init(address=args.address, log_to_driver=False, configure_logging=False)
+    serve.delete(APP_NAME)
+    serve.shutdown()
+    if args.stop_ray:
+        ray.shutdown()
+        subprocess.run(["ray", "stop"], check=False)
+    print("flexspec-serve down")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(0)

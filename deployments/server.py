@@ -1,0 +1,65 @@
+"""The verifier for one target version as a plain class (no Serve): testable on its own, wrapped by
+the Serve deployment in `app.py`. Rounds in and results out are wire models; engine exceptions become
+`ErrorBody` values with the HTTP status to answer."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from deployments.config import VersionSpec
+from flexspec_serve import protocol as P
+from flexspec_serve.engine.errors import EngineError
+from flexspec_serve.engine.verifier import Verifier, VerifierLimits
+from flexspec_serve.zoo.loading import check_tokenizers_match, load_causal_lm, load_tokenizer
+
+
+class VerifierServer:
+    def __init__(self, spec: VersionSpec, draft_path: str):
+        torch.set_num_threads(spec.torch_threads)  # Ray sets OMP_NUM_THREADS=1 in workers; choose deliberately
+        device = spec.device if spec.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        self.spec, self.version = spec, spec.name
+        self.tokenizer = load_tokenizer(spec.path)
+        check_tokenizers_match(draft_path, load_tokenizer(draft_path), spec.path, self.tokenizer)
+        target = load_causal_lm(spec.path, device=device)
+        draft = load_causal_lm(draft_path, device=device)
+        limits = VerifierLimits(max_draft_tokens=spec.max_draft_tokens, max_sessions=spec.max_sessions,
+                                max_cache_bytes=spec.max_cache_mb << 20)
+        self.verifier = Verifier(target, draft, name=spec.name, limits=limits)
+        self.batches = 0
+        self.batch_sizes: list[int] = []
+
+    def verify_rounds(self, rounds: list[P.DraftRound], enqueued: list[float] | None = None
+                      ) -> list[P.RoundResult | tuple[int, P.ErrorBody]]:
+        """One batch. Returns a result, or (http_status, ErrorBody), per round."""
+        started = time.perf_counter()
+        outcomes = self.verifier.verify([r.to_request() for r in rounds])
+        self.batches += 1
+        self.batch_sizes.append(len(rounds))
+        del self.batch_sizes[:-1000]
+        out: list = []
+        for i, o in enumerate(outcomes):
+            if isinstance(o, EngineError):
+                out.append((o.http_status, P.ErrorBody.of(o.code, str(o), getattr(o, "field", None),
+                                                         getattr(o, "value", None))))
+            else:
+                queue_ms = (started - enqueued[i]) * 1e3 if enqueued else 0.0
+                out.append(P.RoundResult.from_outcome(o, self.version, queue_ms))
+        return out
+
+    def stats(self) -> dict:
+        v = self.verifier
+        lookups = v.cache_hits + v.cache_misses
+        return {
+            "version": self.version, "sessions": len(v.sessions), "cache_bytes": v.cache_bytes(),
+            "cache_hits": v.cache_hits, "cache_misses": v.cache_misses, "evictions": v.evictions,
+            "cache_hit_rate": round(v.cache_hits / lookups, 4) if lookups else None,
+            "batches": self.batches,
+            "mean_batch_size": round(sum(self.batch_sizes) / len(self.batch_sizes), 3) if self.batch_sizes else None,
+            "max_batch_size_seen": max(self.batch_sizes, default=0), **v.stats.as_dict(),
+        }
+
+    def check_health(self) -> None:
+        if not any(p.isfinite().all() for p in list(self.verifier.target.parameters())[:1]):
+            raise RuntimeError(f"{self.version}: weights are not finite")

@@ -1,0 +1,84 @@
+"""App config, registry and cluster config, without starting Ray."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from deployments.config import AppConfig, FileRegistry, RegistryState, UnknownTarget, VersionSpec, pick_weighted
+from flexspec_serve.config import ConfigError, parse_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def state(**aliases):
+    versions = {n: VersionSpec(name=n, path=f"/m/{n}") for n in ("v1", "v2", "v3")}
+    return RegistryState(versions=versions, aliases=aliases)
+
+
+def test_resolution_explicit_alias_and_split():
+    s = state(stable="v1", canary="v3", split={"v1": 0.8, "v2": 0.2})
+    assert s.resolve("v2", "x") == "v2" and s.resolve("canary", "x") == "v3" and s.resolve(None, "x") == "v1"
+    picks = [s.resolve("split", f"s{i}") for i in range(2000)]
+    assert 0.17 < picks.count("v2") / 2000 < 0.23
+    assert all(s.resolve("split", f"s{i}") == picks[i] for i in range(50))
+
+
+def test_unknown_target_lists_what_exists():
+    with pytest.raises(UnknownTarget) as info:
+        state(stable="v1").resolve("v7", "x")
+    assert "v7" in str(info.value) and "v3" in str(info.value) and "stable" in str(info.value)
+
+
+def test_alias_to_unknown_version_is_refused():
+    with pytest.raises(ValueError, match="v9"):
+        state(stable="v9")
+
+
+def test_registry_round_trips_and_bumps_generation(tmp_path):
+    reg = FileRegistry(tmp_path / "r.json")
+    first = reg.load_or_seed(state(stable="v1"))
+    assert first.generation == 1 and reg.load() == first
+    again = reg.load_or_seed(state(stable="v2"))  # an existing registry wins over the seed
+    assert again.aliases["stable"] == "v1"
+
+
+def test_batch_size_above_max_ongoing_requests_is_refused():
+    with pytest.raises(ValueError, match="max_ongoing_requests"):
+        VersionSpec(name="v1", path="/x", max_batch_size=32, max_ongoing_requests=5)
+
+
+def test_weighted_pick_is_stable_across_weight_order():
+    assert pick_weighted({"a": 1, "b": 1}, "s1") == pick_weighted({"b": 1, "a": 1}, "s1")
+
+
+def test_serve_yaml_points_at_the_builder_and_validates():
+    doc = yaml.safe_load((REPO / "deployments" / "serve.yaml").read_text())
+    app = doc["applications"][0]
+    assert app["import_path"] == "deployments.app:build_app"
+    cfg = parse_model(AppConfig, app["args"], "serve.yaml")
+    assert {v.name for v in cfg.versions} == {"v1", "v2"}
+
+
+def test_cluster_yaml_agrees_with_the_serve_config():
+    cluster = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    node_types = cluster["available_node_types"]
+    gpu_types = [n for n, t in node_types.items() if t["resources"].get("GPU", 0) > 0]
+    cpu_workers = [n for n, t in node_types.items() if n != cluster["head_node_type"] and not t["resources"].get("GPU")]
+    assert gpu_types and cpu_workers and cluster["head_node_type"] in node_types
+    serve_cfg = yaml.safe_load((REPO / "deployments" / "serve.cluster.yaml").read_text())
+    args = parse_model(AppConfig, serve_cfg["applications"][0]["args"], "serve.cluster.yaml")
+    for v in args.versions:
+        assert v.num_gpus > 0 and v.device in ("cuda", "auto")
+        fits = [n for n in gpu_types if node_types[n]["resources"]["GPU"] >= v.num_gpus
+                and node_types[n]["resources"]["CPU"] >= v.num_cpus]
+        assert fits, f"{v.name} fits on no GPU node type"
+    assert any("pip install" in c for c in cluster["setup_commands"])
+    assert any("serve deploy" in c for c in cluster.get("head_start_ray_commands", []) + cluster.get("deploy_commands", []))
+
+
+def test_bad_app_config_names_the_field():
+    with pytest.raises(ConfigError, match="versions.0.num_cpus"):
+        parse_model(AppConfig, {"draft_path": "/d", "versions": [{"name": "v1", "path": "/x", "num_cpus": 0}]}, "app")

@@ -1,0 +1,138 @@
+"""The cloud side on a real local Ray + Serve (never a mocked Serve), with the tiny family."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import socket
+
+import pytest
+
+ray = pytest.importorskip("ray")
+from ray import serve  # noqa: E402
+
+from deployments.app import build_app  # noqa: E402
+from deployments.config import AppConfig, VersionSpec  # noqa: E402
+from deployments.transport import HandleTransport, HttpTransport  # noqa: E402
+from flexspec_serve import protocol as P  # noqa: E402
+from flexspec_serve.engine.generate import speculative_generate  # noqa: E402
+from flexspec_serve.engine.proposer import DraftProposer  # noqa: E402
+from flexspec_serve.engine.verifier import Verifier  # noqa: E402
+
+pytestmark = pytest.mark.serve
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(tiny_family, tmp_path_factory):
+    port = free_port()
+    registry = tmp_path_factory.mktemp("registry") / "registry.json"
+    versions = [VersionSpec(name="v1", path=str(tiny_family / "v1"), num_replicas=2, num_cpus=0.25, max_batch_size=16,
+                            batch_wait_timeout_s=0.01),
+                VersionSpec(name="v2", path=str(tiny_family / "v2"), num_cpus=0.25, max_batch_size=16,
+                            batch_wait_timeout_s=0.01)]
+    cfg = AppConfig(draft_path=str(tiny_family / "draft"), versions=versions, registry_path=str(registry),
+                    aliases={"stable": "v1", "canary": "v2", "half": {"v1": 0.5, "v2": 0.5}}, router_num_cpus=0.1)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    handle = serve.run(build_app(cfg.model_dump()), name="flexspec", route_prefix="/")
+    yield {"handle": handle, "url": f"http://127.0.0.1:{port}", "registry": registry}
+    serve.shutdown()
+    ray.shutdown()
+
+
+def first_round(session_id: str, target: str | None, prompt=(5, 6, 7, 8)) -> P.DraftRound:
+    return P.DraftRound(session_id=session_id, seq=0, target=target, full_context=list(prompt))
+
+
+def served_version(app, rnd: P.DraftRound) -> str:
+    status, body = app["handle"].round_compact.remote(P.encode_round(rnd)).result()
+    assert status == 200, body
+    return P.decode_result(body).version
+
+
+def test_explicit_version_alias_and_weighted_split_route_as_configured(app):
+    assert served_version(app, first_round("a", "v2")) == "v2"
+    assert served_version(app, first_round("b", "canary")) == "v2"
+    assert served_version(app, first_round("c", None)) == "v1"  # default alias: stable
+    with cf.ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(lambda i: served_version(app, first_round(f"split-{i}", "half")), range(200)))
+    share = got.count("v2") / len(got)
+    assert 0.4 <= share <= 0.6, share  # 200 sessions: +-0.1 is over 2.8 sigma
+    # deterministic by session: the same session id gets the same version again
+    assert served_version(app, first_round("split-7", "half")) == got[7]
+
+
+def test_greedy_results_through_serve_equal_the_in_process_engine(app, family_models, humaneval_prompts):
+    prompts = [p[-48:] for p in humaneval_prompts[:4]]
+    draft = family_models["draft"]
+    local = speculative_generate(DraftProposer(draft), Verifier(family_models["v2"], draft), prompts, 16, 3)
+    remote = speculative_generate(DraftProposer(draft), HandleTransport(app["handle"]), prompts, 16, 3,
+                                  session_prefix="eq-", target="v2")
+    assert [r.tokens for r in remote] == [r.tokens for r in local]
+    assert all(out.version == "v2" for r in remote for out in r.rounds)
+
+
+def test_concurrent_sessions_are_verified_in_batches(app, family_models, humaneval_prompts):
+    draft = family_models["draft"]
+    speculative_generate(DraftProposer(draft), HandleTransport(app["handle"]), [p[-32:] for p in humaneval_prompts[:16]],
+                         12, 4, session_prefix="batch-", target="v2")
+    stats = app["handle"].stats.remote().result()
+    assert stats["v2"]["max_batch_size_seen"] > 1, stats["v2"]
+
+
+def test_long_session_keeps_hitting_its_replicas_kv_cache(app, family_models, humaneval_prompts):
+    draft = family_models["draft"]
+    res = speculative_generate(DraftProposer(draft), HandleTransport(app["handle"]), [humaneval_prompts[5][-40:]],
+                               120, 2, session_prefix="long-", target="v1")[0]  # v1 has two replicas
+    hits = sum(out.cache_hit for out in res.rounds[1:])  # round 0 builds the cache
+    assert hits / (len(res.rounds) - 1) > 0.9 and len(res.rounds) > 30
+
+
+def test_http_json_and_compact_rounds_and_errors(app):
+    import httpx
+
+    url = app["url"]
+    ok = httpx.post(f"{url}/v1/round", json=first_round("h1", "v1").model_dump(), timeout=30)
+    assert ok.status_code == 200 and ok.json()["version"] == "v1"
+    transport = HttpTransport(url)
+    ex = transport.round_trip([first_round("h2", "canary")])[0]
+    assert isinstance(ex.result, P.RoundResult) and ex.result.version == "v2" and ex.bytes_up < 40
+    missing = httpx.post(f"{url}/v1/round", json=first_round("h3", "v9").model_dump(), timeout=30)
+    assert missing.status_code == 404 and "v9" in missing.json()["error"]["message"]
+    assert "v1" in missing.json()["error"]["message"] and "canary" in missing.json()["error"]["message"]
+    bad = httpx.post(f"{url}/v1/round", json={"session_id": "x", "seq": -1}, timeout=30)
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "seq"
+    resync = httpx.post(f"{url}/v1/round", json={"session_id": "never-seen", "seq": 4, "target": "v1"}, timeout=30)
+    assert resync.status_code == 409 and resync.json()["error"]["code"] == "resync_required"
+
+
+def test_openai_compatible_completions_and_models(app):
+    import httpx
+
+    url = app["url"]
+    models = httpx.get(f"{url}/v1/models", timeout=30).json()
+    assert {"v1", "v2", "stable", "canary"} <= {m["id"] for m in models["data"]}
+    resp = httpx.post(f"{url}/v1/completions", json={"model": "canary", "prompt": "def add(a, b):",
+                                                     "max_tokens": 5, "temperature": 0}, timeout=60)
+    body = resp.json()
+    assert resp.status_code == 200, body
+    assert body["object"] == "text_completion" and body["model"] == "v2"
+    assert body["usage"]["completion_tokens"] <= 5 and isinstance(body["choices"][0]["text"], str)
+    assert httpx.post(f"{url}/v1/completions", json={"model": "nope", "prompt": "x"}, timeout=30).status_code == 404
+    assert httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 0}, timeout=30).status_code == 422
+
+
+def test_registry_persists_and_is_reread(app):
+    from deployments.config import FileRegistry
+
+    reg = FileRegistry(app["registry"])
+    state = reg.load()
+    assert state is not None and state.aliases["stable"] == "v1"
+    reg.save(state.model_copy(update={"aliases": {**state.aliases, "stable": "v2"}}))
+    assert served_version(app, first_round("after-write", None)) == "v2"
+    reg.save(reg.load().model_copy(update={"aliases": {**state.aliases, "stable": "v1"}}))
