@@ -11,8 +11,7 @@
   that the client names the version it was served by, so pinning survives router restarts.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI must see real types (Request) on the Serve ingress.
 import asyncio
 import json
 import time
@@ -71,8 +70,10 @@ class VerifierDeployment:
         for rnd, res in zip(rounds, results):
             if isinstance(res, P.RoundResult):
                 self.m_rounds.inc()
-                self.m_draft.inc(len(rnd.draft_tokens))
-                self.m_accepted.inc(res.accepted)
+                if rnd.draft_tokens:  # ray.util.metrics counters refuse inc(0)
+                    self.m_draft.inc(len(rnd.draft_tokens))
+                if res.accepted:
+                    self.m_accepted.inc(res.accepted)
                 self.m_tau.observe(res.accepted + 1)
                 self.m_cache.inc(tags={"version": self.spec.name, "result": "hit" if res.cache_hit else "miss"})
         return results

@@ -64,6 +64,7 @@ def speculative_generate(
     sessions = [proposer.start(f"{session_prefix}{i}", p, _session_sampling(sampling, i)) if proposer else None
                 for i, p in enumerate(prompts)]
     results = [GenerationResult(list(p), []) for p in prompts]
+    pinned: dict[int, str] = {}  # after round 0 each session names the version that served it
     running, round_idx = list(range(len(prompts))), 0
     while running:
         ks = [0 if proposer is None else max(0, min(pick(i, round_idx), max_new_tokens - len(results[i].tokens) - 1))
@@ -74,7 +75,7 @@ def speculative_generate(
         for i, prop in zip(running, proposals):
             s = _session_sampling(sampling, i)
             rounds.append(P.DraftRound(
-                session_id=f"{session_prefix}{i}", seq=round_idx, target=target if round_idx == 0 else None,
+                session_id=f"{session_prefix}{i}", seq=round_idx, target=pinned.get(i, target),
                 draft_tokens=prop.tokens if prop else [],
                 full_context=list(prompts[i]) if round_idx == 0 else None,
                 sampling=P.Sampling(temperature=s.temperature, top_p=s.top_p, seed=s.seed) if round_idx == 0 else None))
@@ -84,6 +85,7 @@ def speculative_generate(
             if isinstance(ex.result, P.ErrorBody):
                 raise RoundFailed(ex.result)
             out, draft = ex.result, rnd.draft_tokens
+            pinned[i] = out.version
             if proposer:
                 proposer.apply(sessions[i], draft, out.accepted, out.token)
             res = results[i]
