@@ -150,8 +150,8 @@ def save_member(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, out
 
 def build_family(p: ZooProfile, out: Path, seed: int = 0, coupled: bool = False, force: bool = False) -> Manifest:
     """Build (or reuse) the family under `out`; returns its manifest."""
-    key = build_key(p, seed, coupled)
-    existing = Manifest.load_if_valid(out, key)
+    key = build_key(p, seed)
+    existing = Manifest.load_if_valid(out, key, need_coupled=coupled)
     if existing is not None and not force:
         log.info("reusing the model family in %s (build key %s)", out, key[:12])
         return existing

@@ -65,13 +65,14 @@ class Manifest(BaseModel):
         return cls.model_validate_json((Path(out) / "manifest.json").read_text())
 
     @classmethod
-    def load_if_valid(cls, out: Path, key: str) -> Manifest | None:
-        """The manifest under `out` if it was built with `key` and every member's files are there."""
+    def load_if_valid(cls, out: Path, key: str, need_coupled: bool = False) -> Manifest | None:
+        """The manifest under `out` if it was built with `key` (and coupled drafts when asked for) and
+        every member's files are there."""
         try:
             manifest = cls.load(out)
         except (OSError, ValueError):
             return None
-        if manifest.build_key != key:
+        if manifest.build_key != key or (need_coupled and not manifest.coupled):
             return None
         for m in manifest.members:
             if not ((out / m.name / "config.json").is_file() and (out / m.name / "model.safetensors").is_file()):
@@ -79,8 +80,9 @@ class Manifest(BaseModel):
         return manifest
 
 
-def build_key(p: ZooProfile, seed: int, coupled: bool) -> str:
-    blob = json.dumps([FAMILY_FORMAT, p.model_dump(mode="json"), seed, coupled, platform.python_version()],
+def build_key(p: ZooProfile, seed: int) -> str:
+    """Everything the trained weights depend on (coupled drafts are extra members, not a different family)."""
+    blob = json.dumps([FAMILY_FORMAT, p.model_dump(mode="json"), seed, platform.python_version()],
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
