@@ -83,7 +83,7 @@ def main() -> None:
 
     prompts = [tok(p.prompt, add_special_tokens=False)["input_ids"] for p in humaneval_problems(4)]
     rows = []
-    for name, k in (("cloud-only", 0), ("speculative K=4", 4)):
+    for name, k in (("cloud-only", 0), ("speculative-K4", 4)):
         timing = {"draft": 0.0, "verify": 0.0}
         proposer = DraftProposer(draft) if k else None
         if proposer:

@@ -13,11 +13,15 @@
 
 # No `from __future__ import annotations` here: FastAPI must see real types (Request) on the Serve ingress.
 import asyncio
+import hmac
 import json
+import os
 import time
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.util import metrics
@@ -113,9 +117,23 @@ def _error(status: int, code: str, message: str, field: str | None = None, value
     return JSONResponse(P.ErrorBody.of(code, message, field, value, **kw).model_dump(), status_code=status)
 
 
+def read_admin_token(token_file: str | None) -> str | None:
+    """The admin token from a secrets file or FLEXSPEC_ADMIN_TOKEN; never from code, never logged."""
+    if token_file:
+        return Path(token_file).expanduser().read_text().strip() or None
+    return os.environ.get("FLEXSPEC_ADMIN_TOKEN") or None
+
+
+class AliasUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    target: str | dict[str, float] = Field(description="a version, or {version: weight} for a split")
+
+
 @serve.ingress(fastapi_app)
 class Router:
-    def __init__(self, registry_path: str, seed_state: dict, draft_path: str, handles: dict):
+    def __init__(self, registry_path: str, seed_state: dict, draft_path: str, handles: dict,
+                 admin_token_file: str | None = None):
+        self._admin_token = read_admin_token(admin_token_file)
         self.registry = FileRegistry(registry_path)
         self.state = self.registry.load_or_seed(RegistryState.model_validate(seed_state))
         self._mtime = 0.0
@@ -200,6 +218,47 @@ class Router:
     def healthz(self) -> dict:
         return {"status": "ok", "versions": sorted(self.current().versions)}
 
+    # ------------------------------------------------------------------ admin API (writes the registry)
+    def _admin_denied(self, request: Request) -> JSONResponse | None:
+        if self._admin_token is None:
+            return _error(403, "admin_disabled", "admin API disabled: set FLEXSPEC_ADMIN_TOKEN or admin_token_file")
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").encode()
+        if not hmac.compare_digest(given, self._admin_token.encode()):
+            return _error(401, "unauthorized", "missing or wrong admin token", "authorization")
+        return None
+
+    @fastapi_app.get("/admin/registry")
+    def admin_registry(self, request: Request) -> Response:
+        return self._admin_denied(request) or JSONResponse(self.current().model_dump())
+
+    @fastapi_app.put("/admin/aliases/{alias}")
+    async def admin_set_alias(self, alias: str, request: Request) -> Response:
+        denied = self._admin_denied(request)
+        if denied:
+            return denied
+        try:
+            update = P.validate(AliasUpdate, await request.json())
+            state = self.current()
+            edited = RegistryState.model_validate({**state.model_dump(), "aliases": {**state.aliases, alias: update.target}})
+        except P.ProtocolError as err:
+            return _error(422, "invalid_request", str(err), err.field, err.value)
+        except (ValueError, json.JSONDecodeError) as err:
+            return _error(422, "invalid_alias", str(err), "target")
+        self.state = self.registry.save(edited)
+        return JSONResponse({"alias": alias, "target": update.target, "generation": self.state.generation})
+
+    @fastapi_app.delete("/admin/aliases/{alias}")
+    def admin_delete_alias(self, alias: str, request: Request) -> Response:
+        denied = self._admin_denied(request)
+        if denied:
+            return denied
+        state = self.current()
+        if alias not in state.aliases:
+            return _error(404, "unknown_alias", f"no alias {alias!r}; aliases: {sorted(state.aliases)}", "alias", alias)
+        self.state = self.registry.save(state.model_copy(
+            update={"aliases": {k: v for k, v in state.aliases.items() if k != alias}}))
+        return JSONResponse({"deleted": alias, "generation": self.state.generation})
+
     # ------------------------------------------------------------------ OpenAI-compatible, cloud-only
     @fastapi_app.get("/v1/models")
     def models(self) -> dict:
@@ -255,4 +314,5 @@ def build_app(args: dict):
         name="router", num_replicas=cfg.router_replicas, ray_actor_options={"num_cpus": cfg.router_num_cpus},
         max_ongoing_requests=1000,
     )
-    return router.bind(cfg.registry_path, cfg.seed_state().model_dump(), cfg.draft_path, handles)
+    return router.bind(cfg.registry_path, cfg.seed_state().model_dump(), cfg.draft_path, handles,
+                       cfg.admin_token_file)

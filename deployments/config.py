@@ -105,6 +105,8 @@ class AppConfig(StrictModel):
     aliases: dict[str, Alias] = Field(default_factory=dict)
     registry_path: str = Field(default_factory=lambda: str(paths.home() / "registry.json"),
                                description="where the registry persists (survives router restarts)")
+    admin_token_file: str | None = Field(None, description="file holding the admin token (else the "
+                                                          "FLEXSPEC_ADMIN_TOKEN environment variable)")
     router_replicas: int = Field(1, ge=1)
     router_num_cpus: float = Field(0.2, gt=0)
 

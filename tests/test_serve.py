@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import os
 import socket
+import time
 
 import pytest
 
@@ -19,6 +21,7 @@ from flexspec_serve.engine.proposer import DraftProposer  # noqa: E402
 from flexspec_serve.engine.verifier import Verifier  # noqa: E402
 
 pytestmark = pytest.mark.serve
+ADMIN_TOKEN = "test-admin-token-3f9a"
 
 
 def free_port() -> int:
@@ -37,6 +40,7 @@ def app(tiny_family, tmp_path_factory):
                             batch_wait_timeout_s=0.01)]
     cfg = AppConfig(draft_path=str(tiny_family / "draft"), versions=versions, registry_path=str(registry),
                     aliases={"stable": "v1", "canary": "v2", "half": {"v1": 0.5, "v2": 0.5}}, router_num_cpus=0.1)
+    os.environ["FLEXSPEC_ADMIN_TOKEN"] = ADMIN_TOKEN  # replicas of this local Ray inherit it
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     handle = serve.run(build_app(cfg.model_dump()), name="flexspec", route_prefix="/")
@@ -136,3 +140,34 @@ def test_registry_persists_and_is_reread(app):
     reg.save(state.model_copy(update={"aliases": {**state.aliases, "stable": "v2"}}))
     assert served_version(app, first_round("after-write", None)) == "v2"
     reg.save(reg.load().model_copy(update={"aliases": {**state.aliases, "stable": "v1"}}))
+
+
+def test_admin_api_writes_the_registry_and_it_survives_a_router_restart(app):
+    import httpx
+    from ray.util.state import list_actors
+
+    url, auth = app["url"], {"authorization": f"Bearer {ADMIN_TOKEN}"}
+    assert httpx.get(f"{url}/admin/registry", timeout=30).status_code == 401
+    assert httpx.get(f"{url}/admin/registry", headers={"authorization": "Bearer wrong"}, timeout=30).status_code == 401
+    bad = httpx.put(f"{url}/admin/aliases/beta", json={"target": "v9"}, headers=auth, timeout=30)
+    assert bad.status_code == 422 and "v9" in bad.json()["error"]["message"]
+    ok = httpx.put(f"{url}/admin/aliases/beta", json={"target": {"v1": 0.0, "v2": 1.0}}, headers=auth, timeout=30)
+    assert ok.status_code == 200
+    assert served_version(app, first_round("beta-1", "beta")) == "v2"
+    routers = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "router" in (a.class_name or "")]
+    assert routers
+    ray.kill(ray.get_actor(routers[0].name, namespace="serve"), no_restart=True)
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            assert served_version(app, first_round(f"beta-after-{time.monotonic_ns()}", "beta")) == "v2"
+            break
+        except AssertionError:
+            raise
+        except Exception:  # the router is being replaced
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+    reg = httpx.get(f"{url}/admin/registry", headers=auth, timeout=30).json()
+    assert reg["aliases"]["beta"] == {"v1": 0.0, "v2": 1.0}
+    assert httpx.delete(f"{url}/admin/aliases/beta", headers=auth, timeout=30).status_code == 200

@@ -10,8 +10,8 @@ plus, for K > 0, whatever draft prefill could not be hidden in earlier rounds' w
 that has sat out rounds must first feed the tokens the cloud produced meanwhile).
 
 subject to the expected energy per generated token staying within the device's budget; alpha is an
-online estimate per (device, target version): a Beta posterior with exponential forgetting, so it
-follows a target that changes under the device. If no K meets the budget it takes the cheapest K.
+online estimate per (device, target version): Beta posteriors with exponential forgetting, pooled and
+per draft position (acceptance is bursty), so it follows a target that changes under the device. If no K meets the budget it takes the cheapest K.
 """
 
 from __future__ import annotations
@@ -37,24 +37,53 @@ class RoundView:
 
 
 class AcceptanceEstimator:
-    """Beta(a, b) posterior on the per-token acceptance rate, forgetting old rounds at rate `decay`."""
+    """Online acceptance estimate with exponential forgetting (`decay` per round).
 
-    def __init__(self, prior_a: float = 3.0, prior_b: float = 2.0, decay: float = 0.97):
-        self.a0, self.b0, self.decay = prior_a, prior_b, decay
-        self.s = self.f = 0.0  # discounted successes / failures
+    Pooled: a Beta(a, b) posterior on the per-token acceptance rate alpha. Per draft position i: the
+    rate at which position i is accepted given that positions before it were (real acceptance is bursty:
+    a draft that got the first tokens right tends to get the next ones right too), shrunk toward the
+    pooled alpha with `strength` pseudo-rounds. E[tau | K] = 1 + sum_j prod_{i<=j} alpha_i.
+    """
+
+    def __init__(self, prior_a: float = 3.0, prior_b: float = 2.0, decay: float = 0.97, k_max: int = 16,
+                 strength: float = 4.0):
+        self.a0, self.b0, self.decay, self.strength = prior_a, prior_b, decay, strength
+        self.s = self.f = 0.0  # discounted successes / failures (pooled)
+        self.reached = [0.0] * k_max  # discounted rounds in which position i was drafted after i accepted drafts
+        self.kept = [0.0] * k_max  # ... and position i was accepted
 
     def update(self, k: int, accepted: int) -> None:
         if k == 0:
             return
         self.s = self.decay * self.s + accepted
         self.f = self.decay * self.f + (1 if accepted < k else 0)
+        for i in range(len(self.reached)):
+            self.reached[i] *= self.decay
+            self.kept[i] *= self.decay
+        for i in range(min(k, accepted + 1, len(self.reached))):
+            self.reached[i] += 1
+            self.kept[i] += i < accepted
 
     @property
     def alpha(self) -> float:
         return (self.a0 + self.s) / (self.a0 + self.b0 + self.s + self.f)
 
+    def position_alpha(self, i: int) -> float:
+        if i >= len(self.reached):
+            return self.alpha
+        return (self.kept[i] + self.strength * self.alpha) / (self.reached[i] + self.strength)
+
+    def expected_tau(self, k: int) -> float:
+        total, survive = 1.0, 1.0
+        for i in range(k):
+            survive *= self.position_alpha(i)
+            total += survive
+        return total
+
     def reset(self) -> None:
         self.s = self.f = 0.0
+        self.reached = [0.0] * len(self.reached)
+        self.kept = [0.0] * len(self.kept)
 
 
 def expected_tau(alpha: float, k: int) -> float:
@@ -126,10 +155,9 @@ class FlexSpecController(Policy):
 
     def plan(self, view: RoundView) -> list[tuple[int, float, float]]:
         """(K, expected tokens/s, expected J/token) for every K."""
-        alpha = self.estimator.alpha
         rows = []
         for k in range(self.k_max + 1):
-            tau = expected_tau(alpha, k)
+            tau = self.estimator.expected_tau(k)
             rows.append((k, tau / self.round_ms(k, view) * 1e3, self.round_j(k, view) / tau))
         return rows
 
