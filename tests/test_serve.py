@@ -144,7 +144,6 @@ def test_registry_persists_and_is_reread(app):
 
 def test_admin_api_writes_the_registry_and_it_survives_a_router_restart(app):
     import httpx
-    from ray.util.state import list_actors
 
     url, auth = app["url"], {"authorization": f"Bearer {ADMIN_TOKEN}"}
     assert httpx.get(f"{url}/admin/registry", timeout=30).status_code == 401
@@ -154,9 +153,10 @@ def test_admin_api_writes_the_registry_and_it_survives_a_router_restart(app):
     ok = httpx.put(f"{url}/admin/aliases/beta", json={"target": {"v1": 0.0, "v2": 1.0}}, headers=auth, timeout=30)
     assert ok.status_code == 200
     assert served_version(app, first_round("beta-1", "beta")) == "v2"
-    routers = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "router" in (a.class_name or "")]
-    assert routers
-    ray.kill(ray.get_actor(routers[0].name, namespace="serve"), no_restart=True)
+    routers = [a for a in ray.util.list_named_actors(all_namespaces=True)
+               if a["namespace"] == "serve" and "#router#" in a["name"]]
+    assert routers, ray.util.list_named_actors(all_namespaces=True)
+    ray.kill(ray.get_actor(routers[0]["name"], namespace="serve"), no_restart=True)
     deadline = time.monotonic() + 90
     while True:
         try:
