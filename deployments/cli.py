@@ -69,14 +69,13 @@ def cmd_up(args) -> int:
     if args.detach:
         return 0
     print("Ctrl-C to stop")
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-    try:
-        while not stop:
-            time.sleep(1)
-    except KeyboardInterrupt:
-        pass
-    serve.shutdown()
+    stop: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.append(1))
+    while not stop:
+        time.sleep(0.5)
+    print("shutting down")
+    serve.shutdown()  # further Ctrl-C only appends to `stop` and does not interrupt the shutdown
     ray.shutdown()
     return 0
 
