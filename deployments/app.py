@@ -137,13 +137,18 @@ class Router:
         self.registry = FileRegistry(registry_path)
         self.state = self.registry.load_or_seed(RegistryState.model_validate(seed_state))
         self._mtime = 0.0
+        self._checked = 0.0
         self.handles = dict(handles)  # version -> DeploymentHandle
         self.draft_path = draft_path
         self._tokenizer = None
 
     # ------------------------------------------------------------------ registry
     def current(self) -> RegistryState:
-        """The registry as last written (re-read when the file changed)."""
+        """The registry as last written: the file is checked at most every 0.5 s, re-read when it changed."""
+        now = time.monotonic()
+        if now - self._checked < 0.5:
+            return self.state
+        self._checked = now
         try:
             mtime = self.registry.path.stat().st_mtime
         except FileNotFoundError:
@@ -244,7 +249,7 @@ class Router:
             return _error(422, "invalid_request", str(err), err.field, err.value)
         except (ValueError, json.JSONDecodeError) as err:
             return _error(422, "invalid_alias", str(err), "target")
-        self.state = self.registry.save(edited)
+        self.state, self._checked = self.registry.save(edited), 0.0
         return JSONResponse({"alias": alias, "target": update.target, "generation": self.state.generation})
 
     @fastapi_app.delete("/admin/aliases/{alias}")
@@ -255,8 +260,8 @@ class Router:
         state = self.current()
         if alias not in state.aliases:
             return _error(404, "unknown_alias", f"no alias {alias!r}; aliases: {sorted(state.aliases)}", "alias", alias)
-        self.state = self.registry.save(state.model_copy(
-            update={"aliases": {k: v for k, v in state.aliases.items() if k != alias}}))
+        self.state, self._checked = self.registry.save(state.model_copy(
+            update={"aliases": {k: v for k, v in state.aliases.items() if k != alias}})), 0.0
         return JSONResponse({"deleted": alias, "generation": self.state.generation})
 
     # ------------------------------------------------------------------ OpenAI-compatible, cloud-only

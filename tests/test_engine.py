@@ -183,6 +183,8 @@ def test_lru_evicts_by_count_and_bytes(family_models):
     for i in range(3):
         verifier.verify([VerifyRequest(f"s{i}", 0, (), full_context=(1, 2, 3))])
     assert list(verifier.sessions) == ["s1", "s2"] and verifier.evictions == 1
+    verifier.verify([VerifyRequest("s2", 1, (4, 5))])
+    assert verifier.cache_bytes() == sum(s.nbytes() for s in verifier.sessions.values()) > 0
     tight = Verifier(family_models["v1"], limits=VerifierLimits(max_cache_bytes=1))
     tight.verify([VerifyRequest("a", 0, (), full_context=(1, 2, 3))])
     assert not tight.sessions

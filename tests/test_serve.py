@@ -138,6 +138,7 @@ def test_registry_persists_and_is_reread(app):
     state = reg.load()
     assert state is not None and state.aliases["stable"] == "v1"
     reg.save(state.model_copy(update={"aliases": {**state.aliases, "stable": "v2"}}))
+    time.sleep(0.6)  # the router checks the file at most every 0.5 s
     assert served_version(app, first_round("after-write", None)) == "v2"
     reg.save(reg.load().model_copy(update={"aliases": {**state.aliases, "stable": "v1"}}))
 

@@ -81,6 +81,8 @@ class Verifier:
         self.cache_hits = 0
         self.cache_misses = 0
         self.evictions = 0
+        self._nbytes: dict[str, int] = {}  # KV bytes per session, updated as sessions change
+        self._total_bytes = 0
 
     # ------------------------------------------------------------------ public
     def verify(self, requests: list[VerifyRequest]) -> list[RoundOutcome | EngineError]:
@@ -98,13 +100,14 @@ class Verifier:
         return results  # type: ignore[return-value]
 
     def drop_session(self, session_id: str) -> bool:
+        self._total_bytes -= self._nbytes.pop(session_id, 0)
         return self.sessions.pop(session_id, None) is not None
 
     def session_stats(self, session_id: str) -> AcceptanceStats:
         return self.sessions[session_id].stats
 
     def cache_bytes(self) -> int:
-        return sum(s.nbytes() for s in self.sessions.values())
+        return self._total_bytes
 
     # ------------------------------------------------------------------ one pass
     def _verify_pass(self, requests, indices, results) -> None:
@@ -215,13 +218,16 @@ class Verifier:
                                round(verify_ms, 3), batch_size, hit)
         session.last_key = (req.seq, req.draft_tokens, req.new_context, req.full_context is not None)
         session.last_outcome = outcome
+        nbytes = session.nbytes()
+        self._total_bytes += nbytes - self._nbytes.get(req.session_id, 0)
+        self._nbytes[req.session_id] = nbytes
         return outcome
 
     def _evict(self) -> None:
-        total = self.cache_bytes()
-        while self.sessions and (len(self.sessions) > self.limits.max_sessions or total > self.limits.max_cache_bytes):
-            _, session = self.sessions.popitem(last=False)
-            total -= session.nbytes()
+        while self.sessions and (len(self.sessions) > self.limits.max_sessions
+                                 or self._total_bytes > self.limits.max_cache_bytes):
+            oldest = next(iter(self.sessions))
+            self.drop_session(oldest)
             self.evictions += 1
 
 
