@@ -206,7 +206,7 @@ class LinkObserver:
     It never sees the true channel; predictions are latency + bytes / reported rate.
     """
 
-    def __init__(self, prior_delay_ms: float = 50.0, prior_rate_bps: float = 1e6, smoothing: float = 0.1):
+    def __init__(self, prior_delay_ms: float = 50.0, prior_rate_bps: float = 1e6, smoothing: float = 0.3):
         self.delay_ms = {"up": prior_delay_ms, "down": prior_delay_ms}
         self.rate_bps = {"up": prior_rate_bps, "down": prior_rate_bps}
         self.a = smoothing
