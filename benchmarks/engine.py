@@ -101,6 +101,33 @@ def main() -> None:
                      tokens / (compute_s + rtt_s)])
     table(f"speculative vs cloud-only, one session, 64 tokens x {len(prompts)} prompts",
           ["mode", "rounds", "draft ms/tok", "verify ms/tok", "tok/s (0 RTT)", f"tok/s ({args.rtt_ms:.0f} ms RTT)"], rows)
+    uplink_table(draft, target, prompts)
+
+
+def uplink_table(draft, target, prompts) -> None:
+    """Encoded uplink size of real rounds (after the first, which carries the prompt), compact vs JSON."""
+    from flexspec_serve.transport import LocalTransport
+
+    rows = []
+    for k in (2, 4, 8):
+        sizes = {}
+        for compact in (True, False):
+            seen = {"bytes": 0, "drafts": 0, "rounds": 0}
+
+            def count(ev, seen=seen):
+                if ev.round_index > 0 and ev.k:
+                    seen["bytes"] += ev.bytes_up
+                    seen["drafts"] += ev.k
+                    seen["rounds"] += 1
+
+            speculative_generate(DraftProposer(draft), LocalTransport(Verifier(target, draft), compact=compact),
+                                 prompts, 64, k, on_round=count, session_prefix=f"up{k}{int(compact)}-")
+            sizes[compact] = seen
+        c, j = sizes[True], sizes[False]
+        rows.append([k, c["bytes"] / c["rounds"], c["bytes"] / c["drafts"], j["bytes"] / j["rounds"],
+                     j["bytes"] / j["drafts"]])
+    table("uplink payload per round after the first (ids only; session id, seq and version included)",
+          ["K", "compact B/round", "compact B/draft", "JSON B/round", "JSON B/draft"], rows)
 
 
 def _timed(fn, acc: dict, key: str):

@@ -201,7 +201,8 @@ def test_every_cli_subcommand_has_help():
     from flexspec_serve.cli import build_parser
 
     parser = build_parser()
-    commands = [["zoo", "build"], ["zoo", "report"], ["zoo", "info"], ["bench", "adaptive"], ["demo"]]
+    commands = [["zoo", "build"], ["zoo", "report"], ["zoo", "info"], ["bench", "adaptive"], ["demo"],
+                ["serve", "up"], ["serve", "status"], ["serve", "down"], ["serve", "demo"]]
     for argv in commands:
         with pytest.raises(SystemExit) as info:
             parser.parse_args([*argv, "--help"])
