@@ -63,6 +63,8 @@ class VerifierDeployment:
         self.m_cache = metrics.Counter("flexspec_kv_lookups", "KV-cache lookups", tag_keys=("version", "result"))
         for m in (self.m_rounds, self.m_draft, self.m_accepted, self.m_tau, self.m_verify, self.m_batch):
             m.set_default_tags(tags)
+        self._verified_tokens = 0  # positions verified (K + 1 per round), for the autoscaler
+        self._last_report = (time.monotonic(), 0)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.004)
     async def _batched(self, items: list[tuple[P.DraftRound, float]]) -> list:
@@ -73,6 +75,7 @@ class VerifierDeployment:
         self.m_batch.observe(len(rounds))
         for rnd, res in zip(rounds, results):
             if isinstance(res, P.RoundResult):
+                self._verified_tokens += len(rnd.draft_tokens) + 1
                 self.m_rounds.inc()
                 if rnd.draft_tokens:  # ray.util.metrics counters refuse inc(0)
                     self.m_draft.inc(len(rnd.draft_tokens))
@@ -105,6 +108,13 @@ class VerifierDeployment:
 
     def stats(self) -> dict:
         return self.server.stats()
+
+    async def record_autoscaling_stats(self) -> dict:
+        """Custom autoscaling metric (Serve calls this periodically): verified tokens/s since the last call."""
+        now, tokens = time.monotonic(), self._verified_tokens
+        then, before = self._last_report
+        self._last_report = (now, tokens)
+        return {"verified_tokens_per_s": (tokens - before) / max(now - then, 1e-6)}
 
     def check_health(self) -> None:
         self.server.check_health()

@@ -87,6 +87,8 @@ def test_concurrent_sessions_are_verified_in_batches(app, family_models, humanev
                          12, 4, session_prefix="batch-", target="v2")
     stats = app["handle"].stats.remote().result()
     assert stats["v2"]["max_batch_size_seen"] > 1, stats["v2"]
+    report = serve.get_deployment_handle("verifier-v2", "flexspec").record_autoscaling_stats.remote().result()
+    assert report["verified_tokens_per_s"] > 0  # the custom metric the autoscaling policy reads
 
 
 def test_long_session_keeps_hitting_its_replicas_kv_cache(app, family_models, humaneval_prompts):
