@@ -29,23 +29,6 @@ class Echo:
         return x
 
 
-def session_rounds(handle, sid: str, prompt: list[int], rounds: int, k: int, target: str) -> list[tuple[float, float]]:
-    """Drive one session; returns (round latency ms, server verify ms) per round after the first."""
-    out, drafts = [], prompt[:k]
-    for seq in range(rounds):
-        rnd = P.DraftRound(session_id=sid, seq=seq, target=target, draft_tokens=drafts,
-                           full_context=prompt if seq == 0 else None)
-        started = time.perf_counter()
-        status, body = handle.round_compact.remote(P.encode_round(rnd)).result()
-        latency = (time.perf_counter() - started) * 1e3
-        if status != 200:
-            raise RuntimeError(body)
-        res = P.decode_result(body)
-        if seq:
-            out.append((latency, res.timings.verify_ms))
-    return out
-
-
 async def _session_async(handle, sid: str, prompt: list[int], rounds: int, k: int, target: str):
     out, drafts = [], prompt[:k]
     for seq in range(rounds):
@@ -121,7 +104,7 @@ def main() -> None:
         print(f"{'16' if target == 'batched' else '1':>16} | {tps:>14.1f} | {lat:>12.2f} | {overhead:>15.2f} | "
               f"{mean_batch:>10}")
     print(f"batched / unbatched throughput: {rows[0][1] / rows[1][1]:.2f}x")
-    single = session_rounds(handle, f"solo-{time.monotonic_ns()}", prompts[0], 30, args.k, "batched")
+    single = asyncio.run(_session_async(handle, f"solo-{time.monotonic_ns()}", prompts[0], 30, args.k, "batched"))
     solo_overhead = statistics.median(x[0] - x[1] for x in single)
     print(f"one session alone: round p50 {statistics.median(x[0] for x in single):.2f} ms, Serve-path overhead "
           f"(round - verify) {solo_overhead:.2f} ms; bare handle round trip {bare_ms:.2f} ms "

@@ -61,5 +61,6 @@ class VerifierServer:
         }
 
     def check_health(self) -> None:
-        if not any(p.isfinite().all() for p in list(self.verifier.target.parameters())[:1]):
-            raise RuntimeError(f"{self.version}: weights are not finite")
+        embed = self.verifier.target.get_input_embeddings().weight
+        if not bool(embed.isfinite().all()):
+            raise RuntimeError(f"{self.version}: embedding weights are not finite")

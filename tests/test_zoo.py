@@ -11,7 +11,8 @@ import torch
 from flexspec_serve.config import ConfigError, ZooProfile, load_yaml, parse_model, zoo_profile
 from flexspec_serve.zoo.loading import TokenizerMismatch, check_tokenizers_match, load_causal_lm, load_tokenizer
 from flexspec_serve.zoo.manifest import Manifest, backbone_prefixes, count_params, hash_tensors
-from flexspec_serve.zoo.report import acceptance_table, implied_tau, teacher_forced_alpha
+from flexspec_serve.engine.stats import expected_acceptance_length
+from flexspec_serve.zoo.report import acceptance_table, teacher_forced_alpha
 
 TARGETS = ("v1", "v2", "v3")
 
@@ -99,7 +100,7 @@ def test_alpha_of_a_model_against_itself_is_one(family_models, tokenizer):
     greedy, sampling = teacher_forced_alpha(v1, v1, windows, temperature=0.8)
     assert greedy == 1.0
     assert sampling == pytest.approx(1.0, abs=1e-5)
-    assert implied_tau(1.0) == 5.0
+    assert expected_acceptance_length(1.0, 4) == 5.0
 
 
 def test_acceptance_report_runs_and_orders_contract_breaker_last(tiny_family):

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flexspec_serve.edge.devices import CloudProfile, DeviceProfile
+from flexspec_serve.engine.stats import expected_acceptance_length as expected_tau  # noqa: F401 (re-export)
 
 
 @dataclass(frozen=True)
@@ -84,12 +85,6 @@ class AcceptanceEstimator:
         self.s = self.f = 0.0
         self.reached = [0.0] * len(self.reached)
         self.kept = [0.0] * len(self.kept)
-
-
-def expected_tau(alpha: float, k: int) -> float:
-    if k == 0:
-        return 1.0
-    return float(k + 1) if alpha >= 1.0 else (1 - alpha ** (k + 1)) / (1 - alpha)
 
 
 @dataclass

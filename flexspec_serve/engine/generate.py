@@ -12,9 +12,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from flexspec_serve import protocol as P
 from flexspec_serve.engine.proposer import DraftProposer
 from flexspec_serve.engine.sampling import SamplingParams
 from flexspec_serve.engine.stats import AcceptanceStats
+from flexspec_serve.transport import LocalTransport, RoundFailed
 
 
 @dataclass
@@ -55,13 +57,11 @@ def speculative_generate(
 
     `transport` is a `Transport` or a bare `Verifier` (wrapped in a `LocalTransport`).
     """
-    from flexspec_serve import protocol as P
-    from flexspec_serve.transport import LocalTransport, RoundFailed
-
     if not hasattr(transport, "round_trip"):
         transport = LocalTransport(transport)
     pick = (lambda i, r: choose_k) if isinstance(choose_k, int) else choose_k
-    sessions = [proposer.start(f"{session_prefix}{i}", p, _session_sampling(sampling, i)) if proposer else None
+    per_session = [_session_sampling(sampling, i) for i in range(len(prompts))]
+    sessions = [proposer.start(f"{session_prefix}{i}", p, per_session[i]) if proposer else None
                 for i, p in enumerate(prompts)]
     results = [GenerationResult(list(p), []) for p in prompts]
     pinned: dict[int, str] = {}  # after round 0 each session names the version that served it
@@ -73,7 +73,7 @@ def speculative_generate(
         proposals = proposer.propose([sessions[i] for i in running], ks) if proposer else [None] * len(running)
         rounds = []
         for i, prop in zip(running, proposals):
-            s = _session_sampling(sampling, i)
+            s = per_session[i]
             rounds.append(P.DraftRound(
                 session_id=f"{session_prefix}{i}", seq=round_idx, target=pinned.get(i, target),
                 draft_tokens=prop.tokens if prop else [],

@@ -81,12 +81,13 @@ def _run_single(model, seq: CachedSequence, tokens: list[int], device) -> torch.
 
 def _stack_left_padded(seqs: list[CachedSequence], p_max: int) -> DynamicCache:
     per_layer = []
-    reference = next(s for s in seqs if s.length)
-    for layer_idx, (k_ref, v_ref) in enumerate(hf_compat.layer_tensors(reference.cache)):
+    layers = [hf_compat.layer_tensors(s.cache) if s.length else None for s in seqs]  # once per session
+    reference = next(lt for lt in layers if lt is not None)
+    for layer_idx, (k_ref, v_ref) in enumerate(reference):
         ks, vs = [], []
-        for s in seqs:
-            if s.length:
-                k, v = hf_compat.layer_tensors(s.cache)[layer_idx]
+        for lt in layers:
+            if lt is not None:
+                k, v = lt[layer_idx]
             else:
                 k, v = k_ref[:, :, :0], v_ref[:, :, :0]
             pad = p_max - k.shape[2]

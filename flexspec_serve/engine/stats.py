@@ -5,6 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+def expected_acceptance_length(alpha: float, k: int) -> float:
+    """E[tau] for K drafts each accepted with probability alpha, independently: (1 - alpha^(K+1)) / (1 - alpha)."""
+    if k == 0:
+        return 1.0
+    return float(k + 1) if alpha >= 1.0 else (1 - alpha ** (k + 1)) / (1 - alpha)
+
+
 @dataclass
 class AcceptanceStats:
     rounds: int = 0

@@ -139,9 +139,8 @@ class Verifier:
 
     def _prepare(self, req: VerifyRequest) -> tuple[_Session, bool] | RoundOutcome:
         self._validate(req)
-        key = (req.seq, req.draft_tokens, req.new_context, req.full_context is not None)
         session = self.sessions.get(req.session_id)
-        if session is not None and session.last_key == key:
+        if session is not None and session.last_key == _round_key(req):
             self.sessions.move_to_end(req.session_id)
             return session.last_outcome  # the same round again: same answer, applied once
         hit = req.full_context is None
@@ -159,8 +158,8 @@ class Verifier:
             )
         else:
             self.cache_hits += 1
-        session.tokens.extend(req.new_context)
         self._check_length(req, session)
+        session.tokens.extend(req.new_context)
         self.sessions.move_to_end(req.session_id)
         return session, hit
 
@@ -179,9 +178,8 @@ class Verifier:
                                  f"{self.name} holds no draft copy, so only greedy drafts can be verified")
 
     def _check_length(self, req: VerifyRequest, session: _Session) -> None:
-        total = len(session.tokens) + len(req.draft_tokens) + 1
+        total = len(session.tokens) + len(req.new_context) + len(req.draft_tokens) + 1
         if total > self.max_positions:
-            session.tokens = session.tokens[: len(session.tokens) - len(req.new_context)]
             raise InvalidRequest("context", total, f"context + K + 1 exceeds the model's {self.max_positions} positions")
 
     def _draft_probs(self, requests, ready) -> dict[int, torch.Tensor]:
@@ -216,7 +214,7 @@ class Verifier:
         self.stats.record(k, n)
         outcome = RoundOutcome(req.session_id, req.seq, n, token, n == k, len(session.tokens),
                                round(verify_ms, 3), batch_size, hit)
-        session.last_key = (req.seq, req.draft_tokens, req.new_context, req.full_context is not None)
+        session.last_key = _round_key(req)
         session.last_outcome = outcome
         nbytes = session.nbytes()
         self._total_bytes += nbytes - self._nbytes.get(req.session_id, 0)
@@ -229,6 +227,11 @@ class Verifier:
             oldest = next(iter(self.sessions))
             self.drop_session(oldest)
             self.evictions += 1
+
+
+def _round_key(req: VerifyRequest) -> tuple:
+    """What makes a retried round the same round (answered from the stored outcome, applied once)."""
+    return (req.seq, req.draft_tokens, req.new_context, req.full_context is not None)
 
 
 def _session_seed(session_id: str, seed: int) -> int:

@@ -19,6 +19,7 @@ import torch
 from flexspec_serve.engine.generate import speculative_generate
 from flexspec_serve.engine.proposer import DraftProposer
 from flexspec_serve.engine.sampling import SamplingParams
+from flexspec_serve.engine.stats import expected_acceptance_length
 from flexspec_serve.engine.verifier import Verifier
 from flexspec_serve.zoo import corpus as corpus_mod
 from flexspec_serve.zoo.loading import load_causal_lm, load_tokenizer
@@ -37,10 +38,6 @@ class PairRow:
     tau_greedy: float
     tau_sampling: float
     distinct_share: float  # distinct tokens / tokens in the greedy output
-
-
-def implied_tau(alpha: float, k: int = 4) -> float:
-    return float(k + 1) if alpha >= 1.0 else (1 - alpha ** (k + 1)) / (1 - alpha)
 
 
 @torch.inference_mode()
@@ -93,7 +90,7 @@ def acceptance_table(family_dir: Path, n_prompts: int = 20, max_new: int = 64, n
             a_g, a_s = teacher_forced_alpha(d, t, windows, SAMPLING_TEMPERATURE)
             tau_g, distinct = measured_tau(d, t, prompts, max_new, SamplingParams())
             tau_s, _ = measured_tau(d, t, prompts, max_new, SamplingParams(SAMPLING_TEMPERATURE, 1.0, 7))
-            rows.append(PairRow(dname, target.name, round(a_g, 4), round(a_s, 4), round(implied_tau(a_g), 3),
+            rows.append(PairRow(dname, target.name, round(a_g, 4), round(a_s, 4), round(expected_acceptance_length(a_g, 4), 3),
                                 round(tau_g, 3), round(tau_s, 3), round(distinct, 3)))
     return rows
 
