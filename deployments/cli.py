@@ -16,6 +16,9 @@ APP_NAME = "flexspec"
 
 
 def register(sub) -> None:
+    from deployments import loadtest
+
+    loadtest.register(sub)
     serve_p = sub.add_parser("serve", help="run the cloud side on Ray Serve")
     ssub = serve_p.add_subparsers(dest="serve_cmd", required=True)
     up = ssub.add_parser("up", help="start an embedded local Ray (or join --address) and deploy the app")
@@ -51,26 +54,41 @@ def app_config(args):
     family = paths.family_dir(args.profile)
     if not (family / "manifest.json").exists():
         raise FileNotFoundError(f"no model family at {family}: run `flexspec zoo build --profile {args.profile}`")
-    aliases = {"stable": args.versions[0]}
-    if len(args.versions) > 1:
-        aliases["canary"] = args.versions[1]
-    return AppConfig.for_family(family, args.versions, aliases=aliases)
+    return family_app_config(family, args.versions)
+
+
+def family_app_config(family: Path, versions: list[str], **kw):
+    """The family's versions; stable = the first, canary = the second."""
+    from deployments.config import AppConfig
+
+    aliases = {"stable": versions[0]}
+    if len(versions) > 1:
+        aliases["canary"] = versions[1]
+    return AppConfig.for_family(family, versions, aliases=kw.pop("aliases", aliases), **kw)
+
+
+def start_local_app(cfg, port: int = 8000, address: str | None = None):
+    """Start (or join) Ray and Serve and deploy the app; returns the router's DeploymentHandle."""
+    import ray
+    from ray import serve
+
+    from deployments.app import build_app
+
+    ray.init(address=address, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False,
+             configure_logging=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return serve.run(build_app(cfg.model_dump()), name=APP_NAME, route_prefix="/")
 
 
 def cmd_up(args) -> int:
     import ray
     from ray import serve
 
-    from deployments.app import build_app
-
     cfg = app_config(args)
     if args.detach and not args.address:
         subprocess.run(["ray", "start", "--head", "--disable-usage-stats", "--include-dashboard=false"], check=True)
         args.address = "auto"
-    ray.init(address=args.address, include_dashboard=False, ignore_reinit_error=True,
-             log_to_driver=False, configure_logging=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-    serve.run(build_app(cfg.model_dump()), name=APP_NAME, route_prefix="/")
+    start_local_app(cfg, args.port, args.address)
     print(f"flexspec-serve up: http://127.0.0.1:{args.port}  versions {[v.name for v in cfg.versions]}  "
           f"aliases {cfg.aliases}")
     if args.detach:

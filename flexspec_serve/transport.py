@@ -1,6 +1,12 @@
-"""How a round reaches a verifier. The in-process transport runs the real wire encoding both ways, so
+"""How a round reaches a verifier. The in-process transports run the real wire encoding both ways, so
 byte counts are the ones a network would carry; Ray-handle and HTTP transports implement the same
-`round_trip` in the serving packages."""
+interfaces in the serving package:
+
+- `Transport.round_trip(rounds)`: a batch of rounds, blocking (the batched generation loop);
+- `AsyncTransport.send(round)`: one round, awaited (asyncio fleet devices). Failures of the path itself
+  (connection lost, replica died mid-call) raise `TransportError`; answers from the service, errors
+  included, come back as an `Exchange`.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from flexspec_serve import protocol as P
+from flexspec_serve.batching import MicroBatcher
 from flexspec_serve.engine.errors import EngineError
 from flexspec_serve.engine.verifier import Verifier
 
@@ -16,6 +23,10 @@ class RoundFailed(Exception):
     def __init__(self, body: P.ErrorBody):
         super().__init__(f"{body.error.code}: {body.error.message}")
         self.body = body
+
+
+class TransportError(Exception):
+    """The round may or may not have reached the service; resending it is safe (rounds are idempotent)."""
 
 
 @dataclass
@@ -29,6 +40,10 @@ class Exchange:
 
 class Transport(Protocol):
     def round_trip(self, rounds: list[P.DraftRound]) -> list[Exchange]: ...
+
+
+class AsyncTransport(Protocol):
+    async def send(self, rnd: P.DraftRound) -> Exchange: ...
 
 
 class LocalTransport:
@@ -52,3 +67,14 @@ class LocalTransport:
             back = P.decode_result(down) if self.compact else P.RoundResult.model_validate_json(down)
             exchanges.append(Exchange(back, len(up), len(down)))
         return exchanges
+
+
+class AsyncLocalTransport:
+    """`send` for asyncio clients in this process: rounds arriving within `batch_wait_ms` of each other are
+    verified as one batch on a worker thread (what `serve.batch` does in a replica)."""
+
+    def __init__(self, verifier: Verifier, batch_wait_ms: float = 2.0, max_batch_size: int = 64):
+        self.batcher = MicroBatcher(LocalTransport(verifier).round_trip, batch_wait_ms, max_batch_size, "verify")
+
+    async def send(self, rnd: P.DraftRound) -> Exchange:
+        return await self.batcher.submit(rnd)

@@ -14,7 +14,8 @@ from flexspec_serve.edge.channels import (
 from flexspec_serve.edge.controller import (
     AcceptanceAdaptive, AcceptanceEstimator, CloudOnly, FixedK, FlexSpecController, RoundView, expected_tau,
 )
-from flexspec_serve.edge.devices import DEVICE_CLASSES, CloudProfile, DeviceProfile, FleetSpec
+from flexspec_serve.edge.devices import DEVICE_CLASSES, CloudProfile, DeviceProfile
+from flexspec_serve.fleet.spec import FleetSpec
 
 PHONE = DEVICE_CLASSES["midrange-phone"]
 CLOUD = CloudProfile()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import os
 import socket
 import time
@@ -174,3 +175,38 @@ def test_admin_api_writes_the_registry_and_it_survives_a_router_restart(app):
     reg = httpx.get(f"{url}/admin/registry", headers=auth, timeout=30).json()
     assert reg["aliases"]["beta"] == {"v1": 0.0, "v2": 1.0}
     assert httpx.delete(f"{url}/admin/aliases/beta", headers=auth, timeout=30).status_code == 200
+
+
+def test_fleet_of_20_devices_over_2_actors_finishes_clean_and_greedy_matches_the_target(
+        app, tiny_family, family_models, humaneval_prompts, tmp_path):
+    from deployments.loadtest import run_report
+    from flexspec_serve.fleet.report import PLOTS, SUMMARY_FIELDS
+    from flexspec_serve.fleet.spec import FleetSpec
+
+    prompts = [p[-40:] for p in humaneval_prompts[:8]]
+    spec = FleetSpec(devices=20, actors=2, actor_num_cpus=0.2, max_new_tokens=12, duration_s=4, target="stable",
+                     mix=[{"device_class": "flagship-phone", "share": 0.5, "channel": "TMobile-LTE-short"},
+                          {"device_class": "midrange-phone", "share": 0.5, "channel": "fading"}],
+                     arrival={"start_within_s": 1, "think_time_s": 0.5, "sessions_per_device": 2})
+    summary = run_report(spec, prompts, str(tiny_family / "draft"), tmp_path, show_progress=False)
+    assert set(SUMMARY_FIELDS) <= set(summary)
+    assert summary["sessions_started"] == 40 and summary["sessions_completed"] == 40
+    assert summary["sessions_failed"] == summary["sessions_lost"] == 0 and not summary["device_crashes"]
+    ref = [r.tokens for r in speculative_generate(None, Verifier(family_models["v1"]), prompts, 12)]
+    sessions = [json.loads(line) for line in (tmp_path / "sessions.jsonl").read_text().splitlines()]
+    assert len(sessions) == 40 and all(s["version"] == "v1" for s in sessions)
+    assert all(s["tokens"] == ref[s["prompt_index"]] for s in sessions)
+    assert all((tmp_path / name).exists() for name in ("summary.json", "rounds.csv", "report.md", *PLOTS))
+
+
+def test_fleet_over_http_reaches_the_router_like_a_remote_device(app, tiny_family, humaneval_prompts, tmp_path):
+    from deployments.loadtest import run_report
+    from flexspec_serve.fleet.spec import FleetSpec
+
+    spec = FleetSpec(devices=4, actors=1, actor_num_cpus=0.2, max_new_tokens=8, duration_s=2, target="canary",
+                     transport="http", url=app["url"], mix=[{"device_class": "flagship-phone", "share": 1.0}],
+                     arrival={"start_within_s": 0.5, "sessions_per_device": 1})
+    summary = run_report(spec, [p[-32:] for p in humaneval_prompts[:4]], str(tiny_family / "draft"), tmp_path,
+                         show_progress=False)
+    assert summary["sessions_completed"] == 4 and summary["sessions_failed"] == 0
+    assert [row["version"] for row in summary["per_version"]] == ["v2"]

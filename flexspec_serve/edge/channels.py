@@ -12,6 +12,7 @@ Channels are deterministic for a seed; time never goes backwards for a channel's
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,19 @@ TRACE_DIR = Path(__file__).resolve().parents[1] / "data" / "traces" / "mahimahi"
 
 class TraceFormatError(ValueError):
     pass
+
+
+@functools.lru_cache(maxsize=32)
+def _parse_cached(path: Path, mtime_ns: int) -> np.ndarray:
+    stamps = parse_mahimahi(path)
+    stamps.flags.writeable = False  # shared by every device on this trace
+    return stamps
+
+
+def load_trace(path: str | Path) -> np.ndarray:
+    """`parse_mahimahi`, parsed once per file (and per modification) per process."""
+    path = Path(path).resolve()
+    return _parse_cached(path, path.stat().st_mtime_ns)
 
 
 def parse_mahimahi(path: str | Path) -> np.ndarray:
@@ -57,7 +71,7 @@ class TraceChannel:
 
     @classmethod
     def from_file(cls, path: str | Path, **kw) -> TraceChannel:
-        return cls(parse_mahimahi(path), name=Path(path).name, **kw)
+        return cls(load_trace(path), name=Path(path).name, **kw)
 
     def delivery_ms(self, nbytes: int, t_ms: float) -> float:
         """Time the last byte arrives: the ceil(N/1500)-th opportunity at or after t, plus the one-way delay."""

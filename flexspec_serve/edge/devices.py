@@ -1,4 +1,4 @@
-"""Heterogeneous edge device classes and the fleet spec that mixes them.
+"""Heterogeneous edge device classes (the fleet spec that mixes them is `fleet.spec.FleetSpec`).
 
 Draft speed is given per draft token and per prefill token in ms (a device class's speed for the
 family's draft model); powers in W; energy budget in J per generated token. `CloudProfile` is the
@@ -8,10 +8,6 @@ verify-cost model of the cloud side used in emulated time (measured values can r
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from pydantic import Field, model_validator
-
-from flexspec_serve.config import StrictModel
 
 
 @dataclass(frozen=True)
@@ -49,43 +45,3 @@ class CloudProfile:
 
     def verify_ms(self, k: int) -> float:
         return self.verify_base_ms + self.verify_ms_per_token * (k + 1)
-
-
-class ClassShare(StrictModel):
-    device_class: str = Field(description=f"one of {sorted(DEVICE_CLASSES)}")
-    share: float = Field(gt=0, le=1, description="fraction of the fleet in this class")
-    channel: str = Field("fading", description="a carried Mahimahi trace name or good | fading | poor")
-
-
-class FleetSpec(StrictModel):
-    """A fleet of emulated devices: class mix, channels, workload and policy."""
-
-    name: str = Field("fleet", max_length=64)
-    devices: int = Field(16, ge=1, le=100_000, description="number of emulated devices")
-    mix: list[ClassShare] = Field(min_length=1, description="device classes and their shares (sum to 1)")
-    policy: str = Field("adaptive", pattern=r"^(adaptive|cloud-only|accept-adaptive|fixed-[0-9]+)$",
-                        description="adaptive | cloud-only | accept-adaptive | fixed-K")
-    max_draft_tokens: int = Field(8, ge=1, le=16, description="K_max")
-    max_new_tokens: int = Field(64, ge=1, le=4096)
-    temperature: float = Field(0.0, ge=0, le=10, description="0 = greedy")
-    target: str = Field("stable", description="version or alias")
-    prompts: str = Field("humaneval", description="'humaneval' or a path to a JSONL file with a 'prompt' field")
-    seed: int = Field(0, ge=0)
-
-    @model_validator(mode="after")
-    def _check_mix(self) -> FleetSpec:
-        unknown = [c.device_class for c in self.mix if c.device_class not in DEVICE_CLASSES]
-        if unknown:
-            raise ValueError(f"mix.device_class {unknown[0]!r} is not a known class; choose from {sorted(DEVICE_CLASSES)}")
-        total = sum(c.share for c in self.mix)
-        if abs(total - 1.0) > 1e-6:
-            raise ValueError(f"mix shares sum to {total:g}, not 1")
-        return self
-
-    def assignments(self) -> list[ClassShare]:
-        """The class (and channel) of each device, deterministic: largest-remainder apportionment."""
-        raw = [c.share * self.devices for c in self.mix]
-        counts = [int(r) for r in raw]
-        for i in sorted(range(len(raw)), key=lambda i: raw[i] - counts[i], reverse=True)[: self.devices - sum(counts)]:
-            counts[i] += 1
-        return [c for c, n in zip(self.mix, counts) for _ in range(n)]

@@ -43,6 +43,14 @@ class RoundRecord:
     bytes_down: int
     alpha_hat: float
     version: str
+    # filled by real-time fleet devices (fleet/), left at their defaults in emulated time
+    session: str = ""
+    rate_up_bps: float = 0.0
+    lag_ms: float = 0.0  # how late the round's emulated events fired, at worst
+    queue_ms: float = 0.0  # server: waiting for a batch
+    server_verify_ms: float = 0.0  # server: the batch's forward passes
+    batch_size: int = 0
+    attempts: int = 1
 
 
 @dataclass
@@ -72,20 +80,30 @@ class EmulatedDevice:
     def choose_k(self) -> int:
         return self.policy.choose(self.view())
 
+    def draft_latency_ms(self, k: int) -> float:
+        """Drafting on the round's critical path: unhidden prefill plus K draft steps."""
+        return (self.critical_prefill_ms() + self.profile.draft_ms(k)) if k else 0.0
+
     def finish_round(self, ev: RoundEvent) -> RoundRecord:
-        p, t0 = self.profile, self.clock_ms
-        compute_ms = p.draft_ms(ev.k, ev.prefill_tokens if ev.k else 0)  # energy: all draft work
-        draft_ms = (self.critical_prefill_ms() + p.draft_ms(ev.k)) if ev.k else 0.0  # latency: critical path
+        """Emulated time: the link and the `CloudProfile` decide how long the round took."""
+        t0 = self.clock_ms
+        draft_ms = self.draft_latency_ms(ev.k)
         sent = t0 + draft_ms
         arrived = self.link.up.delivery_ms(ev.bytes_up, sent)
         verify_ms = self.cloud.verify_ms(ev.k)
-        answered = arrived + verify_ms
-        back = self.link.down.delivery_ms(ev.bytes_down, answered)
-        up_ms, down_ms = arrived - sent, back - answered
+        back = self.link.down.delivery_ms(ev.bytes_down, arrived + verify_ms)
+        return self.account(ev, t0, draft_ms, arrived - sent, verify_ms, back - arrived - verify_ms)
+
+    def account(self, ev: RoundEvent, t0: float, draft_ms: float, up_ms: float, verify_ms: float, down_ms: float,
+                **extra) -> RoundRecord:
+        """Book one finished round (however its times were obtained): observer, policy, energy, draft backlog."""
+        p = self.profile
+        compute_ms = p.draft_ms(ev.k, ev.prefill_tokens if ev.k else 0)  # energy: all draft work
         self.observer.record("up", ev.bytes_up, up_ms)
         self.observer.record("down", ev.bytes_down, down_ms)
         self.policy.observe(ev.k, ev.accepted)
         energy = (compute_ms * p.compute_w + up_ms * p.tx_w + down_ms * p.rx_w + verify_ms * p.idle_w) / 1e3
+        back = t0 + draft_ms + up_ms + verify_ms + down_ms
         self.clock_ms = back
         if ev.k:  # the cache now misses only the cloud's token (and d_K when all were accepted)
             self.backlog_tokens, self.idle_credit_ms = 1 + (ev.accepted == ev.k), 0.0
@@ -95,7 +113,7 @@ class EmulatedDevice:
         alpha = getattr(getattr(self.policy, "estimator", None), "alpha", float("nan"))
         rec = RoundRecord(self.device_id, p.name, self.link.name, self.policy.name, ev.round_index, t0, ev.k,
                           ev.accepted, ev.accepted + 1, draft_ms, up_ms, verify_ms, down_ms, back - t0, energy,
-                          ev.bytes_up, ev.bytes_down, alpha, ev.result.version)
+                          ev.bytes_up, ev.bytes_down, alpha, ev.result.version, **extra)
         self.records.append(rec)
         return rec
 

@@ -1,0 +1,57 @@
+"""`MicroBatcher`: asyncio callers submit one item each; items that arrive within `wait_ms` of the first
+are handed to a blocking batch function together, on one worker thread (so torch never runs two batches
+at once and the event loop stays free). The same idea as `serve.batch`, for code that runs without Serve:
+draft steps of many devices in one fleet actor, and in-process verification."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class MicroBatcher(Generic[T, R]):
+    def __init__(self, fn: Callable[[list[T]], list[R]], wait_ms: float = 2.0, max_batch_size: int = 64,
+                 name: str = "batch"):
+        self.fn, self.wait_s, self.max_batch = fn, wait_ms / 1e3, max_batch_size
+        self._pending: list[tuple[T, asyncio.Future]] = []
+        self._flusher: asyncio.Task | None = None
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+        self.batches = 0
+        self.items = 0
+
+    async def submit(self, item: T) -> R:
+        fut = asyncio.get_running_loop().create_future()
+        self._pending.append((item, fut))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        return await fut
+
+    async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            await asyncio.sleep(self.wait_s)
+            batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+            try:
+                results = await loop.run_in_executor(self._pool, self.fn, [item for item, _ in batch])
+            except Exception as err:  # the batch function failed: every caller in the batch sees it
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(err)
+                continue
+            self.batches += 1
+            self.items += len(batch)
+            for (_, fut), res in zip(batch, results):
+                if not fut.done():
+                    fut.set_result(res)
+
+    @property
+    def mean_batch_size(self) -> float:
+        return self.items / self.batches if self.batches else 0.0
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)

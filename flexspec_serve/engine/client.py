@@ -1,0 +1,82 @@
+"""The edge client's half of one session: builds each round's wire message and commits the cloud's answer.
+
+Written once and shared by the batched in-process loop (`generate.py`) and the asyncio fleet devices
+(`fleet/`), so the round protocol lives in one place:
+
+- the first round, and any round after the server asked for a resync, carries the full committed context
+  and the sampling settings (the server rebuilds the session from them; results are identical);
+- after the first answer the session names the version that served it (pinning survives router restarts);
+- an answer commits d_1..d_n plus the recovered or bonus token and advances the sequence number.
+
+No I/O, no timing and no choice of K here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from flexspec_serve import protocol as P
+from flexspec_serve.engine.proposer import DraftProposer, EdgeSession
+from flexspec_serve.engine.sampling import SamplingParams
+from flexspec_serve.engine.stats import AcceptanceStats
+
+RESYNC_CODES = frozenset({"resync_required", "bad_sequence"})
+
+
+@dataclass
+class ClientSession:
+    session_id: str
+    prompt: list[int]
+    sampling: SamplingParams
+    edge: EdgeSession | None = None  # None: no draft on this client (cloud-only)
+    target: str | None = None  # version or alias asked for on the first round
+    seq: int = 0
+    version: str | None = None  # the version that served the first round; named on every later round
+    needs_context: bool = True  # the next message carries the full committed context
+    tokens: list[int] = field(default_factory=list)  # generated tokens
+    stats: AcceptanceStats = field(default_factory=AcceptanceStats)
+    resyncs: int = 0
+    rounds: list[P.RoundResult] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, session_id: str, prompt: list[int], sampling: SamplingParams, proposer: DraftProposer | None,
+              target: str | None = None) -> ClientSession:
+        edge = proposer.start(session_id, prompt, sampling) if proposer else None
+        return cls(session_id, list(prompt), sampling, edge, target)
+
+    @property
+    def committed(self) -> list[int]:
+        return self.prompt + self.tokens
+
+    def message(self, draft: list[int]) -> P.DraftRound:
+        """The wire message for this round's draft d_1..d_K (K may be 0)."""
+        full = self.needs_context
+        s = self.sampling
+        return P.DraftRound(
+            session_id=self.session_id, seq=self.seq, target=self.version or self.target, draft_tokens=draft,
+            full_context=self.committed if full else None,
+            sampling=P.Sampling(temperature=s.temperature, top_p=s.top_p, seed=s.seed) if full else None,
+        )
+
+    def commit(self, draft: list[int], result: P.RoundResult, proposer: DraftProposer | None = None) -> list[int]:
+        """Apply the cloud's verdict; returns the tokens this round added (accepted drafts + one)."""
+        if result.seq != self.seq or result.accepted > len(draft):
+            raise ValueError(f"answer for seq {result.seq} ({result.accepted} accepted) does not fit round "
+                             f"{self.seq} with K = {len(draft)}")
+        new = draft[: result.accepted] + [result.token]
+        if proposer is not None and self.edge is not None:
+            proposer.apply(self.edge, draft, result.accepted, result.token)
+        self.tokens.extend(new)
+        self.stats.record(len(draft), result.accepted)
+        self.rounds.append(result)
+        self.version, self.needs_context = result.version, False
+        self.seq += 1
+        return new
+
+    def on_error(self, body: P.ErrorBody) -> bool:
+        """True when resending this round with the full context fixes it (the server lost the session)."""
+        if body.error.code in RESYNC_CODES:
+            self.needs_context = True
+            self.resyncs += 1
+            return True
+        return False

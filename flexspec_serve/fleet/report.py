@@ -1,0 +1,209 @@
+"""The load-test report: merge the shards of a run, summarise, and write the files.
+
+Files (under the run's output directory):
+- `summary.json`: run settings, totals, latency and lag percentiles, per class and per version tables;
+- `rounds.csv`: one row per round (the `RoundRecord` fields; times in ms since the run's start);
+- `sessions.jsonl`: one line per session (outcome, version, generated token ids);
+- `report.md`: the tables and the plots below; with `--compare`, the comparison of policies;
+- plots: `latency_cdf.png` (per-token latency by device class), `tokens_per_s.png` (fleet tokens/s over
+  time, version changes marked), `acceptance_by_version.png`, `k_vs_rate.png` (chosen K against the
+  uplink rate the device saw), `bytes_energy.png` (bytes and energy per generated token by class).
+
+Per-token latency of a round is its round time divided by the tokens it produced; decode tokens/s is
+tokens over the time devices spent in rounds (think time excluded), the speed a user of a device sees.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from flexspec_serve.fleet.runtime import ShardResult
+
+PLOTS = ("latency_cdf.png", "tokens_per_s.png", "acceptance_by_version.png", "k_vs_rate.png", "bytes_energy.png")
+SUMMARY_FIELDS = ("policy", "devices", "sessions_started", "sessions_completed", "sessions_failed", "sessions_lost",
+                  "rounds", "tokens", "fleet_tokens_per_s", "decode_tokens_per_s", "per_token_latency_ms",
+                  "round_ms", "acceptance_length", "mean_k", "bytes_up_per_token", "bytes_down_per_token",
+                  "energy_j_per_token", "emulation_lag_ms", "mid_round", "in_session", "retries", "resyncs",
+                  "errors", "device_crashes", "per_class", "per_version", "version_changes")
+
+
+def merge(shards: list[ShardResult]) -> ShardResult:
+    out = ShardResult()
+    per_second: dict[int, dict] = defaultdict(lambda: {"in_session": 0, "mid_round": 0, "tokens": 0, "rounds": 0})
+    for s in shards:
+        out.rounds += s.rounds
+        out.sessions += s.sessions
+        out.lags_ms += s.lags_ms
+        out.sessions_started += s.sessions_started
+        out.device_crashes += s.device_crashes
+        for row in s.timeline:
+            slot = per_second[round(row["t_s"])]
+            for key in slot:
+                slot[key] += row[key]
+    out.timeline = [{"t_s": t, **v} for t, v in sorted(per_second.items())]
+    out.draft_mean_batch = round(float(np.mean([s.draft_mean_batch for s in shards])), 3) if shards else 0.0
+    return out
+
+
+def _pct(values, qs=(50, 90, 99)) -> dict:
+    if len(values) == 0:
+        return {f"p{q}": None for q in qs}
+    arr = np.asarray(values, dtype=float)
+    return {f"p{q}": round(float(np.percentile(arr, q)), 2) for q in qs} | {"max": round(float(arr.max()), 2)}
+
+
+def _group(rounds: list[dict], key: str) -> list[dict]:
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in rounds:
+        groups[r[key]].append(r)
+    rows = []
+    for name, rs in sorted(groups.items()):
+        tokens = sum(r["tokens"] for r in rs)
+        drafted = [r for r in rs if r["k"] > 0]
+        rows.append({key: name, "rounds": len(rs), "tokens": tokens,
+                     "decode_tokens_per_s": round(tokens / (sum(r["round_ms"] for r in rs) / 1e3), 2),
+                     "per_token_latency_p50_ms": _pct([r["round_ms"] / r["tokens"] for r in rs])["p50"],
+                     "acceptance_length": round(sum(r["tokens"] for r in drafted) / len(drafted), 3) if drafted else None,
+                     "mean_k": round(sum(r["k"] for r in rs) / len(rs), 2),
+                     "energy_j_per_token": round(sum(r["energy_j"] for r in rs) / tokens, 4),
+                     "bytes_up_per_token": round(sum(r["bytes_up"] for r in rs) / tokens, 2)})
+    return rows
+
+
+def summarize(run: ShardResult, meta: dict, events: list[dict] | None = None) -> dict:
+    rounds, sessions = run.rounds, run.sessions
+    tokens = sum(r["tokens"] for r in rounds)
+    busy_s = sum(r["round_ms"] for r in rounds) / 1e3
+    per_token = np.repeat([r["round_ms"] / r["tokens"] for r in rounds], [r["tokens"] for r in rounds]) if rounds else []
+    span_s = (max(r["t_start_ms"] + r["round_ms"] for r in rounds) - min(r["t_start_ms"] for r in rounds)) / 1e3 \
+        if rounds else 0.0
+    drafted = [r for r in rounds if r["k"] > 0]
+    errors: dict[str, int] = defaultdict(int)
+    for s in sessions:
+        if s["error"]:
+            errors[s["error"].split(":")[0]] += 1
+    started = run.sessions_started
+    timeline = run.timeline
+    return {
+        **meta, "sessions_started": started,
+        "sessions_completed": sum(s["completed"] for s in sessions),
+        "sessions_failed": sum(not s["completed"] for s in sessions),
+        "sessions_lost": started - len(sessions),  # started but never reported back
+        "rounds": len(rounds), "tokens": tokens,
+        "fleet_tokens_per_s": round(tokens / span_s, 2) if span_s else 0.0,
+        "decode_tokens_per_s": round(tokens / busy_s, 2) if busy_s else 0.0,
+        "per_token_latency_ms": _pct(per_token), "round_ms": _pct([r["round_ms"] for r in rounds]),
+        "acceptance_length": round(sum(r["tokens"] for r in drafted) / len(drafted), 3) if drafted else None,
+        "mean_k": round(sum(r["k"] for r in rounds) / len(rounds), 3) if rounds else 0.0,
+        "bytes_up_per_token": round(sum(r["bytes_up"] for r in rounds) / max(1, tokens), 2),
+        "bytes_down_per_token": round(sum(r["bytes_down"] for r in rounds) / max(1, tokens), 2),
+        "energy_j_per_token": round(sum(r["energy_j"] for r in rounds) / max(1, tokens), 4),
+        "emulation_lag_ms": {**_pct(run.lags_ms), "events": len(run.lags_ms)},
+        "mid_round": {"mean": round(float(np.mean([t["mid_round"] for t in timeline])), 1) if timeline else 0,
+                      "max": max((t["mid_round"] for t in timeline), default=0)},
+        "in_session": {"mean": round(float(np.mean([t["in_session"] for t in timeline])), 1) if timeline else 0,
+                       "max": max((t["in_session"] for t in timeline), default=0)},
+        "draft_mean_batch": run.draft_mean_batch,
+        "server_mean_batch": round(float(np.mean([r["batch_size"] for r in rounds])), 2) if rounds else None,
+        "retries": sum(r["attempts"] - 1 for r in rounds), "resyncs": sum(s["resyncs"] for s in sessions),
+        "errors": dict(errors), "device_crashes": run.device_crashes[:20], "per_class": _group(rounds, "device_class"), "per_version": _group(rounds, "version"),
+        "version_changes": version_changes(rounds, events or []),
+    }
+
+
+def version_changes(rounds: list[dict], events: list[dict]) -> list[dict]:
+    """When each version first served a round, plus the run's own events (e.g. a hot swap)."""
+    first: dict[str, float] = {}
+    for r in sorted(rounds, key=lambda r: r["t_start_ms"]):
+        first.setdefault(r["version"], r["t_start_ms"])
+    marks = [{"t_s": round(t / 1e3, 2), "label": f"{v} serves"} for v, t in first.items()]
+    return sorted(marks + [{"t_s": e["t_s"], "label": e["label"]} for e in events], key=lambda m: m["t_s"])
+
+
+def write_report(out: Path, run: ShardResult, summary: dict, compare: list[dict] | None = None) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary | ({"compare": compare} if compare else {}), indent=2))
+    if run.rounds:
+        with (out / "rounds.csv").open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(run.rounds[0]))
+            writer.writeheader()
+            writer.writerows(sorted(run.rounds, key=lambda r: r["t_start_ms"]))
+    with (out / "sessions.jsonl").open("w") as fh:
+        for s in run.sessions:
+            fh.write(json.dumps(s) + "\n")
+    from flexspec_serve.fleet import plots
+
+    written = plots.write_all(out, run, summary)
+    (out / "report.md").write_text(markdown(summary, compare, [p.name for p in written]))
+    return [out / n for n in ("summary.json", "rounds.csv", "sessions.jsonl", "report.md")] + written
+
+
+def _md_table(rows: list[dict]) -> str:
+    if not rows:
+        return "(none)\n"
+    head = "| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]) + "\n"
+    return head + "".join("| " + " | ".join(str(v) for v in r.values()) + " |\n" for r in rows)
+
+
+def compare_rows(summaries: list[dict]) -> list[dict]:
+    """One row per policy; speed-ups against the cloud-only run when there is one."""
+    base = next((s for s in summaries if s["policy"] == "cloud-only"), None)
+    rows = []
+    for s in summaries:
+        row = {"policy": s["policy"], "decode tok/s": s["decode_tokens_per_s"],
+               "per-token p50 ms": s["per_token_latency_ms"]["p50"], "per-token p99 ms": s["per_token_latency_ms"]["p99"],
+               "tau": s["acceptance_length"], "mean K": s["mean_k"], "J/token": s["energy_j_per_token"],
+               "uplink B/token": s["bytes_up_per_token"], "failed sessions": s["sessions_failed"]}
+        if base:
+            row["vs cloud-only"] = round(s["decode_tokens_per_s"] / base["decode_tokens_per_s"], 2)
+        rows.append(row)
+    return rows
+
+
+def markdown(s: dict, compare: list[dict] | None, plot_names: list[str]) -> str:
+    lag, lat = s["emulation_lag_ms"], s["per_token_latency_ms"]
+    lines = [
+        f"# Load test: {s.get('fleet', 'fleet')} ({s['policy']})\n",
+        f"Command: `{s.get('command', '')}`  \nmachine: {s.get('machine', '')}  \ntransport: {s.get('transport')}, "
+        f"{s['devices']} devices over {s.get('actors')} actors, seed {s.get('seed')}, {s.get('duration_s')} s of arrivals\n",
+        "| sessions started | completed | failed | lost | rounds | tokens | fleet tok/s | decode tok/s | "
+        "per-token p50 / p99 ms | tau | mean K | J/token | uplink B/token |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| {s['sessions_started']} | {s['sessions_completed']} | {s['sessions_failed']} | {s['sessions_lost']} | "
+        f"{s['rounds']} | {s['tokens']} | {s['fleet_tokens_per_s']} | {s['decode_tokens_per_s']} | {lat['p50']} / "
+        f"{lat['p99']} | {s['acceptance_length']} | {s['mean_k']} | {s['energy_j_per_token']} | {s['bytes_up_per_token']} |\n",
+        f"Emulation lag over {lag['events']} events: p50 {lag['p50']} ms, p99 {lag['p99']} ms, max {lag['max']} ms. "
+        f"Devices mid-round at once: mean {s['mid_round']['mean']}, max {s['mid_round']['max']}; in a session: mean "
+        f"{s['in_session']['mean']}, max {s['in_session']['max']}. Draft batch (per actor): {s['draft_mean_batch']}; "
+        f"verify batch seen by rounds: {s['server_mean_batch']}. Retries {s['retries']}, resyncs {s['resyncs']}, "
+        f"errors {s['errors'] or 'none'}.\n",
+        "## By device class\n", _md_table(s["per_class"]), "## By target version\n", _md_table(s["per_version"]),
+        "## Version changes\n", _md_table(s["version_changes"]),
+    ]
+    if compare:
+        lines += ["## Policies on the same fleet, seeds and prompts\n", _md_table(compare)]
+    lines += ["## Plots\n"] + [f"![{n}]({n})" for n in plot_names]
+    return "\n".join(lines) + "\n"
+
+
+def machine() -> str:
+    """One line naming the host, for every results file."""
+    import os
+    import platform
+
+    import torch
+
+    versions = [f"torch {torch.__version__}"]
+    try:
+        import ray
+
+        versions.append(f"Ray {ray.__version__}")
+    except ImportError:
+        pass
+    return (f"{os.cpu_count()}-core {platform.machine()} {platform.system()}, Python {platform.python_version()}, "
+            + ", ".join(versions))

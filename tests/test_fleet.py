@@ -1,0 +1,137 @@
+"""Fleet devices in real time, without Ray: the asyncio shard against in-process verification."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import time
+
+import pytest
+import yaml
+
+from flexspec_serve import protocol as P
+from flexspec_serve.config import ConfigError, load_yaml
+from flexspec_serve.engine.generate import speculative_generate
+from flexspec_serve.engine.proposer import DraftProposer
+from flexspec_serve.engine.verifier import Verifier, VerifierLimits
+from flexspec_serve.fleet import report
+from flexspec_serve.fleet.runtime import Shard, backoff_ms
+from flexspec_serve.fleet.spec import FleetSpec
+from flexspec_serve.transport import AsyncLocalTransport, TransportError
+
+MIX = [{"device_class": "flagship-phone", "share": 0.5, "channel": "TMobile-LTE-short"},
+       {"device_class": "wearable", "share": 0.5, "channel": "fading"}]
+
+
+def small_fleet(**kw) -> FleetSpec:
+    base = {"devices": 12, "mix": MIX, "max_new_tokens": 12, "duration_s": 2.0, "target": "v1",
+            "arrival": {"start_within_s": 0.5, "think_time_s": 0.2, "sessions_per_device": 2}}
+    return FleetSpec.model_validate(base | kw)
+
+
+def run_shard(spec, prompts, family_models, transport=None, verifier=None):
+    draft = family_models["draft"]
+    verifier = verifier or Verifier(family_models["v1"], draft, name="v1")
+    transport = transport or AsyncLocalTransport(verifier)
+    return asyncio.run(Shard(spec, spec.plans(), prompts, DraftProposer(draft), transport, time.time()).run())
+
+
+def greedy_reference(family_models, prompts, max_new) -> list[list[int]]:
+    return [r.tokens for r in speculative_generate(None, Verifier(family_models["v1"]), prompts, max_new)]
+
+
+class FlakyTransport:
+    """Every third call fails on the path (before or after reaching the verifier), like a dropped link."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, 0
+
+    async def send(self, rnd: P.DraftRound):
+        self.calls += 1
+        if self.calls % 3 == 0:
+            if self.calls % 2:
+                await self.inner.send(rnd)  # reached the server, the answer was lost: the retry is idempotent
+            raise TransportError("link dropped")
+        return await self.inner.send(rnd)
+
+
+def test_greedy_fleet_devices_emit_the_targets_greedy_output(family_models, humaneval_prompts):
+    prompts = [p[-40:] for p in humaneval_prompts[:6]]
+    spec = small_fleet()
+    res = run_shard(spec, prompts, family_models)
+    assert res.sessions and all(s["completed"] for s in res.sessions) and not res.device_crashes
+    assert res.sessions_started == len(res.sessions) == 24
+    ref = greedy_reference(family_models, prompts, spec.max_new_tokens)
+    for s in res.sessions:
+        assert s["tokens"] == ref[s["prompt_index"]], s["session"]
+    assert {r["device_class"] for r in res.rounds} == {"flagship-phone", "wearable"}
+    assert max(res.lags_ms) < 1000
+
+
+def test_lost_answers_are_retried_and_sessions_still_match(family_models, humaneval_prompts):
+    prompts = [p[-40:] for p in humaneval_prompts[:4]]
+    spec = small_fleet(devices=6)
+    flaky = FlakyTransport(AsyncLocalTransport(Verifier(family_models["v1"], family_models["draft"], name="v1")))
+    res = run_shard(spec, prompts, family_models, transport=flaky)
+    assert all(s["completed"] for s in res.sessions)
+    assert sum(r["attempts"] - 1 for r in res.rounds) > 0
+    ref = greedy_reference(family_models, prompts, spec.max_new_tokens)
+    assert all(s["tokens"] == ref[s["prompt_index"]] for s in res.sessions)
+
+
+def test_sessions_evicted_on_the_server_resync_and_continue(family_models, humaneval_prompts):
+    prompts = [p[-40:] for p in humaneval_prompts[:4]]
+    spec = small_fleet(devices=8)
+    tight = Verifier(family_models["v1"], family_models["draft"], name="v1", limits=VerifierLimits(max_sessions=2))
+    res = run_shard(spec, prompts, family_models, verifier=tight)
+    assert all(s["completed"] for s in res.sessions) and sum(s["resyncs"] for s in res.sessions) > 0
+    ref = greedy_reference(family_models, prompts, spec.max_new_tokens)
+    assert all(s["tokens"] == ref[s["prompt_index"]] for s in res.sessions)
+
+
+def test_backoff_is_capped_exponential_with_jitter():
+    import random
+
+    rng = random.Random(0)
+    draws = [[backoff_ms(a, rng) for _ in range(200)] for a in range(10)]
+    assert max(draws[0]) <= 50 and max(draws[3]) <= 400 and max(draws[9]) <= 2000
+    assert min(draws[9]) < 500 < max(draws[9])  # full jitter spreads retries out
+
+
+def test_report_files_have_the_documented_fields(family_models, humaneval_prompts, tmp_path):
+    prompts = [p[-40:] for p in humaneval_prompts[:4]]
+    spec = small_fleet(devices=6)
+    run = report.merge([run_shard(spec, prompts, family_models)])
+    summary = report.summarize(run, {"policy": spec.policy, "devices": spec.devices}, [{"t_s": 1.0, "label": "swap"}])
+    assert set(report.SUMMARY_FIELDS) <= set(summary)
+    assert summary["sessions_lost"] == 0 and summary["sessions_failed"] == 0
+    assert any(m["label"] == "swap" for m in summary["version_changes"])
+    files = report.write_report(tmp_path, run, summary, report.compare_rows([summary]))
+    assert all(f.exists() and f.stat().st_size > 0 for f in files)
+    assert {p.name for p in files} >= set(report.PLOTS)
+    with (tmp_path / "rounds.csv").open() as fh:
+        header = next(csv.reader(fh))
+    assert {"device", "device_class", "k", "accepted", "round_ms", "rate_up_bps", "lag_ms", "version"} <= set(header)
+    assert json.loads((tmp_path / "summary.json").read_text())["rounds"] == len(run.rounds)
+    assert "Policies on the same fleet" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize("patch, field", [
+    ({"devices": 0}, "devices"), ({"policy": "fastest"}, "policy"), ({"transport": "pigeon"}, "transport"),
+    ({"arrival": {"think_time_s": -1}}, "arrival.think_time_s"), ({"arival": {}}, "arival"),
+    ({"mix": [{"device_class": "toaster", "share": 1.0}]}, "toaster"),
+])
+def test_bad_fleet_file_names_the_field(tmp_path, patch, field):
+    path = tmp_path / "fleet.yaml"
+    path.write_text(yaml.safe_dump({"mix": MIX, **patch}))
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_yaml(FleetSpec, path)
+
+
+def test_fleet_plans_are_deterministic_and_split_evenly():
+    spec = small_fleet(devices=101, actors=4)
+    shards = spec.shards()
+    assert [len(s) for s in shards] == [26, 25, 25, 25]
+    assert spec.plans() == small_fleet(devices=101, actors=4).plans()
+    assert len({p.offset_ms for p in spec.plans()}) == 101  # every device at its own trace offset
