@@ -19,7 +19,6 @@ $(STAMP): pyproject.toml
 
 demo: install
 	$(VENV)/bin/flexspec demo $(if $(PROFILE),--profile $(PROFILE))
-	$(VENV)/bin/flexspec serve demo $(if $(PROFILE),--profile $(PROFILE))
 
 test: install
 	$(PY) -m pytest -q

@@ -3,10 +3,10 @@ anti-flapping as small wrappers that stack. Ray-free: the context is anything wi
 Ray Serve's `AutoscalingContext` that are read here (tests pass a dataclass and a fake clock).
 
 Use with Ray Serve 2.60: `AutoscalingConfig(policy=AutoscalingPolicy(
-policy_function="autoscale.policies:SpecDecodeAutoscaler", policy_kwargs={...}))`; replicas report
-`verified_tokens_per_s` through `record_autoscaling_stats`.
-
-Not here yet: wiring into the version registry and the capacity planner (the autoscaling issue).
+policy_function="autoscale.policies:VersionAutoscaler", policy_kwargs={...}))`; replicas report
+`verified_tokens_per_s` through `record_autoscaling_stats`. Each version's `AutoscalingSpec` (in the
+registry) becomes such a config (`deployments.config.AutoscalingSpec.serve_config`), so a canary scales
+on its own; `autoscale.planner` sizes versions for a fleet.
 """
 
 from __future__ import annotations
@@ -106,13 +106,20 @@ def hysteresis(policy: Policy, down_fraction: float = 0.8) -> Policy:
     return wrapped
 
 
-class SpecDecodeAutoscaler:
-    """The stacked default for target versions, constructible from `policy_kwargs`."""
+class VersionAutoscaler:
+    """The stacked policy for one target version, built from `policy_kwargs` (a version's `AutoscalingSpec`):
+    bounded(cooldown(hysteresis(base))), base = verified tokens/s against capacity, or ongoing requests."""
 
-    def __init__(self, capacity_tokens_per_s: float, target_utilisation: float = 0.7, upscale_delay_s: float = 5.0,
+    def __init__(self, policy: str = "verified_tokens", capacity_tokens_per_s: float = 400.0,
+                 target_utilisation: float = 0.7, target_ongoing_requests: float = 8.0, upscale_delay_s: float = 5.0,
                  downscale_delay_s: float = 30.0, down_fraction: float = 0.8):
-        self.policy = bounded(cooldown(hysteresis(verified_tokens(capacity_tokens_per_s, target_utilisation),
-                                                  down_fraction), upscale_delay_s, downscale_delay_s))
+        if policy == "verified_tokens":
+            base = verified_tokens(capacity_tokens_per_s, target_utilisation)
+        elif policy == "ongoing_requests":
+            base = ongoing_requests(target_ongoing_requests)
+        else:
+            raise ValueError(f"policy {policy!r}: use verified_tokens or ongoing_requests")
+        self.policy = bounded(cooldown(hysteresis(base, down_fraction), upscale_delay_s, downscale_delay_s))
 
     def __call__(self, ctx: Context) -> tuple[int, dict]:
         return self.policy(ctx)

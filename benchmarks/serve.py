@@ -15,7 +15,7 @@ import time
 import ray
 from ray import serve
 
-from deployments.app import build_app
+from deployments.app import deploy
 from deployments.config import AppConfig, VersionSpec
 from flexspec_serve import paths
 from flexspec_serve import protocol as P
@@ -77,7 +77,7 @@ def main() -> None:
     cfg = AppConfig(draft_path=str(fam / "draft"), versions=versions, aliases={"stable": "batched"},
                     registry_path=str(paths.home() / "bench-registry.json"))
     ray.init(include_dashboard=False, log_to_driver=False)
-    handle = serve.run(build_app(cfg.model_dump()), name="bench", route_prefix="/bench")
+    handle = deploy(cfg, name="bench", route_prefix="/bench")
     echo = serve.run(Echo.bind(), name="echo", route_prefix="/echo")
     payload = P.encode_round(P.DraftRound(session_id="x", seq=1, draft_tokens=[1, 2, 3, 4]))
     for _ in range(20):

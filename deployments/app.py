@@ -1,7 +1,9 @@
 """Ray Serve deployments: one verifier deployment per target version, and the router ingress.
 
-`build_app(args)` is the one builder: `serve.run(build_app(...))`, `flexspec serve up`, and
-`serve deploy deployments/serve.yaml` (whose `import_path` is `deployments.app:build_app`) all use it.
+Two builders: `build_app(args)` makes the router application and `build_version_app(args)` one target
+version's application (each version is its own application, so versions come and go without touching the
+others). `deploy(cfg)` runs them all; `flexspec serve up` uses it, and `serve deploy deployments/serve.yaml`
+lists the same applications with these builders as `import_path`.
 
 - `VerifierDeployment` wraps the plain `VerifierServer`; `@serve.batch` gathers concurrent rounds from many
   sessions into one ragged verification; replicas are chosen by consistent hashing on the session id, so
@@ -13,33 +15,35 @@
 
 # No `from __future__ import annotations` here: FastAPI must see real types (Request) on the Serve ingress.
 import asyncio
-import hmac
 import json
-import os
+import logging
 import time
-from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from ray.exceptions import RayError
 from ray.serve.config import RequestRouterConfig
+from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.util import metrics
 
-from deployments.config import AppConfig, FileRegistry, RegistryState, UnknownTarget, VersionSpec
+from deployments.admin import (AdminAPI, AliasUpdate, CanaryRequest, CheckRequest, PromoteRequest, RetireRequest,
+                               RollbackRequest, error, read_admin_token)
+
+from deployments.config import (AppConfig, FileRegistry, RegistryState, UnknownTarget, VersionSpec, deployment_name,
+                                version_app_name)
 from deployments.openai_api import CompletionRequest, completion_response, models_response
 from flexspec_serve import protocol as P
+from deployments.versions import VersionError, VersionManager
 from flexspec_serve.config import parse_model
+
+log = logging.getLogger("flexspec.router")
 
 MAX_BODY_BYTES = 1 << 20
 CONSISTENT_HASH = RequestRouterConfig(
     request_router_class="ray.serve.experimental.consistent_hash_router.ConsistentHashRouter",
     request_router_kwargs={"num_virtual_nodes": 100, "num_fallback_replicas": 2},
 )
-
-
-def deployment_name(version: str) -> str:
-    return f"verifier-{version}"
 
 
 class VerifierDeployment:
@@ -121,36 +125,34 @@ class VerifierDeployment:
 
 
 fastapi_app = FastAPI(title="flexspec-serve", description="edge-cloud speculative decoding router")
+WATCH_PERIOD_S = 1.0
 
 
-def _error(status: int, code: str, message: str, field: str | None = None, value=None, **kw) -> JSONResponse:
-    return JSONResponse(P.ErrorBody.of(code, message, field, value, **kw).model_dump(), status_code=status)
+class ServeDeployer:
+    """Adds and deletes versions as Serve applications (from the router replica, on a worker thread)."""
 
+    def deploy(self, spec: VersionSpec, draft_path: str) -> None:
+        serve.run(build_version_app({"spec": spec.model_dump(), "draft_path": draft_path}),
+                  name=version_app_name(spec.name), route_prefix=None)
 
-def read_admin_token(token_file: str | None) -> str | None:
-    """The admin token from a secrets file or FLEXSPEC_ADMIN_TOKEN; never from code, never logged."""
-    if token_file:
-        return Path(token_file).expanduser().read_text().strip() or None
-    return os.environ.get("FLEXSPEC_ADMIN_TOKEN") or None
-
-
-class AliasUpdate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    target: str | dict[str, float] = Field(description="a version, or {version: weight} for a split")
+    def delete(self, version: str) -> None:
+        serve.delete(version_app_name(version))
 
 
 @serve.ingress(fastapi_app)
 class Router:
-    def __init__(self, registry_path: str, seed_state: dict, draft_path: str, handles: dict,
-                 admin_token_file: str | None = None):
-        self._admin_token = read_admin_token(admin_token_file)
+    def __init__(self, registry_path: str, seed_state: dict, draft_path: str, admin_token_file: str | None = None,
+                 model_root: str | None = None, drain_idle_s: float = 10.0):
         self.registry = FileRegistry(registry_path)
         self.state = self.registry.load_or_seed(RegistryState.model_validate(seed_state))
         self._mtime = 0.0
         self._checked = 0.0
-        self.handles = dict(handles)  # version -> DeploymentHandle
+        self.handles: dict = {}  # version -> DeploymentHandle
         self.draft_path = draft_path
         self._tokenizer = None
+        self.manager = VersionManager(self.registry, ServeDeployer(), idle_s=drain_idle_s)
+        self.admin = AdminAPI(self.manager, read_admin_token(admin_token_file), self._all_stats, model_root)
+        self._watcher: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ registry
     def current(self) -> RegistryState:
@@ -169,20 +171,53 @@ class Router:
 
     def _handle(self, version: str):
         if version not in self.handles:
-            self.handles[version] = serve.get_deployment_handle(deployment_name(version),
-                                                                serve.get_replica_context().app_name)
+            self.handles[version] = serve.get_deployment_handle(deployment_name(version), version_app_name(version))
         return self.handles[version]
+
+    async def _all_stats(self) -> dict[str, dict]:
+        state = self.current()
+        replies = await asyncio.gather(*(self._handle(v).stats.remote() for v in state.versions), return_exceptions=True)
+        return {v: r for v, r in zip(state.versions, replies) if isinstance(r, dict)}
+
+    def _ensure_watcher(self) -> None:
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        """Judges a running canary and finishes drains, once a second, while there is something to watch."""
+        while True:
+            await asyncio.sleep(WATCH_PERIOD_S)
+            state = self.current()
+            if not (state.draining or (state.canary and state.canary.status == "running")):
+                continue
+            stats = await self._all_stats()
+            try:
+                for d in await asyncio.to_thread(self.manager.tick, stats):
+                    if d.action != "continue":
+                        log.info("version watcher: %s: %s", d.action, d.reason)
+            except VersionError as err:  # another router replica acted first
+                log.info("version watcher: %s", err)
+            for gone in set(self.handles) - set(self.current().versions):
+                self.handles.pop(gone, None)
+            self._checked = 0.0
 
     # ------------------------------------------------------------------ rounds
     async def route(self, rnd: P.DraftRound):
         """A RoundResult or (status, ErrorBody): the in-cluster entry point (DeploymentHandle)."""
+        self._ensure_watcher()
         state = self.current()
         try:
-            version = state.resolve(rnd.target, rnd.session_id)
+            version = state.resolve(rnd.target, rnd.session_id, first_round=rnd.seq == 0)
         except UnknownTarget as err:
             return 404, P.ErrorBody.of("unknown_version", str(err), "target", rnd.target)
         handle = self._handle(version).options(session_id=rnd.session_id)
-        return await handle.verify.remote(rnd)
+        try:
+            return await handle.verify.remote(rnd)
+        except BackPressureError:
+            return 503, P.ErrorBody.of("overloaded", f"{version} is at its queue limit; retry later", retry_after_s=0.5)
+        except (RayError, RayServeException) as err:  # replica died, or the version is being replaced
+            return 503, P.ErrorBody.of("unavailable", f"{version} did not answer ({type(err).__name__}); retry",
+                                       retry_after_s=0.2)
 
     async def round_compact(self, payload: bytes) -> tuple[int, bytes]:
         """Compact bytes in, (status, compact result or JSON error) out: for handle clients."""
@@ -199,80 +234,93 @@ class Router:
     async def http_round(self, request: Request) -> Response:
         body = await request.body()
         if len(body) > MAX_BODY_BYTES:
-            return _error(413, "payload_too_large", f"body of {len(body)} bytes exceeds {MAX_BODY_BYTES}")
+            return error(413, "payload_too_large", f"body of {len(body)} bytes exceeds {MAX_BODY_BYTES}")
         if request.headers.get("content-type", "").startswith(P.COMPACT_CONTENT_TYPE):
             status, out = await self.round_compact(body)
-            media = P.COMPACT_CONTENT_TYPE if status == 200 else "application/json"
-            return Response(out, status_code=status, media_type=media)
+            if status == 200:
+                return Response(out, status_code=200, media_type=P.COMPACT_CONTENT_TYPE)
+            return _error_response(status, P.ErrorBody.model_validate_json(out))
         try:
             rnd = P.validate(P.DraftRound, json.loads(body))
         except json.JSONDecodeError as err:
-            return _error(422, "invalid_json", f"body is not JSON: {err.msg}", "body")
+            return error(422, "invalid_json", f"body is not JSON: {err.msg}", "body")
         except P.ProtocolError as err:
-            return _error(422, "invalid_request", str(err), err.field, err.value)
+            return error(422, "invalid_request", str(err), err.field, err.value)
         res = await self.route(rnd)
         if isinstance(res, P.RoundResult):
             return JSONResponse(res.model_dump())
-        return JSONResponse(res[1].model_dump(), status_code=res[0])
+        return _error_response(*res)
 
     # ------------------------------------------------------------------ versions, stats
     @fastapi_app.get("/v1/versions")
     def versions(self) -> dict:
         state = self.current()
-        return {"versions": sorted(state.versions), "aliases": state.aliases, "generation": state.generation}
+        return {"versions": sorted(state.versions), "aliases": state.aliases, "generation": state.generation,
+                "draining": sorted(state.draining), "canary": state.canary.model_dump() if state.canary else None}
 
     @fastapi_app.get("/v1/stats")
     async def stats(self) -> dict:
-        state = self.current()
-        out = {}
-        for v in state.versions:
-            out[v] = await self._handle(v).stats.remote()
-        return out
+        return await self._all_stats()
 
     @fastapi_app.get("/healthz")
     def healthz(self) -> dict:
         return {"status": "ok", "versions": sorted(self.current().versions)}
 
     # ------------------------------------------------------------------ admin API (writes the registry)
-    def _admin_denied(self, request: Request) -> JSONResponse | None:
-        if self._admin_token is None:
-            return _error(403, "admin_disabled", "admin API disabled: set FLEXSPEC_ADMIN_TOKEN or admin_token_file")
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").encode()
-        if not hmac.compare_digest(given, self._admin_token.encode()):
-            return _error(401, "unauthorized", "missing or wrong admin token", "authorization")
-        return None
+    async def _admin(self, request: Request, body_model, op) -> Response:
+        self._ensure_watcher()
+        resp = await self.admin.call(request.headers.get("authorization", ""), body_model, await request.body(), op)
+        self._checked = 0.0  # re-read the registry on the next round
+        return resp
 
     @fastapi_app.get("/admin/registry")
-    def admin_registry(self, request: Request) -> Response:
-        return self._admin_denied(request) or JSONResponse(self.current().model_dump())
+    async def admin_registry(self, request: Request) -> Response:
+        return await self._admin(request, None, _async(lambda _: self.manager.state().model_dump()))
+
+    @fastapi_app.post("/admin/versions")
+    async def admin_add(self, request: Request) -> Response:
+        return await self._admin(request, VersionSpec, self.admin.add)
+
+    @fastapi_app.post("/admin/versions/{version}/check")
+    async def admin_check(self, version: str, request: Request) -> Response:
+        return await self._admin(request, CheckRequest, lambda req: self.admin.check(version, req))
+
+    @fastapi_app.post("/admin/versions/{version}/canary")
+    async def admin_canary(self, version: str, request: Request) -> Response:
+        return await self._admin(request, CanaryRequest, lambda req: self.admin.canary(version, req))
+
+    @fastapi_app.post("/admin/versions/{version}/promote")
+    async def admin_promote(self, version: str, request: Request) -> Response:
+        return await self._admin(request, PromoteRequest, _async(
+            lambda req: self.manager.promote(version, req.alias, "promoted by operator").model_dump()))
+
+    @fastapi_app.post("/admin/versions/{version}/retire")
+    async def admin_retire(self, version: str, request: Request) -> Response:
+        return await self._admin(request, RetireRequest, _async(
+            lambda req: self.manager.retire(version, req.mode, req.to).model_dump()))
+
+    @fastapi_app.post("/admin/rollback")
+    async def admin_rollback(self, request: Request) -> Response:
+        return await self._admin(request, RollbackRequest, _async(lambda req: self.manager.rollback(req.reason).model_dump()))
 
     @fastapi_app.put("/admin/aliases/{alias}")
     async def admin_set_alias(self, alias: str, request: Request) -> Response:
-        denied = self._admin_denied(request)
-        if denied:
-            return denied
-        try:
-            update = P.validate(AliasUpdate, await request.json())
-            state = self.current()
-            edited = RegistryState.model_validate({**state.model_dump(), "aliases": {**state.aliases, alias: update.target}})
-        except P.ProtocolError as err:
-            return _error(422, "invalid_request", str(err), err.field, err.value)
-        except (ValueError, json.JSONDecodeError) as err:
-            return _error(422, "invalid_alias", str(err), "target")
-        self.state, self._checked = self.registry.save(edited), 0.0
-        return JSONResponse({"alias": alias, "target": update.target, "generation": self.state.generation})
+        return await self._admin(request, AliasUpdate, _async(
+            lambda req: {"alias": alias, "target": req.target,
+                         "generation": self.manager.set_weights(alias, req.target).generation}))
 
     @fastapi_app.delete("/admin/aliases/{alias}")
-    def admin_delete_alias(self, alias: str, request: Request) -> Response:
-        denied = self._admin_denied(request)
-        if denied:
-            return denied
-        state = self.current()
-        if alias not in state.aliases:
-            return _error(404, "unknown_alias", f"no alias {alias!r}; aliases: {sorted(state.aliases)}", "alias", alias)
-        self.state, self._checked = self.registry.save(state.model_copy(
-            update={"aliases": {k: v for k, v in state.aliases.items() if k != alias}})), 0.0
-        return JSONResponse({"deleted": alias, "generation": self.state.generation})
+    async def admin_delete_alias(self, alias: str, request: Request) -> Response:
+        def drop(_):
+            state = self.manager.state()
+            if alias not in state.aliases:
+                raise VersionError(f"no alias {alias!r}; aliases: {sorted(state.aliases)}", 404)
+            saved = self.manager.registry.save(state.edited(
+                {"t": time.time(), "action": "delete-alias", "version": None, "detail": alias},
+                aliases={k: v for k, v in state.aliases.items() if k != alias}))
+            return {"deleted": alias, "generation": saved.generation}
+
+        return await self._admin(request, None, _async(drop))
 
     # ------------------------------------------------------------------ OpenAI-compatible, cloud-only
     @fastapi_app.get("/v1/models")
@@ -285,12 +333,12 @@ class Router:
         try:
             req = parse_model(CompletionRequest, await request.json(), "request body")
         except (ValueError, json.JSONDecodeError) as err:
-            return _error(422, "invalid_request", str(err), "body")
+            return error(422, "invalid_request", str(err), "body")
         state = self.current()
         try:
             version = state.resolve(req.model, req.user or "openai")
         except UnknownTarget as err:
-            return _error(404, "unknown_model", str(err), "model", req.model)
+            return error(404, "unknown_model", str(err), "model", req.model)
         tok = self.tokenizer()
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         sampling = {"temperature": req.temperature, "top_p": req.top_p, "seed": req.seed or 0}
@@ -311,23 +359,52 @@ class Router:
         return self._tokenizer
 
 
+def _async(fn):
+    """Run a registry operation (file I/O, small) off the event loop."""
+    async def run(req):
+        return await asyncio.to_thread(fn, req)
+
+    return run
+
+
+def _error_response(status: int, body: P.ErrorBody) -> JSONResponse:
+    headers = {}
+    if body.error.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, round(body.error.retry_after_s)))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def build_version_app(args: dict):
+    """Builder of one version's application: `args` = {"spec": VersionSpec as a dict, "draft_path": ...}."""
+    v = VersionSpec.model_validate(args["spec"])
+    scaling = {"autoscaling_config": v.autoscaling.serve_config()} if v.autoscaling else {"num_replicas": v.num_replicas}
+    dep = serve.deployment(VerifierDeployment).options(
+        name=deployment_name(v.name), **scaling,
+        ray_actor_options={"num_cpus": v.num_cpus, "num_gpus": v.num_gpus},
+        max_ongoing_requests=v.max_ongoing_requests, max_queued_requests=v.max_queued_requests,
+        request_router_config=CONSISTENT_HASH, health_check_period_s=10,
+    )
+    return dep.bind(v.model_dump(), args["draft_path"])
+
+
 def build_app(args: dict):
-    """The builder: `args` is an AppConfig as a dict, or {"config": path to its YAML}."""
+    """Builder of the router application: `args` is an AppConfig as a dict, or {"config": path to its YAML}.
+    The versions it lists seed the registry; each is deployed as its own application (`deploy`, or the
+    other entries of serve.yaml)."""
     from flexspec_serve.config import load_yaml
 
     cfg = load_yaml(AppConfig, args["config"]) if set(args) == {"config"} else parse_model(AppConfig, args, "app args")
-    handles = {}
-    for v in cfg.versions:
-        dep = serve.deployment(VerifierDeployment).options(
-            name=deployment_name(v.name), num_replicas=v.num_replicas,
-            ray_actor_options={"num_cpus": v.num_cpus, "num_gpus": v.num_gpus},
-            max_ongoing_requests=v.max_ongoing_requests, max_queued_requests=v.max_queued_requests,
-            request_router_config=CONSISTENT_HASH, health_check_period_s=10,
-        )
-        handles[v.name] = dep.bind(v.model_dump(), cfg.draft_path)
     router = serve.deployment(Router).options(
         name="router", num_replicas=cfg.router_replicas, ray_actor_options={"num_cpus": cfg.router_num_cpus},
         max_ongoing_requests=1000,
     )
-    return router.bind(cfg.registry_path, cfg.seed_state().model_dump(), cfg.draft_path, handles,
-                       cfg.admin_token_file)
+    return router.bind(cfg.registry_path, cfg.seed_state().model_dump(), cfg.draft_path, cfg.admin_token_file,
+                       cfg.model_root, cfg.drain_idle_s)
+
+
+def deploy(cfg: AppConfig, name: str = "flexspec", route_prefix: str = "/"):
+    """Deploy every version's application, then the router's; returns the router's handle."""
+    for v in cfg.versions:
+        serve.run(build_version_app({"spec": v.model_dump(), "draft_path": cfg.draft_path}),
+                  name=version_app_name(v.name), route_prefix=None)
+    return serve.run(build_app(cfg.model_dump()), name=name, route_prefix=route_prefix)

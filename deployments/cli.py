@@ -16,9 +16,15 @@ APP_NAME = "flexspec"
 
 
 def register(sub) -> None:
-    from deployments import loadtest
+    from deployments import loadtest, versions_cli
 
     loadtest.register(sub)
+    versions_cli.register(sub)
+    if "demo" in sub.choices:  # the core's demo grows into the end-to-end one when serving is installed
+        from deployments import demo
+
+        demo.add_arguments(sub.choices["demo"])
+        sub.choices["demo"].set_defaults(func=demo.cmd_demo)
     serve_p = sub.add_parser("serve", help="run the cloud side on Ray Serve")
     ssub = serve_p.add_subparsers(dest="serve_cmd", required=True)
     up = ssub.add_parser("up", help="start an embedded local Ray (or join --address) and deploy the app")
@@ -29,12 +35,6 @@ def register(sub) -> None:
     up.add_argument("--address", help="an existing Ray cluster (e.g. auto); default: embedded local Ray")
     up.add_argument("--detach", action="store_true", help="start a local Ray head in the background and return")
     up.set_defaults(func=cmd_up)
-    demo = ssub.add_parser("demo", help="embedded Ray + Serve with two versions; emulated devices of three "
-                                         "classes decode through the router (what `make demo` runs last)")
-    demo.add_argument("--profile", default=os.environ.get("FLEXSPEC_PROFILE", "default"))
-    demo.add_argument("--devices", type=int, default=12)
-    demo.add_argument("--max-new", type=int, default=48)
-    demo.set_defaults(func=cmd_demo)
     st = ssub.add_parser("status", help="deployment status and per-version statistics")
     st.add_argument("--address", default="auto")
     st.set_defaults(func=cmd_status)
@@ -72,12 +72,12 @@ def start_local_app(cfg, port: int = 8000, address: str | None = None):
     import ray
     from ray import serve
 
-    from deployments.app import build_app
+    from deployments.app import deploy
 
     ray.init(address=address, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False,
              configure_logging=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    return serve.run(build_app(cfg.model_dump()), name=APP_NAME, route_prefix="/")
+    return deploy(cfg, APP_NAME)
 
 
 def cmd_up(args) -> int:
@@ -102,60 +102,6 @@ def cmd_up(args) -> int:
     print("shutting down")
     serve.shutdown()  # further Ctrl-C only appends to `stop` and does not interrupt the shutdown
     ray.shutdown()
-    return 0
-
-
-def cmd_demo(args) -> int:
-    import ray
-    from ray import serve
-
-    from deployments.app import build_app
-    from deployments.config import AppConfig
-    from deployments.transport import HandleTransport
-    from flexspec_serve import paths
-    from flexspec_serve.cli import print_table
-    from flexspec_serve.edge.channels import make_link
-    from flexspec_serve.edge.controller import make_policy
-    from flexspec_serve.edge.devices import DEVICE_CLASSES, CloudProfile
-    from flexspec_serve.edge.emulator import EmulatedDevice, run_devices
-    from flexspec_serve.engine.proposer import DraftProposer
-    from flexspec_serve.zoo.corpus import humaneval_problems
-    from flexspec_serve.zoo.loading import load_causal_lm, load_tokenizer
-
-    family = paths.family_dir(args.profile)
-    cfg = AppConfig.for_family(family, ["v1", "v2"], aliases={"stable": "v1", "canary": "v2",
-                                                             "default": {"v1": 0.5, "v2": 0.5}},
-                               registry_path=str(paths.home() / "demo-registry.json"))
-    Path(cfg.registry_path).unlink(missing_ok=True)
-    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
-    try:
-        handle = serve.run(build_app(cfg.model_dump()), name=APP_NAME, route_prefix="/")
-        tok = load_tokenizer(family / "v1")
-        prompts = [tok(p.prompt, add_special_tokens=False)["input_ids"][-160:]
-                   for p in humaneval_problems(args.devices)]
-        classes = ["flagship-phone", "midrange-phone", "wearable"]
-        channels = ["TMobile-LTE-short", "fading", "Verizon-EVDO-driving"]
-        cloud = CloudProfile()
-        devices = [EmulatedDevice(f"dev{i}", DEVICE_CLASSES[classes[i % 3]], make_link(channels[i // 3 % 3], i, i * 9000.0),
-                                  make_policy("adaptive", DEVICE_CLASSES[classes[i % 3]], cloud), cloud)
-                   for i in range(args.devices)]
-        started = time.monotonic()
-        summaries = run_devices(devices, prompts, DraftProposer(load_causal_lm(family / "draft")),
-                                HandleTransport(handle), args.max_new, target="default", session_prefix="demo-")
-        wall = time.monotonic() - started
-        rows = [{"device": s.device, "class": s.device_class, "channel": s.channel,
-                 "version": d.records[-1].version, "tokens": s.tokens, "tok/s (emulated)": s.tokens_per_s,
-                 "J/token": s.j_per_token, "mean K": s.mean_k, "tau": s.acceptance_length,
-                 "uplink B/token": s.bytes_up_per_token} for s, d in zip(summaries, devices)]
-        print_table("Edge devices through Ray Serve (adaptive K, split 50/50 between v1 and v2)", rows)
-        stats = handle.stats.remote().result()
-        print_table("Cloud side, per version", [{"version": v, "rounds": st["rounds"], "tau": st["acceptance_length"],
-                                                  "batches": st["batches"], "mean batch": st["mean_batch_size"],
-                                                  "KV hit rate": st["cache_hit_rate"]} for v, st in stats.items()])
-        print(f"{sum(s.tokens for s in summaries)} tokens for {len(devices)} devices in {wall:.1f} s of wall time")
-    finally:
-        serve.shutdown()
-        ray.shutdown()
     return 0
 
 

@@ -12,12 +12,55 @@ import os
 import tempfile
 from pathlib import Path
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from flexspec_serve import paths
 from flexspec_serve.config import StrictModel
 
 VERSION_NAME = r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,63}$"
+
+
+def deployment_name(version: str) -> str:
+    return f"verifier-{version}"
+
+
+def version_app_name(version: str) -> str:
+    """Every target version is its own Serve application, so adding or deleting one never touches the others."""
+    return f"flexspec-{version}"
+
+
+class AutoscalingSpec(StrictModel):
+    """Per-version autoscaling (a canary scales on its own); the policy is `autoscale.policies.VersionAutoscaler`."""
+
+    min_replicas: int = Field(1, ge=0, le=256)
+    max_replicas: int = Field(4, ge=1, le=256)
+    policy: Literal["verified_tokens", "ongoing_requests"] = Field(
+        "verified_tokens", description="verified tokens/s against capacity, or ongoing requests per replica")
+    capacity_tokens_per_s: float = Field(400.0, gt=0, description="verified tokens/s one replica sustains at the "
+                                                                   "latency SLO (see `flexspec plan`)")
+    target_utilisation: float = Field(0.7, gt=0, le=1)
+    target_ongoing_requests: float = Field(8.0, gt=0)
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(30.0, ge=0)
+    metrics_interval_s: float = Field(1.0, gt=0, description="how often replicas report their load")
+    look_back_period_s: float = Field(5.0, gt=0, description="window the reported load is averaged over")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> AutoscalingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} exceeds max_replicas {self.max_replicas}")
+        return self
+
+    def serve_config(self) -> dict:
+        kwargs = {"policy": self.policy, "capacity_tokens_per_s": self.capacity_tokens_per_s,
+                  "target_utilisation": self.target_utilisation, "target_ongoing_requests": self.target_ongoing_requests,
+                  "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s}
+        return {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
+                "initial_replicas": max(1, self.min_replicas), "metrics_interval_s": self.metrics_interval_s,
+                "look_back_period_s": self.look_back_period_s,
+                "policy": {"policy_function": "autoscale.policies:VersionAutoscaler", "policy_kwargs": kwargs}}
 
 
 class VersionSpec(StrictModel):
@@ -35,6 +78,7 @@ class VersionSpec(StrictModel):
     max_cache_mb: int = Field(1024, ge=1, description="KV-cache LRU: memory cap per replica")
     max_draft_tokens: int = Field(16, ge=1, le=64)
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:[0-9]+)?|auto)$")
+    autoscaling: AutoscalingSpec | None = Field(None, description="scale replicas on load; num_replicas ignored")
 
     @model_validator(mode="after")
     def _ongoing_above_batch(self) -> VersionSpec:
@@ -47,11 +91,39 @@ class VersionSpec(StrictModel):
 Alias = str | dict[str, float]
 
 
+class DrainPlan(StrictModel):
+    mode: Literal["finish", "migrate"] = Field("finish", description="finish: pinned sessions end on this version; "
+                                                                     "migrate: their next round resyncs on `to`")
+    to: str = Field("stable", description="alias or version that takes this version's new (and migrated) sessions")
+    since: float = Field(description="epoch seconds when draining started")
+
+
+class CanaryPlan(StrictModel):
+    version: str
+    baseline: str
+    alias: str = "stable"
+    weight: float = Field(gt=0, lt=1, description="share of the alias's new sessions sent to the candidate")
+    started_at: float
+    window_s: float = Field(60.0, gt=0)
+    min_rounds: int = Field(100, ge=1)
+    max_acceptance_drop: float = Field(0.15, gt=0, lt=1)
+    max_error_rate: float = Field(0.01, ge=0, lt=1)
+    start_counters: dict[str, dict[str, int]] = Field(default_factory=dict, description="per version, at start")
+    status: Literal["running", "promoted", "rolled_back"] = "running"
+    reason: str = ""
+
+
 class RegistryState(StrictModel):
     versions: dict[str, VersionSpec] = Field(description="deployed versions by name")
     aliases: dict[str, Alias] = Field(default_factory=dict,
                                       description="alias -> version, or -> {version: weight} (split by session)")
     generation: int = Field(0, ge=0, description="bumped on every write")
+    draft_path: str | None = Field(None, description="the frozen draft every version is served with")
+    draining: dict[str, DrainPlan] = Field(default_factory=dict, description="versions taking no new sessions")
+    retired: dict[str, str] = Field(default_factory=dict, description="retired version -> alias for stray rounds")
+    canary: CanaryPlan | None = None
+    gates: dict[str, dict] = Field(default_factory=dict, description="compatibility gate result per version")
+    events: list[dict] = Field(default_factory=list, description="version operations, newest last (last 200)")
 
     @model_validator(mode="after")
     def _aliases_point_at_versions(self) -> RegistryState:
@@ -62,12 +134,25 @@ class RegistryState(StrictModel):
                 raise ValueError(f"alias {alias!r} points at unknown version(s) {missing}; known: {sorted(self.versions)}")
             if isinstance(target, dict) and (not target or any(w < 0 for w in target.values()) or sum(target.values()) <= 0):
                 raise ValueError(f"alias {alias!r}: weights must be non-negative and not all zero, got {target}")
+            draining = [n for n in names if n in self.draining]
+            if draining:
+                raise ValueError(f"alias {alias!r} points at draining version(s) {draining}")
+        for name, plan in self.draining.items():
+            if name not in self.versions or plan.to == name or plan.to in self.draining:
+                raise ValueError(f"draining {name!r} must be deployed and hand over to a live alias or version, "
+                                 f"not {plan.to!r}")
         return self
 
-    def resolve(self, target: str | None, session_id: str) -> str:
-        """Version for a session's first round: explicit version, alias, or weighted split by session."""
+    def resolve(self, target: str | None, session_id: str, first_round: bool = True) -> str:
+        """The version for a round: explicit version, alias, or weighted split by session. A draining version
+        takes no new sessions (and, when migrating, no rounds at all); a retired one's strays go to its alias."""
         name = target or "stable"
+        if name in self.retired and name not in self.versions:
+            return self.resolve(self.retired[name], session_id)
         if name in self.versions:
+            drain = self.draining.get(name)
+            if drain and (first_round or drain.mode == "migrate"):
+                return self.resolve(drain.to, session_id)
             return name
         if name not in self.aliases:
             raise UnknownTarget(name, sorted(self.versions), sorted(self.aliases))
@@ -75,6 +160,11 @@ class RegistryState(StrictModel):
         if isinstance(alias, str):
             return alias
         return pick_weighted(alias, session_id)
+
+    def edited(self, event: dict | None = None, **changes) -> RegistryState:
+        """A validated copy with `changes` applied and `event` appended to the history."""
+        events = self.events + ([event] if event else [])
+        return RegistryState.model_validate({**self.model_dump(), **changes, "events": events[-200:]})
 
 
 class UnknownTarget(KeyError):
@@ -107,11 +197,14 @@ class AppConfig(StrictModel):
                                description="where the registry persists (survives router restarts)")
     admin_token_file: str | None = Field(None, description="file holding the admin token (else the "
                                                           "FLEXSPEC_ADMIN_TOKEN environment variable)")
+    model_root: str | None = Field(None, description="versions added at run time must live under this directory")
+    drain_idle_s: float = Field(10.0, gt=0, description="a retiring version is deleted after this long without rounds")
     router_replicas: int = Field(1, ge=1)
     router_num_cpus: float = Field(0.2, gt=0)
 
     def seed_state(self) -> RegistryState:
-        return RegistryState(versions={v.name: v for v in self.versions}, aliases=self.aliases)
+        return RegistryState(versions={v.name: v for v in self.versions}, aliases=self.aliases,
+                             draft_path=self.draft_path)
 
     @classmethod
     def for_family(cls, family_dir: str | Path, versions: list[str], **kw) -> AppConfig:

@@ -74,6 +74,8 @@ def run_fleet(spec, prompts: list[list[int]], draft_path: str, api_key: str | No
                 if on_tick:
                     events += on_tick(t_s) or []
         results = ray.get(refs)
+        if hasattr(on_tick, "finish"):  # e.g. a hot swap still draining the old version
+            events += on_tick.finish()
     finally:
         for a in actors:
             ray.kill(a)
@@ -85,9 +87,11 @@ class _Progress:
 
     def __init__(self, spec, enabled: bool):
         self.spec, self.enabled, self.last = spec, enabled, (0.0, 0)
+        self.live = enabled and sys.stderr.isatty()  # else a log line every 10 s
+        self.next_log = 0.0
 
     def __enter__(self):
-        if self.enabled:
+        if self.live:
             from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
             self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
@@ -106,15 +110,20 @@ class _Progress:
         stats = (f"{total['in_session']} in session, {total['mid_round']} mid-round, {rate:.0f} tok/s, "
                  f"{total['sessions_completed']} done, {total['sessions_failed']} failed, {total['retries']} retries")
         desc = f"{self.spec.devices} devices" + (" (draining)" if t_s > self.spec.duration_s else "")
-        self.progress.update(self.task, completed=min(t_s, self.spec.duration_s), stats=stats, description=desc)
+        if self.live:
+            self.progress.update(self.task, completed=min(t_s, self.spec.duration_s), stats=stats, description=desc)
+        elif t_s >= self.next_log:
+            self.next_log = t_s + 10.0
+            log.info("%.0f s: %s: %s", t_s, desc, stats)
 
     def __exit__(self, *exc):
-        if self.enabled:
+        if self.live:
             self.progress.stop()
 
 
 def run_report(spec, prompts, draft_path: str, out: Path, compare: list[str] | None = None, command: str = "",
-               api_key: str | None = None, on_tick=None, show_progress: bool = True) -> dict:
+               api_key: str | None = None, on_tick=None, show_progress: bool = True,
+               edge_model_bytes: int | None = None) -> dict:
     """The main run (+ the --compare replays), the report files; returns the main run's summary."""
     from flexspec_serve.fleet.report import compare_rows, machine, summarize, write_report
 
@@ -124,6 +133,10 @@ def run_report(spec, prompts, draft_path: str, out: Path, compare: list[str] | N
                 "transport": s.transport, "seed": s.seed, "duration_s": s.duration_s, "wall_s": round(wall_s, 1),
                 "command": command, "machine": machine()}
         summary = summarize(run, meta, events)
+        if edge_model_bytes is not None:  # the protocol has no message that carries model data to a device
+            summary["edge_model_bytes"] = {"frozen": 0, "per_device": edge_model_bytes,
+                                           "coupled": edge_model_bytes * s.devices,
+                                           "downlink_round_bytes": sum(r["bytes_down"] for r in run.rounds)}
         return run, summary
 
     run, summary = one(spec, out, on_tick)

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 
 from deployments.config import VersionSpec
 from flexspec_serve import protocol as P
-from flexspec_serve.engine.errors import EngineError
+from flexspec_serve.engine.errors import EngineError, ResyncRequired
 from flexspec_serve.engine.verifier import Verifier, VerifierLimits
 from flexspec_serve.zoo.loading import check_tokenizers_match, load_causal_lm, load_tokenizer
 
@@ -29,6 +30,9 @@ class VerifierServer:
         self.verifier = Verifier(target, draft, name=spec.name, limits=limits)
         self.batches = 0
         self.batch_sizes: list[int] = []
+        self.errors = 0  # rounds answered with an error body
+        self.last_round = time.monotonic()
+        self.latencies_ms: list[float] = []  # queue + verify of recent rounds
 
     def verify_rounds(self, rounds: list[P.DraftRound], enqueued: list[float] | None = None
                       ) -> list[P.RoundResult | tuple[int, P.ErrorBody]]:
@@ -39,13 +43,18 @@ class VerifierServer:
         self.batch_sizes.append(len(rounds))
         del self.batch_sizes[:-1000]
         out: list = []
+        done = time.perf_counter()
         for i, o in enumerate(outcomes):
             if isinstance(o, EngineError):
+                self.errors += not isinstance(o, ResyncRequired)  # a resync is the protocol working, not a failure
                 out.append((o.http_status, P.ErrorBody.of(o.code, str(o), getattr(o, "field", None),
                                                          getattr(o, "value", None))))
             else:
                 queue_ms = (started - enqueued[i]) * 1e3 if enqueued else 0.0
+                self.latencies_ms.append((done - enqueued[i]) * 1e3 if enqueued else (done - started) * 1e3)
                 out.append(P.RoundResult.from_outcome(o, self.version, queue_ms))
+        del self.latencies_ms[:-2000]
+        self.last_round = time.monotonic()
         return out
 
     def stats(self) -> dict:
@@ -57,7 +66,10 @@ class VerifierServer:
             "cache_hit_rate": round(v.cache_hits / lookups, 4) if lookups else None,
             "batches": self.batches,
             "mean_batch_size": round(sum(self.batch_sizes) / len(self.batch_sizes), 3) if self.batch_sizes else None,
-            "max_batch_size_seen": max(self.batch_sizes, default=0), **v.stats.as_dict(),
+            "max_batch_size_seen": max(self.batch_sizes, default=0), "errors": self.errors,
+            "idle_s": round(time.monotonic() - self.last_round, 3),
+            "latency_p99_ms": round(float(np.percentile(self.latencies_ms, 99)), 2) if self.latencies_ms else None,
+            **v.stats.as_dict(),
         }
 
     def check_health(self) -> None:

@@ -42,7 +42,8 @@ def parse_model(cls: type[M], data: Any, source: str) -> M:
         raise ConfigError(describe_validation_error(err, source)) from None
 
 
-def load_yaml(cls: type[M], path: str | Path) -> M:
+def load_yaml_dict(path: str | Path) -> dict:
+    """A YAML (or JSON) file's top-level mapping; errors name the file."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
@@ -50,7 +51,13 @@ def load_yaml(cls: type[M], path: str | Path) -> M:
         raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
-    return parse_model(cls, data if data is not None else {}, str(path))
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data or {}
+
+
+def load_yaml(cls: type[M], path: str | Path) -> M:
+    return parse_model(cls, load_yaml_dict(path), str(path))
 
 
 # --------------------------------------------------------------------------- model family (zoo)

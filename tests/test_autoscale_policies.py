@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from autoscale.policies import (
-    SpecDecodeAutoscaler, bounded, cooldown, hysteresis, ongoing_requests, verified_tokens,
+    VersionAutoscaler, bounded, cooldown, hysteresis, ongoing_requests, verified_tokens,
 )
 
 
@@ -83,7 +83,7 @@ def test_hysteresis_stops_flapping_at_a_boundary():
 
 
 def test_stacked_default_uses_context_bounds_and_state():
-    d = Driver(SpecDecodeAutoscaler(capacity_tokens_per_s=1000, target_utilisation=1.0, upscale_delay_s=2,
+    d = Driver(VersionAutoscaler(capacity_tokens_per_s=1000, target_utilisation=1.0, upscale_delay_s=2,
                                     downscale_delay_s=5))
     d.ctx.capacity_adjusted_max_replicas = 3
     assert [d.step(tokens_per_s=9000) for _ in range(3)] == [1, 1, 3]
@@ -101,5 +101,5 @@ def test_policy_is_accepted_by_ray_serve_autoscaling_config():
     from ray.serve.config import AutoscalingConfig, AutoscalingPolicy
 
     cfg = AutoscalingConfig(min_replicas=1, max_replicas=4, policy=AutoscalingPolicy(
-        policy_function="autoscale.policies:SpecDecodeAutoscaler", policy_kwargs={"capacity_tokens_per_s": 2500}))
+        policy_function="autoscale.policies:VersionAutoscaler", policy_kwargs={"capacity_tokens_per_s": 2500}))
     assert cfg.policy.policy_kwargs["capacity_tokens_per_s"] == 2500

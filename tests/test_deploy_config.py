@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deployments.config import AppConfig, FileRegistry, RegistryState, UnknownTarget, VersionSpec, pick_weighted
+from deployments.config import (AppConfig, FileRegistry, RegistryState, UnknownTarget, VersionSpec, pick_weighted,
+                                version_app_name)
 from flexspec_serve.config import ConfigError, parse_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,6 +61,17 @@ def test_serve_yaml_points_at_the_builder_and_validates():
     assert app["import_path"] == "deployments.app:build_app"
     cfg = parse_model(AppConfig, app["args"], "serve.yaml")
     assert {v.name for v in cfg.versions} == {"v1", "v2"}
+    assert_version_apps_match(doc, cfg)
+
+
+def assert_version_apps_match(doc: dict, cfg: AppConfig) -> None:
+    """Every version the router seeds the registry with is deployed as its own application, identically."""
+    apps = {a["name"]: a for a in doc["applications"][1:]}
+    assert set(apps) == {version_app_name(v.name) for v in cfg.versions}
+    for v in cfg.versions:
+        app = apps[version_app_name(v.name)]
+        assert app["import_path"] == "deployments.app:build_version_app" and app.get("route_prefix") is None
+        assert VersionSpec.model_validate(app["args"]["spec"]) == v and app["args"]["draft_path"] == cfg.draft_path
 
 
 def test_cluster_yaml_agrees_with_the_serve_config():
@@ -70,6 +82,7 @@ def test_cluster_yaml_agrees_with_the_serve_config():
     assert gpu_types and cpu_workers and cluster["head_node_type"] in node_types
     serve_cfg = yaml.safe_load((REPO / "deployments" / "serve.cluster.yaml").read_text())
     args = parse_model(AppConfig, serve_cfg["applications"][0]["args"], "serve.cluster.yaml")
+    assert_version_apps_match(serve_cfg, args)
     for v in args.versions:
         assert v.num_gpus > 0 and v.device in ("cuda", "auto")
         fits = [n for n in gpu_types if node_types[n]["resources"]["GPU"] >= v.num_gpus

@@ -13,7 +13,7 @@ import pytest
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
-from deployments.app import build_app  # noqa: E402
+from deployments.app import deploy  # noqa: E402
 from deployments.config import AppConfig, VersionSpec  # noqa: E402
 from deployments.transport import HandleTransport, HttpTransport  # noqa: E402
 from flexspec_serve import protocol as P  # noqa: E402
@@ -40,11 +40,12 @@ def app(tiny_family, tmp_path_factory):
                 VersionSpec(name="v2", path=str(tiny_family / "v2"), num_cpus=0.25, max_batch_size=16,
                             batch_wait_timeout_s=0.01)]
     cfg = AppConfig(draft_path=str(tiny_family / "draft"), versions=versions, registry_path=str(registry),
-                    aliases={"stable": "v1", "canary": "v2", "half": {"v1": 0.5, "v2": 0.5}}, router_num_cpus=0.1)
+                    aliases={"stable": "v1", "canary": "v2", "half": {"v1": 0.5, "v2": 0.5}}, router_num_cpus=0.1,
+                    drain_idle_s=2.0)
     os.environ["FLEXSPEC_ADMIN_TOKEN"] = ADMIN_TOKEN  # replicas of this local Ray inherit it
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    handle = serve.run(build_app(cfg.model_dump()), name="flexspec", route_prefix="/")
+    handle = deploy(cfg)
     yield {"handle": handle, "url": f"http://127.0.0.1:{port}", "registry": registry}
     serve.shutdown()
     ray.shutdown()
@@ -210,3 +211,90 @@ def test_fleet_over_http_reaches_the_router_like_a_remote_device(app, tiny_famil
                          show_progress=False)
     assert summary["sessions_completed"] == 4 and summary["sessions_failed"] == 0
     assert [row["version"] for row in summary["per_version"]] == ["v2"]
+
+
+# The hot-swap tests change which versions the module's app serves: they run last.
+
+def swap_fleet(**kw):
+    from flexspec_serve.fleet.spec import FleetSpec
+
+    return FleetSpec.model_validate({
+        "devices": 16, "actors": 2, "actor_num_cpus": 0.2, "max_new_tokens": 16, "duration_s": 20, "target": "stable",
+        "mix": [{"device_class": "flagship-phone", "share": 0.5, "channel": "TMobile-LTE-short"},
+                {"device_class": "midrange-phone", "share": 0.5, "channel": "fading"}],
+        "arrival": {"start_within_s": 2, "think_time_s": 0.3}} | kw)
+
+
+def test_hot_swap_under_a_running_fleet_loses_nothing(app, tiny_family, family_models, humaneval_prompts, tmp_path):
+    from deployments.config import FileRegistry
+    from deployments.loadtest import run_report
+    from deployments.swap import SwapPlan, SwapTrigger
+
+    prompts = [p[-40:] for p in humaneval_prompts[:8]]
+    plan = SwapPlan("v3", str(tiny_family / "v3"), weight=0.5, window_s=4, min_rounds=10, min_fraction=0.5)
+    trigger = SwapTrigger(app["url"], ADMIN_TOKEN, plan, start_at_s=2)
+    summary = run_report(swap_fleet(), prompts, str(tiny_family / "draft"), tmp_path, on_tick=trigger,
+                         show_progress=False)
+    assert trigger.script.outcome == "promoted", trigger.script.events
+    assert summary["sessions_failed"] == 0 and summary["sessions_lost"] == 0 and not summary["device_crashes"]
+    labels = [m["label"] for m in summary["version_changes"]]
+    assert "promoted v3" in labels and "deleted v1" in labels
+    sessions = [json.loads(line) for line in (tmp_path / "sessions.jsonl").read_text().splitlines()]
+    assert {s["version"] for s in sessions} == {"v1", "v3"}
+    for v in ("v1", "v3"):  # every session decoded exactly what its pinned version decodes greedily
+        ref = [r.tokens for r in speculative_generate(None, Verifier(family_models[v]), prompts, 16)]
+        assert all(s["tokens"] == ref[s["prompt_index"]] for s in sessions if s["version"] == v)
+    state = FileRegistry(app["registry"]).load()
+    assert state.aliases["stable"] == "v3" and "v1" not in state.versions and state.retired["v1"] == "stable"
+    assert "flexspec-v1" not in serve.status().applications
+    assert served_version(app, first_round("after-swap", None)) == "v3"
+    assert served_version(app, P.DraftRound(session_id="stray", seq=0, target="v1", full_context=[5, 6])) == "v3"
+
+
+def perturbed_copy(src, dst, scale: float = 3.0):
+    """A deliberately incompatible candidate: the same tokenizer and shapes, its weights drowned in noise."""
+    import shutil
+
+    import torch
+
+    from flexspec_serve.zoo.loading import load_causal_lm
+
+    shutil.copytree(src, dst)
+    model = load_causal_lm(src)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale * p.std())
+    model.save_pretrained(dst)
+    return dst
+
+
+def test_incompatible_candidate_is_refused_by_the_gate_and_rolled_back_by_the_canary(
+        app, tiny_family, humaneval_prompts, tmp_path):
+    from deployments.config import FileRegistry
+    from deployments.loadtest import run_report
+    from deployments.swap import SwapPlan, SwapScript, SwapTrigger
+
+    bad = perturbed_copy(tiny_family / "v1", tmp_path / "v1-noisy")
+    stable = FileRegistry(app["registry"]).load().aliases["stable"]
+    refused = SwapScript(app["url"], ADMIN_TOKEN, SwapPlan("noisy", str(bad)), time.time())
+    refused.run()
+    assert refused.outcome == "refused by the gate" and not refused.gate["passed"]
+    # forced past the gate, the canary's live acceptance gives it away and the watcher rolls it back
+    forced = SwapTrigger(app["url"], ADMIN_TOKEN, SwapPlan("noisy-forced", str(bad), weight=0.5, window_s=60,
+                                                           min_rounds=10, force=True), start_at_s=0)
+    summary = run_report(swap_fleet(duration_s=15), [p[-40:] for p in humaneval_prompts[:8]],
+                         str(tiny_family / "draft"), tmp_path / "run", on_tick=forced, show_progress=False)
+    assert forced.script.outcome.startswith("rolled back"), forced.script.events
+    assert summary["sessions_failed"] == 0 and summary["sessions_lost"] == 0
+    state = FileRegistry(app["registry"]).load()
+    assert state.aliases["stable"] == stable and state.canary.status == "rolled_back"
+    assert "acceptance length" in state.canary.reason
+
+
+def test_version_admin_calls_without_the_token_are_refused(app):
+    import httpx
+
+    for method, path in (("POST", "/admin/versions"), ("POST", "/admin/versions/v2/canary"),
+                         ("POST", "/admin/versions/v2/retire"), ("POST", "/admin/rollback")):
+        assert httpx.request(method, f"{app['url']}{path}", json={}, timeout=30).status_code == 401

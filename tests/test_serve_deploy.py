@@ -26,9 +26,11 @@ def test_serve_yaml_deploys_with_serve_deploy(tiny_family, tmp_path):
     args = doc["applications"][0]["args"]
     args["draft_path"] = str(tiny_family / "draft")
     args["registry_path"] = str(tmp_path / "registry.json")
-    for v in args["versions"]:
+    for v in args["versions"] + [app["args"]["spec"] for app in doc["applications"][1:]]:
         v["path"] = str(tiny_family / v["name"])
         v["num_cpus"] = 0.25
+    for app in doc["applications"][1:]:
+        app["args"]["draft_path"] = args["draft_path"]
     config = tmp_path / "serve.yaml"
     config.write_text(yaml.safe_dump(doc))
     # a throw-away loopback cluster: token auth off so the serve CLI can reach the dashboard API

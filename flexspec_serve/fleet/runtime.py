@@ -158,12 +158,10 @@ class Shard:
                              make_policy(spec.policy, profile, cloud, spec.max_draft_tokens), cloud)
         self.devices.append(dev)
         due, n = rng.uniform(0.0, spec.arrival.start_within_s * 1e3), 0
-        while True:
-            self.result.lags_ms.append(await self.clock.sleep_until(due))
-            if self.clock.now_ms() >= spec.duration_s * 1e3:
-                return
+        while due < spec.duration_s * 1e3:  # no session starts after the arrival window
             if spec.arrival.sessions_per_device and n >= spec.arrival.sessions_per_device:
                 return
+            self.result.lags_ms.append(await self.clock.sleep_until(due))
             await self._session(dev, plan, n, rng)
             n += 1
             think = rng.expovariate(1.0 / spec.arrival.think_time_s) if spec.arrival.think_time_s else 0.0

@@ -1,0 +1,116 @@
+"""Deciding about target versions while the edge draft stays frozen (Ray-free; the serving package acts
+on these decisions).
+
+- `compatibility_gate`: before a candidate takes traffic, the frozen draft's acceptance length against
+  it on a probe prompt set, next to the current stable version; below `min_fraction` of stable the gate
+  refuses. A candidate with another tokenizer is refused before any model runs.
+- `judge_canary`: a pure function from the canary's plan and the live counters of both versions (deltas
+  since the canary started) to continue / promote / rollback, with the reason.
+
+Neither deploys, routes or writes the registry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from flexspec_serve.engine.generate import speculative_generate
+from flexspec_serve.engine.proposer import DraftProposer
+from flexspec_serve.engine.verifier import Verifier
+from flexspec_serve.zoo.loading import check_tokenizers_match, load_causal_lm, load_tokenizer
+
+
+@dataclass(frozen=True)
+class GateResult:
+    candidate: str
+    baseline: str
+    tau_candidate: float
+    tau_baseline: float
+    ratio: float
+    min_fraction: float
+    passed: bool
+    prompts: int
+    message: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.inference_mode()
+def probe_acceptance_length(draft, target, prompts: list[list[int]], max_new: int, k: int = 4) -> float:
+    """Greedy speculative decoding of every probe prompt: generated tokens per round (tau)."""
+    results = speculative_generate(DraftProposer(draft), Verifier(target, draft), prompts, max_new, k)
+    rounds = sum(r.stats.rounds for r in results)
+    return sum(r.stats.generated_tokens for r in results) / max(1, rounds)
+
+
+def compatibility_gate(draft_path: str | Path, candidate: str, candidate_path: str | Path, baseline: str,
+                       baseline_path: str | Path, prompt_texts: list[str], max_new: int = 32,
+                       min_fraction: float = 0.9, max_prompt_tokens: int = 128) -> GateResult:
+    """Raises `TokenizerMismatch` for a candidate whose tokenizer differs from the draft's."""
+    draft_tok = load_tokenizer(draft_path)
+    check_tokenizers_match(str(draft_path), draft_tok, str(candidate_path), load_tokenizer(candidate_path))
+    prompts = [draft_tok(t, add_special_tokens=False)["input_ids"][-max_prompt_tokens:] or [draft_tok.eos_token_id]
+               for t in prompt_texts]
+    draft = load_causal_lm(draft_path)
+    tau_c = probe_acceptance_length(draft, load_causal_lm(candidate_path), prompts, max_new)
+    tau_b = probe_acceptance_length(draft, load_causal_lm(baseline_path), prompts, max_new)
+    ratio = tau_c / tau_b if tau_b else 0.0
+    passed = ratio >= min_fraction
+    verdict = "passes" if passed else "refused"
+    message = (f"{candidate}: frozen-draft acceptance length {tau_c:.2f} vs {baseline} {tau_b:.2f} "
+               f"({ratio:.0%} of stable; gate {min_fraction:.0%}) -> {verdict}")
+    return GateResult(candidate, baseline, round(tau_c, 3), round(tau_b, 3), round(ratio, 3), min_fraction, passed,
+                      len(prompts), message)
+
+
+@dataclass(frozen=True)
+class CanaryRules:
+    window_s: float = 60.0  # healthy this long (and min_rounds seen) -> promote
+    min_rounds: int = 100  # rounds on the candidate before any judgement
+    max_acceptance_drop: float = 0.15  # rollback if tau falls more than this fraction below the baseline's
+    max_error_rate: float = 0.01  # rollback if errors / rounds on the candidate exceed this ...
+    max_error_rate_excess: float = 0.005  # ... and exceed the baseline's by this much
+
+
+@dataclass(frozen=True)
+class VersionWindow:
+    """Counters of one version since the canary started (deltas of cumulative counters)."""
+
+    rounds: int
+    generated_tokens: int  # accepted + 1 per round
+    errors: int
+
+    @property
+    def tau(self) -> float:
+        return self.generated_tokens / self.rounds if self.rounds else 0.0
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / max(1, self.rounds + self.errors)
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str  # "continue" | "promote" | "rollback"
+    reason: str
+
+
+def judge_canary(rules: CanaryRules, elapsed_s: float, baseline: VersionWindow, candidate: VersionWindow) -> Decision:
+    if candidate.errors and candidate.error_rate > rules.max_error_rate \
+            and candidate.error_rate > baseline.error_rate + rules.max_error_rate_excess:
+        return Decision("rollback", f"error rate {candidate.error_rate:.2%} vs baseline {baseline.error_rate:.2%}")
+    if candidate.rounds < rules.min_rounds or baseline.rounds < rules.min_rounds:
+        return Decision("continue", f"waiting for {rules.min_rounds} rounds on each version "
+                                    f"({candidate.rounds} candidate, {baseline.rounds} baseline)")
+    drop = 1.0 - candidate.tau / baseline.tau if baseline.tau else 0.0
+    if drop > rules.max_acceptance_drop:
+        return Decision("rollback", f"acceptance length {candidate.tau:.2f} is {drop:.0%} below the baseline's "
+                                    f"{baseline.tau:.2f} (limit {rules.max_acceptance_drop:.0%})")
+    if elapsed_s >= rules.window_s:
+        return Decision("promote", f"healthy for {elapsed_s:.0f} s: tau {candidate.tau:.2f} vs {baseline.tau:.2f}, "
+                                   f"error rate {candidate.error_rate:.2%}")
+    return Decision("continue", f"tau {candidate.tau:.2f} vs {baseline.tau:.2f}; {elapsed_s:.0f}/{rules.window_s:.0f} s")

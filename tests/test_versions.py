@@ -1,0 +1,146 @@
+"""Version management without Serve: the canary judge, the manager on a real registry file with a fake
+deployer (same interface as the Serve one), the compatibility gate on the tiny family."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from deployments.config import FileRegistry, RegistryState, VersionSpec
+from deployments.versions import VersionError, VersionManager
+from flexspec_serve.versions import CanaryRules, VersionWindow, compatibility_gate, judge_canary
+from flexspec_serve.zoo.loading import TokenizerMismatch
+
+RULES = CanaryRules(window_s=30, min_rounds=50, max_acceptance_drop=0.15, max_error_rate=0.01)
+
+
+class FakeClock:
+    def __init__(self, t: float = 1000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class FakeDeployer:
+    def __init__(self):
+        self.deployed, self.deleted = [], []
+
+    def deploy(self, spec: VersionSpec, draft_path: str) -> None:
+        self.deployed.append(spec.name)
+
+    def delete(self, version: str) -> None:
+        self.deleted.append(version)
+
+
+@pytest.fixture
+def manager(tmp_path):
+    reg = FileRegistry(tmp_path / "registry.json")
+    reg.save(RegistryState(versions={v: VersionSpec(name=v, path=f"/m/{v}") for v in ("v1", "v2")},
+                           aliases={"stable": "v1"}, draft_path="/m/draft"))
+    return VersionManager(reg, FakeDeployer(), clock=FakeClock(), idle_s=5.0)
+
+
+def stats(rounds: int, tokens: int, errors: int = 0, idle_s: float = 0.0) -> dict:
+    return {"rounds": rounds, "generated_tokens": tokens, "errors": errors, "idle_s": idle_s}
+
+
+def passing_gate(version: str) -> dict:
+    return {"passed": True, "message": f"{version} passes"}
+
+
+def test_judge_waits_for_rounds_then_promotes_a_healthy_candidate():
+    base = VersionWindow(200, 560, 0)
+    assert judge_canary(RULES, 40, base, VersionWindow(10, 28, 0)).action == "continue"
+    assert judge_canary(RULES, 10, base, VersionWindow(100, 270, 0)).action == "continue"
+    assert judge_canary(RULES, 31, base, VersionWindow(100, 270, 0)).action == "promote"
+
+
+def test_judge_rolls_back_on_an_acceptance_drop_or_errors():
+    base = VersionWindow(200, 560, 0)  # tau 2.8
+    assert judge_canary(RULES, 5, base, VersionWindow(100, 200, 0)).action == "rollback"  # tau 2.0: -29 %
+    assert judge_canary(RULES, 5, base, VersionWindow(20, 56, 5)).action == "rollback"  # errors, before min_rounds
+
+
+def test_added_version_takes_no_traffic_until_told(manager):
+    manager.add(VersionSpec(name="v3", path="/m/v3"))
+    state = manager.state()
+    assert manager.deployer.deployed == ["v3"] and "v3" in state.versions
+    assert {state.resolve("stable", f"s{i}") for i in range(200)} == {"v1"}
+    assert state.events[-1]["action"] == "add"
+    with pytest.raises(VersionError, match="already exists"):
+        manager.add(VersionSpec(name="v3", path="/m/v3"))
+
+
+def test_canary_needs_the_gate_then_splits_new_sessions(manager):
+    with pytest.raises(VersionError, match="refused by the gate"):
+        manager.canary("v2", 0.2, RULES)
+    manager.record_gate("v2", passing_gate("v2"))
+    state = manager.canary("v2", 0.2, RULES, stats={"v1": stats(10, 30), "v2": stats(0, 0)})
+    share = sum(state.resolve("stable", f"s{i}") == "v2" for i in range(1000)) / 1000
+    assert 0.16 < share < 0.24
+    assert state.canary.start_counters["v1"]["rounds"] == 10
+
+
+def test_canary_with_low_acceptance_is_rolled_back_automatically(manager):
+    manager.record_gate("v2", passing_gate("v2"))
+    manager.canary("v2", 0.2, RULES, stats={"v1": stats(0, 0), "v2": stats(0, 0)})
+    manager.clock.t += 10
+    decisions = manager.tick({"v1": stats(400, 1120), "v2": stats(100, 150)})
+    state = manager.state()
+    assert decisions[0].action == "rollback" and state.aliases["stable"] == "v1"
+    assert state.canary.status == "rolled_back" and "acceptance length" in state.canary.reason
+
+
+def test_healthy_canary_is_promoted_after_its_window(manager):
+    manager.record_gate("v2", passing_gate("v2"))
+    manager.canary("v2", 0.2, RULES, stats={"v1": stats(0, 0), "v2": stats(0, 0)})
+    manager.clock.t += 10
+    assert manager.tick({"v1": stats(400, 1120), "v2": stats(100, 275)})[0].action == "continue"
+    manager.clock.t += 25
+    assert manager.tick({"v1": stats(800, 2240), "v2": stats(200, 550)})[0].action == "promote"
+    assert manager.state().aliases["stable"] == "v2"
+
+
+def test_retire_drains_then_deletes_and_strays_follow_the_alias(manager):
+    with pytest.raises(VersionError, match="still point"):
+        manager.retire("v1")
+    manager.promote("v2")
+    state = manager.retire("v1", mode="finish")
+    assert state.resolve("v1", "old", first_round=False) == "v1"  # pinned sessions finish on v1
+    assert state.resolve("v1", "new", first_round=True) == "v2"  # no new sessions on v1
+    manager.tick({"v1": stats(50, 100, idle_s=1.0), "v2": stats(5, 10)})
+    assert manager.deployer.deleted == []  # still busy
+    manager.tick({"v1": stats(50, 100, idle_s=6.0), "v2": stats(5, 10)})
+    state = manager.state()
+    assert manager.deployer.deleted == ["v1"] and "v1" not in state.versions
+    assert state.resolve("v1", "straggler", first_round=False) == "v2"
+
+
+def test_migrating_retire_moves_pinned_rounds_at_once(manager):
+    manager.promote("v2")
+    state = manager.retire("v1", mode="migrate")
+    assert state.resolve("v1", "old", first_round=False) == "v2"
+
+
+def test_gate_passes_the_same_model_and_refuses_a_higher_bar(tiny_family):
+    texts = ["def add(a, b):\n    return", "import os\n\ndef list_files(path):\n"]
+    ok = compatibility_gate(tiny_family / "draft", "v1", tiny_family / "v1", "v1", tiny_family / "v1", texts,
+                            max_new=12)
+    assert ok.passed and ok.ratio == pytest.approx(1.0)
+    refused = compatibility_gate(tiny_family / "draft", "v1", tiny_family / "v1", "v1", tiny_family / "v1", texts,
+                                 max_new=12, min_fraction=1.5)
+    assert not refused.passed and "refused" in refused.message
+
+
+def test_gate_refuses_a_candidate_with_another_tokenizer(tiny_family, tmp_path):
+    from flexspec_serve.zoo.loading import load_tokenizer
+
+    other = tmp_path / "v9"
+    shutil.copytree(tiny_family / "v1", other)
+    tok = load_tokenizer(other)
+    tok.add_tokens(["<unrelated-token-a>", "<unrelated-token-b>"])
+    tok.save_pretrained(other)
+    with pytest.raises(TokenizerMismatch, match="v9"):
+        compatibility_gate(tiny_family / "draft", "v9", other, "v1", tiny_family / "v1", ["x = 1"])
