@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
@@ -17,7 +16,8 @@ import torch
 from flexspec_serve import paths
 from flexspec_serve.engine.generate import speculative_generate
 from flexspec_serve.engine.proposer import DraftProposer
-from flexspec_serve.engine.verifier import Verifier, VerifyRequest
+from flexspec_serve.engine.costs import verify_cost_ms as verify_ms
+from flexspec_serve.engine.verifier import Verifier
 from flexspec_serve.zoo.corpus import humaneval_problems
 from flexspec_serve.zoo.loading import load_causal_lm, load_tokenizer
 
@@ -26,25 +26,6 @@ def _contexts(tok, n: int, length: int) -> list[list[int]]:
     text = "".join(p.prompt + p.canonical_solution for p in humaneval_problems(60))
     ids = tok(text, add_special_tokens=False)["input_ids"]
     return [ids[i * 37 : i * 37 + length] for i in range(n)]
-
-
-def verify_ms(verifier: Verifier, contexts, k: int, reps: int) -> float:
-    """Median ms of one verify call over len(contexts) sessions (caches warm, drafts rolled back)."""
-    reqs = [VerifyRequest(f"b{i}", 0, (), full_context=tuple(c)) for i, c in enumerate(contexts)]
-    verifier.verify(reqs)  # build the caches
-    times, seq = [], 1
-    for _ in range(reps):
-        for i, c in enumerate(contexts):  # keep every session at the same length: drop last round's tokens
-            s = verifier.sessions[f"b{i}"]
-            s.tokens = s.tokens[: len(c) + 1]
-            s.target.truncate(len(c))
-        batch = [VerifyRequest(f"b{i}", seq, tuple(c[1 : k + 1])) for i, c in enumerate(contexts)]
-        started = time.perf_counter()
-        out = verifier.verify(batch)
-        times.append((time.perf_counter() - started) * 1e3)
-        assert not any(isinstance(o, Exception) for o in out), out
-        seq += 1
-    return statistics.median(times)
 
 
 def table(title: str, header: list[str], rows: list[list]) -> None:

@@ -51,7 +51,7 @@ class AliasUpdate(_Body):
 
 class CheckRequest(_Body):
     baseline: str | None = Field(None, description="version to compare with (default: what `stable` points at)")
-    min_fraction: float = Field(0.9, gt=0, le=2, description="refuse below this fraction of the baseline's tau")
+    min_fraction: float = Field(0.8, gt=0, le=2, description="refuse below this fraction of the baseline's tau")
     prompts: int = Field(8, ge=1, le=164, description="HumanEval probe prompts")
     max_new: int = Field(32, ge=4, le=256)
 
@@ -61,7 +61,7 @@ class CanaryRequest(_Body):
     alias: str = "stable"
     window_s: float = Field(60.0, gt=0, description="promote after this long healthy")
     min_rounds: int = Field(100, ge=1)
-    max_acceptance_drop: float = Field(0.15, gt=0, lt=1)
+    max_acceptance_drop: float = Field(0.2, gt=0, lt=1)
     max_error_rate: float = Field(0.01, ge=0, lt=1)
     force: bool = Field(False, description="skip the compatibility gate")
 

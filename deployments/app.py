@@ -33,6 +33,7 @@ from deployments.admin import (AdminAPI, AliasUpdate, CanaryRequest, CheckReques
 from deployments.config import (AppConfig, FileRegistry, RegistryState, UnknownTarget, VersionSpec, deployment_name,
                                 version_app_name)
 from deployments.openai_api import CompletionRequest, completion_response, models_response
+from deployments.security import ApiKeys, RateLimiter
 from flexspec_serve import protocol as P
 from deployments.versions import VersionError, VersionManager
 from flexspec_serve.config import parse_model
@@ -110,8 +111,8 @@ class VerifierDeployment:
         self.server.verifier.drop_session(session_id)
         return tokens, "length"
 
-    def stats(self) -> dict:
-        return self.server.stats()
+    def stats(self, since: float | None = None) -> dict:
+        return self.server.stats(since)
 
     async def record_autoscaling_stats(self) -> dict:
         """Custom autoscaling metric (Serve calls this periodically): verified tokens/s since the last call."""
@@ -128,12 +129,44 @@ fastapi_app = FastAPI(title="flexspec-serve", description="edge-cloud speculativ
 WATCH_PERIOD_S = 1.0
 
 
+def _async(fn):
+    """Run a registry operation (file I/O, small) off the event loop."""
+    async def run(req):
+        return await asyncio.to_thread(fn, req)
+
+    return run
+
+
+def _error_response(status: int, body: P.ErrorBody) -> JSONResponse:
+    headers = {}
+    if body.error.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, round(body.error.retry_after_s)))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
 class ServeDeployer:
     """Adds and deletes versions as Serve applications (from the router replica, on a worker thread)."""
 
+    def __init__(self, ready_timeout_s: float = 300.0):
+        self.ready_timeout_s = ready_timeout_s
+
     def deploy(self, spec: VersionSpec, draft_path: str) -> None:
-        serve.run(build_version_app({"spec": spec.model_dump(), "draft_path": draft_path}),
-                  name=version_app_name(spec.name), route_prefix=None)
+        name = version_app_name(spec.name)
+        # serve.run would wait without a bound for a replica that cannot be scheduled; _run(_blocking=False)
+        # returns at once and the loop below gives up after ready_timeout_s with Serve's own message.
+        serve._run(build_version_app({"spec": spec.model_dump(), "draft_path": draft_path}), name=name,
+                   route_prefix=None, _blocking=False)
+        deadline = time.monotonic() + self.ready_timeout_s
+        while True:
+            app = serve.status().applications.get(name)
+            status = getattr(app, "status", None)
+            if status == "RUNNING":
+                return
+            if status in ("DEPLOY_FAILED", "UNHEALTHY") or time.monotonic() > deadline:
+                message = getattr(app, "message", "") if app else "not found"
+                serve.delete(name)
+                raise VersionError(f"{spec.name} did not become ready ({status}): {message[:300]}", 503)
+            time.sleep(0.5)
 
     def delete(self, version: str) -> None:
         serve.delete(version_app_name(version))
@@ -142,7 +175,8 @@ class ServeDeployer:
 @serve.ingress(fastapi_app)
 class Router:
     def __init__(self, registry_path: str, seed_state: dict, draft_path: str, admin_token_file: str | None = None,
-                 model_root: str | None = None, drain_idle_s: float = 10.0):
+                 model_root: str | None = None, drain_idle_s: float = 10.0, api_keys_file: str | None = None,
+                 session_rounds_per_s: float = 50.0, session_burst: float = 20.0):
         self.registry = FileRegistry(registry_path)
         self.state = self.registry.load_or_seed(RegistryState.model_validate(seed_state))
         self._mtime = 0.0
@@ -153,6 +187,8 @@ class Router:
         self.manager = VersionManager(self.registry, ServeDeployer(), idle_s=drain_idle_s)
         self.admin = AdminAPI(self.manager, read_admin_token(admin_token_file), self._all_stats, model_root)
         self._watcher: asyncio.Task | None = None
+        self.api_keys = ApiKeys.load(api_keys_file)
+        self.limiter = RateLimiter(session_rounds_per_s, session_burst)
 
     # ------------------------------------------------------------------ registry
     def current(self) -> RegistryState:
@@ -174,9 +210,10 @@ class Router:
             self.handles[version] = serve.get_deployment_handle(deployment_name(version), version_app_name(version))
         return self.handles[version]
 
-    async def _all_stats(self) -> dict[str, dict]:
+    async def _all_stats(self, since: float | None = None) -> dict[str, dict]:
         state = self.current()
-        replies = await asyncio.gather(*(self._handle(v).stats.remote() for v in state.versions), return_exceptions=True)
+        replies = await asyncio.gather(*(self._handle(v).stats.remote(since) for v in state.versions),
+                                       return_exceptions=True)
         return {v: r for v, r in zip(state.versions, replies) if isinstance(r, dict)}
 
     def _ensure_watcher(self) -> None:
@@ -190,7 +227,7 @@ class Router:
             state = self.current()
             if not (state.draining or (state.canary and state.canary.status == "running")):
                 continue
-            stats = await self._all_stats()
+            stats = await self._all_stats(state.canary.started_at if state.canary else None)
             try:
                 for d in await asyncio.to_thread(self.manager.tick, stats):
                     if d.action != "continue":
@@ -230,8 +267,26 @@ class Router:
             return 200, P.encode_result(res)
         return res[0], res[1].model_dump_json().encode()
 
+    def _client_denied(self, request: Request) -> JSONResponse | None:
+        """API key (when keys are configured) and the per-session rate limit, for HTTP clients."""
+        if self.api_keys.enabled:
+            auth = request.headers.get("authorization", "")
+            if not auth:
+                return error(401, "unauthorized", "an API key is required: Authorization: Bearer <key>",
+                             "authorization")
+            if self.api_keys.client(auth) is None:
+                return error(403, "forbidden", "API key not recognised", "authorization")
+        allowed, wait_s = self.limiter.allow(request.headers.get("x-session-id") or request.client.host)
+        if not allowed:
+            return _error_response(429, P.ErrorBody.of("rate_limited", "too many rounds for this session; slow down",
+                                                       retry_after_s=round(wait_s, 3)))
+        return None
+
     @fastapi_app.post("/v1/round")
     async def http_round(self, request: Request) -> Response:
+        denied = self._client_denied(request)
+        if denied:
+            return denied
         body = await request.body()
         if len(body) > MAX_BODY_BYTES:
             return error(413, "payload_too_large", f"body of {len(body)} bytes exceeds {MAX_BODY_BYTES}")
@@ -330,6 +385,9 @@ class Router:
 
     @fastapi_app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
+        denied = self._client_denied(request)
+        if denied:
+            return denied
         try:
             req = parse_model(CompletionRequest, await request.json(), "request body")
         except (ValueError, json.JSONDecodeError) as err:
@@ -359,21 +417,6 @@ class Router:
         return self._tokenizer
 
 
-def _async(fn):
-    """Run a registry operation (file I/O, small) off the event loop."""
-    async def run(req):
-        return await asyncio.to_thread(fn, req)
-
-    return run
-
-
-def _error_response(status: int, body: P.ErrorBody) -> JSONResponse:
-    headers = {}
-    if body.error.retry_after_s is not None:
-        headers["Retry-After"] = str(max(1, round(body.error.retry_after_s)))
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
-
-
 def build_version_app(args: dict):
     """Builder of one version's application: `args` = {"spec": VersionSpec as a dict, "draft_path": ...}."""
     v = VersionSpec.model_validate(args["spec"])
@@ -399,7 +442,7 @@ def build_app(args: dict):
         max_ongoing_requests=1000,
     )
     return router.bind(cfg.registry_path, cfg.seed_state().model_dump(), cfg.draft_path, cfg.admin_token_file,
-                       cfg.model_root, cfg.drain_idle_s)
+                       cfg.model_root, cfg.drain_idle_s, cfg.api_keys_file, cfg.session_rounds_per_s, cfg.session_burst)
 
 
 def deploy(cfg: AppConfig, name: str = "flexspec", route_prefix: str = "/"):

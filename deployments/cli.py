@@ -74,8 +74,11 @@ def start_local_app(cfg, port: int = 8000, address: str | None = None):
 
     from deployments.app import deploy
 
-    ray.init(address=address, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False,
-             configure_logging=False)
+    # An embedded Ray gets a logical CPU budget above the core count: replicas, router and fleet actors mostly
+    # wait on one another, and a version added at run time must still find room to be scheduled.
+    logical = None if address else max(8, os.cpu_count() or 1)
+    ray.init(address=address, num_cpus=logical, include_dashboard=False, ignore_reinit_error=True,
+             log_to_driver=False, configure_logging=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     return deploy(cfg, APP_NAME)
 

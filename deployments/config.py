@@ -106,7 +106,7 @@ class CanaryPlan(StrictModel):
     started_at: float
     window_s: float = Field(60.0, gt=0)
     min_rounds: int = Field(100, ge=1)
-    max_acceptance_drop: float = Field(0.15, gt=0, lt=1)
+    max_acceptance_drop: float = Field(0.2, gt=0, lt=1)
     max_error_rate: float = Field(0.01, ge=0, lt=1)
     start_counters: dict[str, dict[str, int]] = Field(default_factory=dict, description="per version, at start")
     status: Literal["running", "promoted", "rolled_back"] = "running"
@@ -199,6 +199,10 @@ class AppConfig(StrictModel):
                                                           "FLEXSPEC_ADMIN_TOKEN environment variable)")
     model_root: str | None = Field(None, description="versions added at run time must live under this directory")
     drain_idle_s: float = Field(10.0, gt=0, description="a retiring version is deleted after this long without rounds")
+    api_keys_file: str | None = Field(None, description="YAML/JSON {client: key} for HTTP rounds (else the "
+                                                        "FLEXSPEC_API_KEYS variable; none = open)")
+    session_rounds_per_s: float = Field(50.0, gt=0, description="per-session rate limit on HTTP rounds")
+    session_burst: float = Field(20.0, ge=1, description="rounds a session may send at once before the limit")
     router_replicas: int = Field(1, ge=1)
     router_num_cpus: float = Field(0.2, gt=0)
 

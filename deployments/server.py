@@ -57,10 +57,12 @@ class VerifierServer:
         self.last_round = time.monotonic()
         return out
 
-    def stats(self) -> dict:
+    def stats(self, since: float | None = None) -> dict:
+        """Counters of this replica; with `since` (wall time), also `window`: acceptance over the sessions
+        that started since then (a canary and its baseline compared on equally young sessions)."""
         v = self.verifier
         lookups = v.cache_hits + v.cache_misses
-        return {
+        out = {
             "version": self.version, "sessions": len(v.sessions), "cache_bytes": v.cache_bytes(),
             "cache_hits": v.cache_hits, "cache_misses": v.cache_misses, "evictions": v.evictions,
             "cache_hit_rate": round(v.cache_hits / lookups, 4) if lookups else None,
@@ -71,6 +73,9 @@ class VerifierServer:
             "latency_p99_ms": round(float(np.percentile(self.latencies_ms, 99)), 2) if self.latencies_ms else None,
             **v.stats.as_dict(),
         }
+        if since is not None:
+            out["window"] = v.stats_since(since).as_dict()
+        return out
 
     def check_health(self) -> None:
         embed = self.verifier.target.get_input_embeddings().weight

@@ -25,8 +25,8 @@ class SwapPlan:
     weight: float = 0.3  # canary share of new `stable` sessions
     window_s: float = 15.0  # healthy this long -> promoted
     min_rounds: int = 30
-    max_acceptance_drop: float = 0.15
-    min_fraction: float = 0.9  # compatibility gate
+    max_acceptance_drop: float = 0.2
+    min_fraction: float = 0.8  # compatibility gate: candidate tau >= 80 % of stable
     retire_mode: str = "finish"
     force: bool = False  # canary even if the gate refuses
     timeout_s: float = 240.0
@@ -64,7 +64,7 @@ class SwapScript(threading.Thread):
         self.call("POST", "/admin/versions", {"name": p.version, "path": p.path})
         self.mark(f"add {p.version}")
         self.gate = self.call("POST", f"/admin/versions/{p.version}/check", {"min_fraction": p.min_fraction})
-        self.mark(f"gate {'passed' if self.gate['passed'] else 'refused'} {p.version} ({self.gate['ratio']:.0%})")
+        self.mark(f"gate {'passed' if self.gate['passed'] else 'refused'} {p.version} ({self.gate['ratio']:.1%})")
         if not self.gate["passed"] and not p.force:
             return "refused by the gate"
         self.call("POST", f"/admin/versions/{p.version}/canary", {

@@ -23,6 +23,9 @@ from deployments.config import CanaryPlan, DrainPlan, FileRegistry, RegistryStat
 from flexspec_serve.versions import CanaryRules, Decision, VersionWindow, judge_canary
 
 
+COUNTERS = ("rounds", "draft_tokens", "accepted_tokens", "errors")
+
+
 class Deployer(Protocol):
     def deploy(self, spec: VersionSpec, draft_path: str) -> None: ...
 
@@ -39,7 +42,7 @@ class VersionError(ValueError):
 
 def counters(stats: dict) -> dict[str, int]:
     """The cumulative counters the canary judges on, from a verifier's `stats()`."""
-    return {k: int(stats.get(k, 0)) for k in ("rounds", "generated_tokens", "errors")}
+    return {k: int(stats.get(k, 0)) for k in COUNTERS}
 
 
 class VersionManager:
@@ -168,8 +171,14 @@ class VersionManager:
 
     @staticmethod
     def _window(plan: CanaryPlan, version: str, stats: dict[str, dict]) -> VersionWindow:
+        """Acceptance over sessions that started since the canary did (both versions equally young; falls
+        back to counter deltas when the replica gives no window); errors as deltas of the counters."""
         now, start = counters(stats[version]), plan.start_counters.get(version, {})
-        return VersionWindow(*(now[k] - start.get(k, 0) for k in ("rounds", "generated_tokens", "errors")))
+        window = stats[version].get("window")
+        if window is None:
+            window = {k: now[k] - start.get(k, 0) for k in COUNTERS}
+        return VersionWindow(int(window["rounds"]), int(window["draft_tokens"]), int(window["accepted_tokens"]),
+                             now["errors"] - start.get("errors", 0))
 
     @staticmethod
     def _require(state: RegistryState, version: str) -> None:

@@ -23,6 +23,8 @@ from flexspec_serve.engine.verifier import Verifier  # noqa: E402
 
 pytestmark = pytest.mark.serve
 ADMIN_TOKEN = "test-admin-token-3f9a"
+API_KEY = "fleet-key-7c1d"
+KEYED = {"authorization": f"Bearer {API_KEY}"}
 
 
 def free_port() -> int:
@@ -42,7 +44,8 @@ def app(tiny_family, tmp_path_factory):
     cfg = AppConfig(draft_path=str(tiny_family / "draft"), versions=versions, registry_path=str(registry),
                     aliases={"stable": "v1", "canary": "v2", "half": {"v1": 0.5, "v2": 0.5}}, router_num_cpus=0.1,
                     drain_idle_s=2.0)
-    os.environ["FLEXSPEC_ADMIN_TOKEN"] = ADMIN_TOKEN  # replicas of this local Ray inherit it
+    os.environ["FLEXSPEC_ADMIN_TOKEN"] = ADMIN_TOKEN  # replicas of this local Ray inherit both
+    os.environ["FLEXSPEC_API_KEYS"] = f"test-fleet:{API_KEY}"
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     handle = deploy(cfg)
@@ -89,7 +92,7 @@ def test_concurrent_sessions_are_verified_in_batches(app, family_models, humanev
                          12, 4, session_prefix="batch-", target="v2")
     stats = app["handle"].stats.remote().result()
     assert stats["v2"]["max_batch_size_seen"] > 1, stats["v2"]
-    report = serve.get_deployment_handle("verifier-v2", "flexspec").record_autoscaling_stats.remote().result()
+    report = serve.get_deployment_handle("verifier-v2", "flexspec-v2").record_autoscaling_stats.remote().result()
     assert report["verified_tokens_per_s"] > 0  # the custom metric the autoscaling policy reads
 
 
@@ -105,17 +108,18 @@ def test_http_json_and_compact_rounds_and_errors(app):
     import httpx
 
     url = app["url"]
-    ok = httpx.post(f"{url}/v1/round", json=first_round("h1", "v1").model_dump(), timeout=30)
+    ok = httpx.post(f"{url}/v1/round", json=first_round("h1", "v1").model_dump(), headers=KEYED, timeout=30)
     assert ok.status_code == 200 and ok.json()["version"] == "v1"
-    transport = HttpTransport(url)
+    transport = HttpTransport(url, api_key=API_KEY)
     ex = transport.round_trip([first_round("h2", "canary")])[0]
     assert isinstance(ex.result, P.RoundResult) and ex.result.version == "v2" and ex.bytes_up < 40
-    missing = httpx.post(f"{url}/v1/round", json=first_round("h3", "v9").model_dump(), timeout=30)
+    missing = httpx.post(f"{url}/v1/round", json=first_round("h3", "v9").model_dump(), headers=KEYED, timeout=30)
     assert missing.status_code == 404 and "v9" in missing.json()["error"]["message"]
     assert "v1" in missing.json()["error"]["message"] and "canary" in missing.json()["error"]["message"]
-    bad = httpx.post(f"{url}/v1/round", json={"session_id": "x", "seq": -1}, timeout=30)
+    bad = httpx.post(f"{url}/v1/round", json={"session_id": "x", "seq": -1}, headers=KEYED, timeout=30)
     assert bad.status_code == 422 and bad.json()["error"]["field"] == "seq"
-    resync = httpx.post(f"{url}/v1/round", json={"session_id": "never-seen", "seq": 4, "target": "v1"}, timeout=30)
+    resync = httpx.post(f"{url}/v1/round", json={"session_id": "never-seen", "seq": 4, "target": "v1"},
+                        headers=KEYED, timeout=30)
     assert resync.status_code == 409 and resync.json()["error"]["code"] == "resync_required"
 
 
@@ -126,13 +130,13 @@ def test_openai_compatible_completions_and_models(app):
     models = httpx.get(f"{url}/v1/models", timeout=30).json()
     assert {"v1", "v2", "stable", "canary"} <= {m["id"] for m in models["data"]}
     resp = httpx.post(f"{url}/v1/completions", json={"model": "canary", "prompt": "def add(a, b):",
-                                                     "max_tokens": 5, "temperature": 0}, timeout=60)
+                                                     "max_tokens": 5, "temperature": 0}, headers=KEYED, timeout=60)
     body = resp.json()
     assert resp.status_code == 200, body
     assert body["object"] == "text_completion" and body["model"] == "v2"
     assert body["usage"]["completion_tokens"] <= 5 and isinstance(body["choices"][0]["text"], str)
-    assert httpx.post(f"{url}/v1/completions", json={"model": "nope", "prompt": "x"}, timeout=30).status_code == 404
-    assert httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 0}, timeout=30).status_code == 422
+    for body, status in (({"model": "nope", "prompt": "x"}, 404), ({"prompt": "x", "max_tokens": 0}, 422)):
+        assert httpx.post(f"{url}/v1/completions", json=body, headers=KEYED, timeout=30).status_code == status
 
 
 def test_registry_persists_and_is_reread(app):
@@ -208,9 +212,44 @@ def test_fleet_over_http_reaches_the_router_like_a_remote_device(app, tiny_famil
                      transport="http", url=app["url"], mix=[{"device_class": "flagship-phone", "share": 1.0}],
                      arrival={"start_within_s": 0.5, "sessions_per_device": 1})
     summary = run_report(spec, [p[-32:] for p in humaneval_prompts[:4]], str(tiny_family / "draft"), tmp_path,
-                         show_progress=False)
+                         show_progress=False, api_key=API_KEY)
     assert summary["sessions_completed"] == 4 and summary["sessions_failed"] == 0
     assert [row["version"] for row in summary["per_version"]] == ["v2"]
+
+
+class KillReplicaAt:
+    """A load test's `on_tick`: kills one replica of a deployment once, `at_s` into the run."""
+
+    def __init__(self, deployment: str, at_s: float):
+        self.deployment, self.at_s, self.killed = deployment, at_s, None
+
+    def __call__(self, t_s: float) -> list[dict]:
+        if self.killed or t_s < self.at_s:
+            return []
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a["namespace"] == "serve" and f"#{self.deployment}#" in a["name"]]
+        self.killed = names[0]
+        ray.kill(ray.get_actor(self.killed, namespace="serve"), no_restart=True)
+        return [{"t_s": round(t_s, 2), "label": f"killed a {self.deployment} replica"}]
+
+
+def test_killing_a_verifier_replica_under_a_fleet_loses_no_session(app, tiny_family, family_models,
+                                                                    humaneval_prompts, tmp_path):
+    from deployments.loadtest import run_report
+    from flexspec_serve.fleet.spec import FleetSpec
+
+    prompts = [p[-40:] for p in humaneval_prompts[:8]]
+    spec = FleetSpec(devices=12, actors=1, actor_num_cpus=0.2, max_new_tokens=24, duration_s=8, target="v1",
+                     mix=[{"device_class": "flagship-phone", "share": 1.0, "channel": "good"}],
+                     arrival={"start_within_s": 1, "think_time_s": 0.2})
+    killer = KillReplicaAt("verifier-v1", at_s=3)
+    summary = run_report(spec, prompts, str(tiny_family / "draft"), tmp_path, on_tick=killer, show_progress=False)
+    assert killer.killed, "no replica was killed"
+    assert summary["sessions_failed"] == 0 and summary["sessions_lost"] == 0 and summary["sessions_completed"] > 12
+    ref = [r.tokens for r in speculative_generate(None, Verifier(family_models["v1"]), prompts, 24)]
+    sessions = [json.loads(line) for line in (tmp_path / "sessions.jsonl").read_text().splitlines()]
+    assert all(s["tokens"] == ref[s["prompt_index"]] for s in sessions)
+    assert summary["resyncs"] + summary["retries"] > 0  # the lost replica's sessions came back through resync
 
 
 # The hot-swap tests change which versions the module's app serves: they run last.
@@ -230,6 +269,11 @@ def test_hot_swap_under_a_running_fleet_loses_nothing(app, tiny_family, family_m
     from deployments.loadtest import run_report
     from deployments.swap import SwapPlan, SwapTrigger
 
+    import httpx
+
+    # v1 can only be retired once no alias points at it: the fixture's 50/50 split moves to v2
+    assert httpx.put(f"{app['url']}/admin/aliases/half", json={"target": "v2"},
+                     headers={"authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30).status_code == 200
     prompts = [p[-40:] for p in humaneval_prompts[:8]]
     plan = SwapPlan("v3", str(tiny_family / "v3"), weight=0.5, window_s=4, min_rounds=10, min_fraction=0.5)
     trigger = SwapTrigger(app["url"], ADMIN_TOKEN, plan, start_at_s=2)
@@ -289,7 +333,22 @@ def test_incompatible_candidate_is_refused_by_the_gate_and_rolled_back_by_the_ca
     assert summary["sessions_failed"] == 0 and summary["sessions_lost"] == 0
     state = FileRegistry(app["registry"]).load()
     assert state.aliases["stable"] == stable and state.canary.status == "rolled_back"
-    assert "acceptance length" in state.canary.reason
+    assert "acceptance" in state.canary.reason
+
+
+def test_http_rounds_need_an_api_key_and_respect_the_session_rate_limit(app):
+    import httpx
+
+    url, rnd = app["url"], first_round("keyed-1", "v1").model_dump()
+    assert httpx.post(f"{url}/v1/round", json=rnd, timeout=30).status_code == 401
+    assert httpx.post(f"{url}/v1/round", json=rnd, headers={"authorization": "Bearer nope"}, timeout=30).status_code == 403
+    with httpx.Client(base_url=url, headers={**KEYED, "x-session-id": "burst-1"}, timeout=30) as client, \
+            cf.ThreadPoolExecutor(16) as pool:  # 80 rounds at once against a burst of 20 and 50 rounds/s
+        codes = list(pool.map(lambda _: client.post("/v1/round", json=first_round("burst-1", "v1").model_dump()),
+                              range(80)))
+    limited = [r for r in codes if r.status_code == 429]
+    assert limited and all(r.status_code in (200, 429) for r in codes)
+    assert int(limited[0].headers["retry-after"]) >= 1 and limited[0].json()["error"]["code"] == "rate_limited"
 
 
 def test_version_admin_calls_without_the_token_are_refused(app):

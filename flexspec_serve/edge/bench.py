@@ -146,7 +146,7 @@ def write_outputs(cells: list[Cell], summary: dict, out: Path, command: str) -> 
     cols = ["device_class", "setting", "adaptive tok/s", f"{summary['best_single_fixed']} tok/s", "cloud-only tok/s",
             "accept-adaptive tok/s", "oracle fixed K", "adaptive / oracle", "budget J/tok", "adaptive mean K", "adaptive J/tok",
             f"{summary['best_single_fixed']} J/tok", "cloud-only J/tok", "winner"]
-    lines = [f"# Adaptive draft length vs fixed K vs cloud-only\n", f"Command: `{command}`\n",
+    lines = ["# Adaptive draft length vs fixed K vs cloud-only\n", f"Command: `{command}`\n",
              f"- best single fixed K over all settings: **{summary['best_single_fixed']}**",
              f"- adaptive goodput vs it (geometric mean over cells): **{summary['goodput_gain']:+.1%}**",
              f"- adaptive energy per token vs it: **{summary['energy_ratio'] - 1:+.1%}**",

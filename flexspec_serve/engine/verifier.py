@@ -58,6 +58,7 @@ class _Session:
     last_key: tuple | None = None
     last_outcome: RoundOutcome | None = None
     stats: AcceptanceStats = field(default_factory=AcceptanceStats)
+    created_at: float = 0.0  # wall time of its first round (0 for sessions rebuilt by a resync)
 
     def nbytes(self) -> int:
         return self.target.nbytes() + self.draft.nbytes()
@@ -106,6 +107,14 @@ class Verifier:
     def session_stats(self, session_id: str) -> AcceptanceStats:
         return self.sessions[session_id].stats
 
+    def stats_since(self, t: float) -> AcceptanceStats:
+        """Acceptance over the sessions (still held) that started at or after wall time `t`."""
+        total = AcceptanceStats()
+        for s in list(self.sessions.values()):  # a batch may be changing the store on another thread
+            if s.created_at >= t:
+                total.merge(s.stats)
+        return total
+
     def cache_bytes(self) -> int:
         return self._total_bytes
 
@@ -146,7 +155,8 @@ class Verifier:
         hit = req.full_context is None
         if req.full_context is not None:
             seed = _session_seed(req.session_id, req.sampling.seed)
-            session = _Session(tokens=list(req.full_context), sampling=req.sampling, seed=seed)
+            session = _Session(tokens=list(req.full_context), sampling=req.sampling, seed=seed,
+                               created_at=time.time() if req.seq == 0 else 0.0)
             self.sessions[req.session_id] = session
             self.cache_misses += 1
         elif session is None:

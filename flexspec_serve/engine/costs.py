@@ -1,0 +1,42 @@
+"""Measured verify cost against batch size: what the capacity planner and the engine benchmark use.
+
+`verify_cost_ms(verifier, contexts, k)` times one verify call over len(contexts) sessions with warm caches,
+every session kept at the same length (the round's tokens are rolled back after each call), and returns
+the median. `cost_profile` does it for several batch sizes. Nothing here decides replicas.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+from flexspec_serve.engine.verifier import Verifier, VerifyRequest
+
+
+def verify_cost_ms(verifier: Verifier, contexts: list[list[int]], k: int, reps: int = 5) -> float:
+    reqs = [VerifyRequest(f"b{i}", 0, (), full_context=tuple(c)) for i, c in enumerate(contexts)]
+    verifier.verify(reqs)  # build the caches
+    times, seq = [], 1
+    for _ in range(reps):
+        for i, c in enumerate(contexts):  # keep every session at the same length: drop last round's tokens
+            s = verifier.sessions[f"b{i}"]
+            s.tokens = s.tokens[: len(c) + 1]
+            s.target.truncate(len(c))
+        batch = [VerifyRequest(f"b{i}", seq, tuple(c[1 : k + 1])) for i, c in enumerate(contexts)]
+        started = time.perf_counter()
+        out = verifier.verify(batch)
+        times.append((time.perf_counter() - started) * 1e3)
+        failed = [o for o in out if isinstance(o, Exception)]
+        if failed:
+            raise RuntimeError(f"verify failed while profiling: {failed[0]}")
+        seq += 1
+    for i in range(len(contexts)):
+        verifier.drop_session(f"b{i}")
+    return statistics.median(times)
+
+
+def cost_profile(verifier: Verifier, contexts: list[list[int]], k: int, batches=(1, 2, 4, 8, 16, 32),
+                 reps: int = 5) -> dict[int, float]:
+    """{batch size: median ms per verify call}; contexts are reused cyclically to fill a batch."""
+    return {b: round(verify_cost_ms(verifier, [contexts[i % len(contexts)] for i in range(b)], k, reps), 3)
+            for b in batches}
