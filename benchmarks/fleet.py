@@ -24,13 +24,13 @@ from flexspec_serve.fleet.spec import FleetSpec
 LTE = ("TMobile-LTE-short", "ATT-LTE-driving")
 
 
-def scale_spec(args) -> FleetSpec:
+def scale_spec(args, think: float) -> FleetSpec:
     return FleetSpec(
         name="scale", devices=args.devices, actors=args.actors, actor_num_cpus=0.2, max_new_tokens=48, target="stable",
         mix=[{"device_class": "flagship-phone", "share": 0.4, "channel": LTE[0]},
              {"device_class": "midrange-phone", "share": 0.4, "channel": LTE[1]},
              {"device_class": "wearable", "share": 0.2, "channel": "fading"}],
-        arrival={"start_within_s": args.think, "think_time_s": args.think}, duration_s=args.duration)
+        arrival={"start_within_s": think, "think_time_s": think}, duration_s=args.duration)
 
 
 def lte_spec(args, policy: str) -> FleetSpec:
@@ -47,7 +47,8 @@ def main() -> None:
     ap.add_argument("--devices", type=int, default=1000)
     ap.add_argument("--actors", type=int, default=4)
     ap.add_argument("--duration", type=float, default=90.0)
-    ap.add_argument("--think", type=float, default=400.0, help="mean think time between a device's sessions (s); "
+    ap.add_argument("--think", type=float, nargs="+", default=[800.0, 400.0],
+                    help="mean think time between a device's sessions (s), one scale run each (lighter first); "
                     "first sessions are spread over the same time, so session starts arrive at a steady rate")
     ap.add_argument("--lte-devices", type=int, default=12)
     ap.add_argument("--lte-duration", type=float, default=40.0)
@@ -57,36 +58,40 @@ def main() -> None:
     family = paths.family_dir(args.profile)
     start_local_app(family_app_config(family, ["v1", "v2"]))
     draft = str(family / "draft")
-    scale = scale_spec(args)
-    prompts = fleet_prompts(scale, family / "draft")
-    s = run_report(scale, prompts, draft, args.out / "fleet" / "scale", command="python -m benchmarks.fleet")
+    scales = [scale_spec(args, think) for think in args.think]
+    prompts = fleet_prompts(scales[0], family / "draft")
+    runs = [run_report(spec, prompts, draft, args.out / "fleet" / f"scale-think{spec.arrival.think_time_s:g}",
+                       command="python -m benchmarks.fleet") for spec in scales]
     summaries = [run_report(lte_spec(args, p), prompts, draft, args.out / "fleet" / f"lte-{p}",
                             command="python -m benchmarks.fleet") for p in ("adaptive", "fixed-4", "cloud-only")]
     table = compare_rows(summaries)
-    lag = s["emulation_lag_ms"]
     lines = [
         "# Fleet benchmark (local Ray + Serve, CPU)\n",
         f"Command: `python -m benchmarks.fleet --profile {args.profile} --devices {args.devices}`  \n"
         f"machine: {machine()}; family {args.profile} seed 0, versions v1 (stable) + v2\n",
-        f"## Scale: {scale.devices} devices over {scale.actors} fleet actors\n",
-        f"Arrivals: first session uniform within {scale.arrival.start_within_s:g} s, think time {args.think:g} s (mean), "
-        f"{scale.max_new_tokens} new tokens per session, {scale.duration_s:g} s of arrivals.\n",
-        "| devices | sessions | completed | failed | lost | rounds | in session (mean / max) | mid-round (mean / max) "
-        "| lag p50 ms | lag p99 ms | lag max ms | lag events | fleet tok/s | per-token p50 / p99 ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-        f"| {s['devices']} | {s['sessions_started']} | {s['sessions_completed']} | {s['sessions_failed']} | "
-        f"{s['sessions_lost']} | {s['rounds']} | {s['in_session']['mean']} / {s['in_session']['max']} | "
-        f"{s['mid_round']['mean']} / {s['mid_round']['max']} | {lag['p50']} | {lag['p99']} | {lag['max']} | "
-        f"{lag['events']} | {s['fleet_tokens_per_s']} | {s['per_token_latency_ms']['p50']} / "
-        f"{s['per_token_latency_ms']['p99']} |\n",
+        f"## Scale: {args.devices} devices over {args.actors} fleet actors\n",
+        f"Arrivals: first session uniform within the think time, then exponential think time (mean, per row), "
+        f"{scales[0].max_new_tokens} new tokens per session, {args.duration:g} s of arrivals.\n",
+        "| think s | devices | sessions | completed | failed | lost | rounds | in session (mean / max) | mid-round "
+        "(mean / max) | lag p50 ms | lag p99 ms | lag max ms | lag events | fleet tok/s | per-token p50 / p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *[scale_row(spec, s) for spec, s in zip(scales, runs)], "",
         f"## Speculative vs cloud-only on the LTE traces ({LTE[0]}, {LTE[1]}; {args.lte_devices} devices)\n",
         "| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0]),
         *["| " + " | ".join(str(v) for v in row.values()) + " |" for row in table],
-        "\nReports: `docs/results/fleet/scale/report.md`, `docs/results/fleet/lte-*/report.md`.",
+        "\nReports: `docs/results/fleet/scale-think*/report.md`, `docs/results/fleet/lte-*/report.md`.",
     ]
     (args.out / "fleet.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    print(json.dumps({"scale_lag_ms": lag, "compare": table}, indent=1))
+    print(json.dumps({"scale_lag_ms": [s["emulation_lag_ms"] for s in runs], "compare": table}, indent=1))
+
+
+def scale_row(spec: FleetSpec, s: dict) -> str:
+    lag, lat = s["emulation_lag_ms"], s["per_token_latency_ms"]
+    return (f"| {spec.arrival.think_time_s:g} | {s['devices']} | {s['sessions_started']} | {s['sessions_completed']} | "
+            f"{s['sessions_failed']} | {s['sessions_lost']} | {s['rounds']} | {s['in_session']['mean']} / "
+            f"{s['in_session']['max']} | {s['mid_round']['mean']} / {s['mid_round']['max']} | {lag['p50']} | "
+            f"{lag['p99']} | {lag['max']} | {lag['events']} | {s['fleet_tokens_per_s']} | {lat['p50']} / {lat['p99']} |")
 
 
 if __name__ == "__main__":

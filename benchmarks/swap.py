@@ -64,8 +64,10 @@ def main() -> None:
     events = {e["label"]: e["t_s"] for e in trigger.script.events}
     rounds = [r for r in _rounds(out)]
     swap_start, swap_end = events.get("add v3", args.swap_at), events.get("deleted v1", args.duration)
-    steady, n_steady = p99(rounds, 10.0, swap_start)
-    during, n_during = p99(rounds, swap_start, swap_end)
+    steady, n_steady = p99(rounds, 10.0, swap_start, "round_ms")
+    during, n_during = p99(rounds, swap_start, swap_end, "round_ms")
+    cloud_steady, _ = p99(rounds, 10.0, swap_start)
+    cloud_during, _ = p99(rounds, swap_start, swap_end)
     gate = SwapScript(url, token, SwapPlan("v2-unconstrained", str(family / "v2-unconstrained")), 0.0)
     gate.run()
     edge = summary["edge_model_bytes"]
@@ -78,11 +80,14 @@ def main() -> None:
         f"(canary 30 %, 20 s window, then v1 retired with `finish`).\n",
         "| step | t (s) |", "|---|---|", *[f"| {e['label']} | {e['t_s']} |" for e in trigger.script.events],
         f"\nOutcome: {trigger.script.outcome}.\n",
-        "| sessions | completed | failed | lost | rounds | cloud-part p99 steady (ms) | cloud-part p99 during swap (ms) "
-        "| ratio |", "|---|---|---|---|---|---|---|---|",
+        "| sessions | completed | failed | lost | rounds | round p99 steady (ms) | round p99 during swap (ms) | ratio "
+        "| cloud part p99 steady / during (ms) | ratio |", "|---|---|---|---|---|---|---|---|---|---|",
         f"| {summary['sessions_started']} | {summary['sessions_completed']} | {summary['sessions_failed']} | "
         f"{summary['sessions_lost']} | {summary['rounds']} | {steady} (n={n_steady}) | {during} (n={n_during}) | "
-        f"{during / steady:.2f} |\n",
+        f"{during / steady:.2f} | {cloud_steady} / {cloud_during} | {cloud_during / cloud_steady:.2f} |\n",
+        "Round = the device-observed round time (draft, uplink, cloud, downlink); cloud part = from the uplink's "
+        "delivery to the answer (Serve path, queue, verify). Steady = from 10 s to the start of the swap; during = "
+        "from `add` to the old version's deletion.\n",
         f"Unconstrained candidate through the gate: {gate.gate['message'] if gate.gate else gate.outcome}\n",
         f"Model bytes sent to the {spec.devices} devices across the swap: {edge['frozen']} (frozen draft). A coupled "
         f"design would have shipped the re-distilled draft ({edge['per_device'] / 1e6:.2f} MB) to every device: "
@@ -99,7 +104,8 @@ def _rounds(out: Path):
 
     with (out / "rounds.csv").open() as fh:
         for row in csv.DictReader(fh):
-            yield {"t_start_ms": float(row["t_start_ms"]), "verify_ms": float(row["verify_ms"])}
+            yield {"t_start_ms": float(row["t_start_ms"]), "verify_ms": float(row["verify_ms"]),
+                   "round_ms": float(row["round_ms"])}
 
 
 if __name__ == "__main__":
