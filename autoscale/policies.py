@@ -73,7 +73,9 @@ def bounded(policy: Policy, min_replicas: int | None = None, max_replicas: int |
 
 
 def cooldown(policy: Policy, upscale_delay_s: float, downscale_delay_s: float, key: str = "cooldown") -> Policy:
-    """Act on a scale-up (down) only after it has been asked for continuously for the delay."""
+    """Act on a scale-up (down) only after it has been asked for continuously for the delay; once the delay
+    has passed, keep acting in that direction until the load changes direction (the replica count may take
+    several ticks to follow)."""
 
     def wrapped(ctx: Context) -> tuple[int, dict]:
         desired, state = policy(ctx)
@@ -86,7 +88,7 @@ def cooldown(policy: Policy, upscale_delay_s: float, downscale_delay_s: float, k
             pending = {"direction": direction, "since": now}
         delay = upscale_delay_s if direction > 0 else downscale_delay_s
         if now - pending["since"] >= delay:
-            return desired, {**state, key: None}
+            return desired, {**state, key: pending}
         return current, {**state, key: pending}
 
     return wrapped

@@ -57,8 +57,11 @@ class AutoscalingSpec(StrictModel):
         kwargs = {"policy": self.policy, "capacity_tokens_per_s": self.capacity_tokens_per_s,
                   "target_utilisation": self.target_utilisation, "target_ongoing_requests": self.target_ongoing_requests,
                   "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s}
+        # Serve also delays a custom policy's decisions by its own up/downscale delays: zero them, the policy's
+        # cooldown wrapper is the one delay
         return {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
                 "initial_replicas": max(1, self.min_replicas), "metrics_interval_s": self.metrics_interval_s,
+                "upscale_delay_s": 0.0, "downscale_delay_s": 0.0,
                 "look_back_period_s": self.look_back_period_s,
                 "policy": {"policy_function": "autoscale.policies:VersionAutoscaler", "policy_kwargs": kwargs}}
 

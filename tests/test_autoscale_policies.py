@@ -27,8 +27,8 @@ class FakeContext:
 class Driver:
     """Applies a policy every `tick_s` of fake time, like the Serve controller does."""
 
-    def __init__(self, policy, replicas: int = 1):
-        self.policy, self.ctx = policy, FakeContext(current_num_replicas=replicas)
+    def __init__(self, policy, replicas: int = 1, apply: bool = True):
+        self.policy, self.ctx, self.apply = policy, FakeContext(current_num_replicas=replicas), apply
 
     def step(self, tokens_per_s: float | None = None, requests: float | None = None, tick_s: float = 1.0) -> int:
         if tokens_per_s is not None:
@@ -36,7 +36,8 @@ class Driver:
         if requests is not None:
             self.ctx.total_num_requests = requests
         replicas, self.ctx.policy_state = self.policy(self.ctx)
-        self.ctx.current_num_replicas = replicas
+        if self.apply:  # else the deployment lags behind the decision, as while replicas start
+            self.ctx.current_num_replicas = replicas
         self.ctx.current_time += tick_s
         return replicas
 
@@ -103,3 +104,10 @@ def test_policy_is_accepted_by_ray_serve_autoscaling_config():
     cfg = AutoscalingConfig(min_replicas=1, max_replicas=4, policy=AutoscalingPolicy(
         policy_function="autoscale.policies:VersionAutoscaler", policy_kwargs={"capacity_tokens_per_s": 2500}))
     assert cfg.policy.policy_kwargs["capacity_tokens_per_s"] == 2500
+
+
+def test_cooldown_keeps_its_decision_while_the_replicas_catch_up():
+    """Serve starts replicas over several ticks; a decision once made must not blink back to `current`."""
+    d = Driver(cooldown(verified_tokens(1000, 1.0), upscale_delay_s=2, downscale_delay_s=10), apply=False)
+    decided = [d.step(tokens_per_s=3500) for _ in range(6)]
+    assert decided == [1, 1, 4, 4, 4, 4]

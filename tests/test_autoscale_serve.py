@@ -16,18 +16,25 @@ from ray import serve  # noqa: E402
 from deployments.app import deploy  # noqa: E402
 from deployments.config import AppConfig, AutoscalingSpec, VersionSpec, deployment_name, version_app_name  # noqa: E402
 from flexspec_serve import protocol as P  # noqa: E402
+from flexspec_serve.engine.client import ClientSession  # noqa: E402
+from flexspec_serve.engine.sampling import SamplingParams  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.serve]
 
 
 async def session(handle, sid: str, prompt: list[int], rounds: int, pause_s: float, failures: list) -> None:
-    for seq in range(rounds):
-        rnd = P.DraftRound(session_id=sid, seq=seq, target="v1", draft_tokens=prompt[1:5],
-                           full_context=prompt if seq == 0 else None)
-        status, body = await handle.round_compact.remote(P.encode_round(rnd))
-        if status != 200:
-            failures.append(body)
-            return
+    """A client that drafts 4 arbitrary ids per round; when scaling moves it to a new replica, it resyncs."""
+    client = ClientSession.start(sid, prompt, SamplingParams(), None, "v1")
+    for _ in range(rounds):
+        draft = client.committed[-4:]
+        for _attempt in range(3):
+            status, body = await handle.round_compact.remote(P.encode_round(client.message(draft)))
+            if status == 200:
+                client.commit(draft, P.decode_result(body))
+                break
+            if not client.on_error(P.ErrorBody.model_validate_json(body)):
+                failures.append(body)
+                return
         await asyncio.sleep(pause_s)
 
 
@@ -66,15 +73,16 @@ def test_replicas_rise_under_a_ramp_and_fall_when_idle(tiny_family, tmp_path, hu
                                    for i in range(n_sessions)))
 
         asyncio.run(phase(2, 20, 0.2, "light"))  # ~ 2 x 5 rounds/s x 5 tokens = 50 tok/s: one replica
-        peak_start = len(timeline)
-        asyncio.run(phase(24, 60, 0.0, "heavy"))  # as fast as the app answers: well above one replica's 60
-        peak = max(n for _, n in timeline[peak_start:])
+        light_peak = max(n for _, n in timeline)
+        for wave in range(3):  # as fast as the app answers: well above one replica's 60 tok/s
+            asyncio.run(phase(24, 50, 0.0, f"heavy{wave}"))  # 50 rounds x <= 5 tokens stays within 512 positions
         deadline = time.monotonic() + 60
         while replicas(app, dep) > 1 and time.monotonic() < deadline:  # idle: back down after the delay
             time.sleep(1)
         stop.set()
         assert not failures, failures[:3]
-        assert peak >= 2, timeline
+        peak = max(n for _, n in timeline)
+        assert light_peak == 1 and peak >= 2, timeline
         assert replicas(app, dep) == 1, timeline
     finally:
         serve.shutdown()
