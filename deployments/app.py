@@ -5,9 +5,9 @@ version's application (each version is its own application, so versions come and
 others). `deploy(cfg)` runs them all; `flexspec serve up` uses it, and `serve deploy deployments/serve.yaml`
 lists the same applications with these builders as `import_path`.
 
-- `VerifierDeployment` wraps the plain `VerifierServer`; `@serve.batch` gathers concurrent rounds from many
-  sessions into one ragged verification; replicas are chosen by consistent hashing on the session id, so
-  a session keeps hitting the replica that holds its KV cache.
+- `VerifierDeployment` (`verifier.py`) wraps the plain `VerifierServer`; `@serve.batch` gathers concurrent
+  rounds from many sessions into one ragged verification; replicas are chosen by consistent hashing on the
+  session id, so a session keeps hitting the replica that holds its KV cache.
 - `Router` (FastAPI through Serve's HTTP proxy, or a DeploymentHandle for in-cluster clients) resolves a
   round's version from the registry: explicit version, alias or weighted split on the first round; after
   that the client names the version it was served by, so pinning survives router restarts.
@@ -25,17 +25,16 @@ from ray import serve
 from ray.exceptions import RayError
 from ray.serve.config import RequestRouterConfig
 from ray.serve.exceptions import BackPressureError, RayServeException
-from ray.util import metrics
 
 from deployments.admin import (AdminAPI, AliasUpdate, CanaryRequest, CheckRequest, PromoteRequest, RetireRequest,
                                RollbackRequest, error, read_admin_token)
-
 from deployments.config import (AppConfig, FileRegistry, RegistryState, UnknownTarget, VersionSpec, deployment_name,
                                 version_app_name)
 from deployments.openai_api import CompletionRequest, completion_response, models_response
 from deployments.security import ApiKeys, RateLimiter
-from flexspec_serve import protocol as P
+from deployments.verifier import VerifierDeployment
 from deployments.versions import VersionError, VersionManager
+from flexspec_serve import protocol as P
 from flexspec_serve.config import parse_model
 
 log = logging.getLogger("flexspec.router")
@@ -45,84 +44,6 @@ CONSISTENT_HASH = RequestRouterConfig(
     request_router_class="ray.serve.experimental.consistent_hash_router.ConsistentHashRouter",
     request_router_kwargs={"num_virtual_nodes": 100, "num_fallback_replicas": 2},
 )
-
-
-class VerifierDeployment:
-    def __init__(self, spec: dict, draft_path: str):
-        from deployments.server import VerifierServer
-
-        self.spec = VersionSpec.model_validate(spec)
-        self.server = VerifierServer(self.spec, draft_path)
-        self._batched.set_max_batch_size(self.spec.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
-        tags = {"version": self.spec.name}
-        self.m_rounds = metrics.Counter("flexspec_rounds", "rounds verified", tag_keys=("version",))
-        self.m_draft = metrics.Counter("flexspec_draft_tokens", "draft tokens received", tag_keys=("version",))
-        self.m_accepted = metrics.Counter("flexspec_accepted_tokens", "draft tokens accepted", tag_keys=("version",))
-        self.m_tau = metrics.Histogram("flexspec_acceptance_length", "accepted + 1 per round",
-                                       boundaries=[1, 2, 3, 4, 5, 6, 8, 12, 17], tag_keys=("version",))
-        self.m_verify = metrics.Histogram("flexspec_verify_ms", "batch verify latency (ms)",
-                                          boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500], tag_keys=("version",))
-        self.m_batch = metrics.Histogram("flexspec_batch_size", "rounds per verify batch",
-                                         boundaries=[1, 2, 4, 8, 16, 32, 64, 128], tag_keys=("version",))
-        self.m_cache = metrics.Counter("flexspec_kv_lookups", "KV-cache lookups", tag_keys=("version", "result"))
-        for m in (self.m_rounds, self.m_draft, self.m_accepted, self.m_tau, self.m_verify, self.m_batch):
-            m.set_default_tags(tags)
-        self._verified_tokens = 0  # positions verified (K + 1 per round), for the autoscaler
-        self._last_report = (time.monotonic(), 0)
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.004)
-    async def _batched(self, items: list[tuple[P.DraftRound, float]]) -> list:
-        rounds, enqueued = [r for r, _ in items], [t for _, t in items]
-        started = time.perf_counter()
-        results = await asyncio.to_thread(self.server.verify_rounds, rounds, enqueued)
-        self.m_verify.observe((time.perf_counter() - started) * 1e3)
-        self.m_batch.observe(len(rounds))
-        for rnd, res in zip(rounds, results):
-            if isinstance(res, P.RoundResult):
-                self._verified_tokens += len(rnd.draft_tokens) + 1
-                self.m_rounds.inc()
-                if rnd.draft_tokens:  # ray.util.metrics counters refuse inc(0)
-                    self.m_draft.inc(len(rnd.draft_tokens))
-                if res.accepted:
-                    self.m_accepted.inc(res.accepted)
-                self.m_tau.observe(res.accepted + 1)
-                self.m_cache.inc(tags={"version": self.spec.name, "result": "hit" if res.cache_hit else "miss"})
-        return results
-
-    async def verify(self, rnd: P.DraftRound):
-        """A RoundResult, or (http_status, ErrorBody)."""
-        return await self._batched((rnd, time.perf_counter()))
-
-    async def generate(self, session_id: str, prompt: list[int], max_tokens: int, sampling: dict,
-                       stop_token: int | None) -> tuple[list[int], str]:
-        """Cloud-only generation: K = 0 rounds, batched with everyone else's rounds."""
-        tokens: list[int] = []
-        for seq in range(max_tokens):
-            rnd = P.DraftRound(session_id=session_id, seq=seq, full_context=prompt if seq == 0 else None,
-                               sampling=P.Sampling(**sampling) if seq == 0 else None)
-            res = await self.verify(rnd)
-            if not isinstance(res, P.RoundResult):
-                raise ValueError(res[1].error.message)
-            tokens.append(res.token)
-            if stop_token is not None and res.token == stop_token:
-                self.server.verifier.drop_session(session_id)
-                return tokens, "stop"
-        self.server.verifier.drop_session(session_id)
-        return tokens, "length"
-
-    def stats(self, since: float | None = None) -> dict:
-        return self.server.stats(since)
-
-    async def record_autoscaling_stats(self) -> dict:
-        """Custom autoscaling metric (Serve calls this periodically): verified tokens/s since the last call."""
-        now, tokens = time.monotonic(), self._verified_tokens
-        then, before = self._last_report
-        self._last_report = (now, tokens)
-        return {"verified_tokens_per_s": (tokens - before) / max(now - then, 1e-6)}
-
-    def check_health(self) -> None:
-        self.server.check_health()
 
 
 fastapi_app = FastAPI(title="flexspec-serve", description="edge-cloud speculative decoding router")
