@@ -252,6 +252,40 @@ def test_killing_a_verifier_replica_under_a_fleet_loses_no_session(app, tiny_fam
     assert summary["resyncs"] + summary["retries"] > 0  # the lost replica's sessions came back through resync
 
 
+def test_fuzzed_round_bodies_get_4xx_never_5xx_and_the_app_still_answers(app):
+    import httpx
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    scalars = (st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.text(max_size=20)
+               | st.floats(allow_nan=False, allow_infinity=False))
+    values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=8),
+                                                                                              inner, max_size=5),
+                          max_leaves=20)
+    fields = st.fixed_dictionaries({}, optional={k: values for k in P.DraftRound.model_fields})
+    client = httpx.Client(base_url=app["url"], headers={**KEYED, "x-session-id": "fuzz"}, timeout=30)
+    statuses: list[int] = []
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(body=fields | values, raw=st.binary(max_size=64), compact=st.booleans())
+    def fuzz(body, raw, compact):
+        sid = {"x-session-id": f"fuzz-{len(statuses)}"}  # each its own rate-limit bucket
+        if compact:
+            resp = client.post("/v1/round", content=raw, headers={"content-type": P.COMPACT_CONTENT_TYPE, **sid})
+        else:
+            resp = client.post("/v1/round", json=body, headers=sid)
+        statuses.append(resp.status_code)
+        assert resp.status_code < 500, (body, raw, resp.text)
+        if resp.status_code >= 400:
+            assert "error" in resp.json()
+
+    fuzz()
+    assert len(statuses) >= 300 and any(400 <= c < 500 for c in statuses)
+    ok = client.post("/v1/round", json=first_round("after-fuzz", "v2").model_dump(),
+                     headers={"x-session-id": "after-fuzz"})
+    assert ok.status_code == 200 and ok.json()["version"] == "v2"
+
+
 # The hot-swap tests change which versions the module's app serves: they run last.
 
 def swap_fleet(**kw):
