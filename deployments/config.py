@@ -79,6 +79,8 @@ class VersionSpec(StrictModel):
     torch_threads: int = Field(1, ge=1, le=64, description="torch intra-op threads inside a replica")
     max_sessions: int = Field(4096, ge=1, description="KV-cache LRU: sessions per replica")
     max_cache_mb: int = Field(1024, ge=1, description="KV-cache LRU: memory cap per replica")
+    session_ttl_s: float = Field(120.0, gt=0, description="drop a session idle this long (its client resyncs "
+                                                          "if it returns): steady load, steady memory")
     max_draft_tokens: int = Field(16, ge=1, le=64)
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:[0-9]+)?|auto)$")
     autoscaling: AutoscalingSpec | None = Field(None, description="scale replicas on load; num_replicas ignored")

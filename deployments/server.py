@@ -26,7 +26,7 @@ class VerifierServer:
         target = load_causal_lm(spec.path, device=device)
         draft = load_causal_lm(draft_path, device=device)
         limits = VerifierLimits(max_draft_tokens=spec.max_draft_tokens, max_sessions=spec.max_sessions,
-                                max_cache_bytes=spec.max_cache_mb << 20)
+                                max_cache_bytes=spec.max_cache_mb << 20, session_ttl_s=spec.session_ttl_s)
         self.verifier = Verifier(target, draft, name=spec.name, limits=limits)
         self.batches = 0
         self.batch_sizes: list[int] = []
@@ -64,7 +64,7 @@ class VerifierServer:
         lookups = v.cache_hits + v.cache_misses
         out = {
             "version": self.version, "sessions": len(v.sessions), "cache_bytes": v.cache_bytes(),
-            "cache_hits": v.cache_hits, "cache_misses": v.cache_misses, "evictions": v.evictions,
+            "cache_hits": v.cache_hits, "cache_misses": v.cache_misses, "evictions": v.evictions, "expired": v.expired,
             "cache_hit_rate": round(v.cache_hits / lookups, 4) if lookups else None,
             "batches": self.batches,
             "mean_batch_size": round(sum(self.batch_sizes) / len(self.batch_sizes), 3) if self.batch_sizes else None,

@@ -190,6 +190,20 @@ def test_lru_evicts_by_count_and_bytes(family_models):
     assert not tight.sessions
 
 
+def test_idle_sessions_expire_and_their_client_resyncs(family_models):
+    now = [0.0]
+    verifier = Verifier(family_models["v1"], limits=VerifierLimits(session_ttl_s=10), clock=lambda: now[0])
+    verifier.verify([VerifyRequest("idle", 0, (), full_context=(1, 2, 3)),
+                     VerifyRequest("busy", 0, (), full_context=(1, 2, 3))])
+    now[0] = 8.0
+    verifier.verify([VerifyRequest("busy", 1, ())])
+    now[0] = 12.0
+    verifier.verify([VerifyRequest("busy", 2, ())])  # any batch expires what has been idle too long
+    assert list(verifier.sessions) == ["busy"] and verifier.expired == 1
+    (late,) = verifier.verify([VerifyRequest("idle", 1, ())])
+    assert isinstance(late, ResyncRequired)
+
+
 def test_statistics_count_rounds_and_positions(family_models, humaneval_prompts):
     verifier = Verifier(family_models["v1"], family_models["draft"])
     res = speculative_generate(DraftProposer(family_models["draft"]), verifier, humaneval_prompts[:3], 16, 4)

@@ -59,6 +59,7 @@ class _Session:
     last_outcome: RoundOutcome | None = None
     stats: AcceptanceStats = field(default_factory=AcceptanceStats)
     created_at: float = 0.0  # wall time of its first round (0 for sessions rebuilt by a resync)
+    last_used: float = 0.0  # clock time of its last round (idle sessions expire after session_ttl_s)
 
     def nbytes(self) -> int:
         return self.target.nbytes() + self.draft.nbytes()
@@ -69,12 +70,15 @@ class VerifierLimits:
     max_draft_tokens: int = 16
     max_sessions: int = 4096
     max_cache_bytes: int = 2 << 30
+    session_ttl_s: float = float("inf")  # a session idle this long is dropped (a client that returns resyncs)
 
 
 class Verifier:
     def __init__(self, target: torch.nn.Module, draft: torch.nn.Module | None = None, *, name: str = "target",
-                 limits: VerifierLimits = VerifierLimits()):
+                 limits: VerifierLimits = VerifierLimits(), clock=time.monotonic):
         self.target, self.draft, self.name, self.limits = target.eval(), draft, name, limits
+        self.clock = clock
+        self.expired = 0
         self.vocab_size = int(target.config.vocab_size)
         self.max_positions = int(target.config.max_position_embeddings)
         self.sessions: OrderedDict[str, _Session] = OrderedDict()
@@ -150,6 +154,7 @@ class Verifier:
         self._validate(req)
         session = self.sessions.get(req.session_id)
         if session is not None and session.last_key == _round_key(req):
+            session.last_used = self.clock()
             self.sessions.move_to_end(req.session_id)
             return session.last_outcome  # the same round again: same answer, applied once
         hit = req.full_context is None
@@ -170,6 +175,7 @@ class Verifier:
             self.cache_hits += 1
         self._check_length(req, session)
         session.tokens.extend(req.new_context)
+        session.last_used = self.clock()
         self.sessions.move_to_end(req.session_id)
         return session, hit
 
@@ -232,6 +238,10 @@ class Verifier:
         return outcome
 
     def _evict(self) -> None:
+        horizon = self.clock() - self.limits.session_ttl_s
+        while self.sessions and next(iter(self.sessions.values())).last_used < horizon:  # least recent first
+            self.drop_session(next(iter(self.sessions)))
+            self.expired += 1
         while self.sessions and (len(self.sessions) > self.limits.max_sessions
                                  or self._total_bytes > self.limits.max_cache_bytes):
             oldest = next(iter(self.sessions))
