@@ -131,6 +131,39 @@ def print_table(title: str, rows: list[dict]) -> None:
     Console(width=200).print(table)
 
 
+def _add_report(sub) -> None:
+    rep = sub.add_parser("report", help="regenerate a results report (Markdown + PNG under docs/results)")
+    rsub = rep.add_subparsers(dest="report_cmd", required=True)
+    c = rsub.add_parser("communication", help="bytes sent per target update (frozen vs coupled) and per token "
+                                              "(ids vs probability vectors)")
+    _family_args(c)
+    c.add_argument("--target", default="v1")
+    c.add_argument("--devices", type=int, default=1000, help="fleet size for the coupled design's update cost")
+    c.add_argument("--prompts", type=int, default=10)
+    c.add_argument("--max-new", type=int, default=48)
+    c.add_argument("--out", type=Path, default=Path("docs/results"))
+    c.set_defaults(func=cmd_report_communication)
+
+
+def cmd_report_communication(args) -> int:
+    from flexspec_serve.fleet.report import machine
+    from flexspec_serve.reports import communication as comm
+    from flexspec_serve.zoo.corpus import humaneval_problems
+    from flexspec_serve.zoo.loading import load_causal_lm, load_tokenizer
+
+    family = _family_dir(args)
+    tok = load_tokenizer(family / "draft")
+    prompts = [tok(p.prompt, add_special_tokens=False)["input_ids"][-192:] for p in humaneval_problems(args.prompts)]
+    draft = load_causal_lm(family / "draft")
+    tokens = comm.token_rows(draft, load_causal_lm(family / args.target), prompts, args.max_new)
+    meta = {"command": "flexspec " + " ".join(sys.argv[1:]), "machine": machine(), "family": family.name,
+            "seed": args.seed, "target": args.target, "prompts": args.prompts, "max_new": args.max_new,
+            "devices": args.devices}
+    files = comm.write(args.out, comm.update_rows(family / "draft", args.devices), tokens, meta)
+    print(files[0].read_text())
+    return 0
+
+
 def _add_demo(sub) -> None:
     d = sub.add_parser("demo", help="build the family if missing, print its compatibility table, and decode a "
                                     "HumanEval prompt speculatively (what `make demo` runs)")
@@ -172,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="cmd", required=True)
     _add_zoo(sub)
     _add_bench(sub)
+    _add_report(sub)
     _add_demo(sub)
     for ep in entry_points(group="flexspec_serve.commands"):
         try:

@@ -204,6 +204,7 @@ def test_every_cli_subcommand_has_help():
     parser = build_parser()
     commands = [["zoo", "build"], ["zoo", "report"], ["zoo", "info"], ["bench", "adaptive"], ["demo"],
                 ["serve", "up"], ["serve", "status"], ["serve", "down"], ["loadtest"], ["plan"],
+                ["report", "communication"],
                 *[["versions", op] for op in ("list", "add", "check", "canary", "promote", "set-weights", "rollback",
                                               "retire")]]
     for argv in commands:
