@@ -310,10 +310,11 @@ def test_hot_swap_under_a_running_fleet_loses_nothing(app, tiny_family, family_m
                      headers={"authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=30).status_code == 200
     prompts = [p[-40:] for p in humaneval_prompts[:8]]
     # the tiny family's versions differ more than the default's: the test is about the mechanics, so the bars are low
-    plan = SwapPlan("v3", str(tiny_family / "v3"), weight=0.5, window_s=4, min_rounds=40, min_fraction=0.5,
-                    max_acceptance_drop=0.6)
-    trigger = SwapTrigger(app["url"], ADMIN_TOKEN, plan, start_at_s=2)
-    summary = run_report(swap_fleet(), prompts, str(tiny_family / "draft"), tmp_path, on_tick=trigger,
+    plan = SwapPlan("v3", str(tiny_family / "v3"), weight=0.5, window_s=4, min_rounds=20, min_fraction=0.5,
+                    max_acceptance_drop=0.6, timeout_s=90)
+    trigger = SwapTrigger(app["url"], ADMIN_TOKEN, plan, start_at_s=1)
+    # the canary judges sessions that start after it does: arrivals must go on well past the add and the gate
+    summary = run_report(swap_fleet(duration_s=35), prompts, str(tiny_family / "draft"), tmp_path, on_tick=trigger,
                          show_progress=False)
     assert trigger.script.outcome == "promoted", trigger.script.events
     assert summary["sessions_failed"] == 0 and summary["sessions_lost"] == 0 and not summary["device_crashes"]
@@ -362,8 +363,8 @@ def test_incompatible_candidate_is_refused_by_the_gate_and_rolled_back_by_the_ca
     assert refused.outcome == "refused by the gate" and not refused.gate["passed"]
     # forced past the gate, the canary's live acceptance gives it away and the watcher rolls it back
     forced = SwapTrigger(app["url"], ADMIN_TOKEN, SwapPlan("noisy-forced", str(bad), weight=0.5, window_s=60,
-                                                           min_rounds=10, force=True), start_at_s=0)
-    summary = run_report(swap_fleet(duration_s=15), [p[-40:] for p in humaneval_prompts[:8]],
+                                                           min_rounds=10, force=True, timeout_s=90), start_at_s=0)
+    summary = run_report(swap_fleet(duration_s=25), [p[-40:] for p in humaneval_prompts[:8]],
                          str(tiny_family / "draft"), tmp_path / "run", on_tick=forced, show_progress=False)
     assert forced.script.outcome.startswith("rolled back"), forced.script.events
     assert summary["sessions_failed"] == 0 and summary["sessions_lost"] == 0
