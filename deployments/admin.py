@@ -24,8 +24,16 @@ from flexspec_serve.versions import CanaryRules, compatibility_gate
 from flexspec_serve.zoo.loading import TokenizerMismatch
 
 
+def error_response(status: int, body: P.ErrorBody) -> JSONResponse:
+    """An error body as the HTTP answer; a `retry_after_s` also becomes a Retry-After header."""
+    headers = {}
+    if body.error.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, round(body.error.retry_after_s)))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
 def error(status: int, code: str, message: str, field: str | None = None, value=None, **kw) -> JSONResponse:
-    return JSONResponse(P.ErrorBody.of(code, message, field, value, **kw).model_dump(), status_code=status)
+    return error_response(status, P.ErrorBody.of(code, message, field, value, **kw))
 
 
 def read_admin_token(token_file: str | None) -> str | None:

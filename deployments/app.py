@@ -27,7 +27,7 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.exceptions import BackPressureError, RayServeException
 
 from deployments.admin import (AdminAPI, AliasUpdate, CanaryRequest, CheckRequest, PromoteRequest, RetireRequest,
-                               RollbackRequest, error, read_admin_token)
+                               RollbackRequest, error, error_response, read_admin_token)
 from deployments.config import (AppConfig, FileRegistry, RegistryState, UnknownTarget, VersionSpec, deployment_name,
                                 version_app_name)
 from deployments.openai_api import CompletionRequest, completion_response, models_response
@@ -56,13 +56,6 @@ def _async(fn):
         return await asyncio.to_thread(fn, req)
 
     return run
-
-
-def _error_response(status: int, body: P.ErrorBody) -> JSONResponse:
-    headers = {}
-    if body.error.retry_after_s is not None:
-        headers["Retry-After"] = str(max(1, round(body.error.retry_after_s)))
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
 class ServeDeployer:
@@ -199,7 +192,7 @@ class Router:
                 return error(403, "forbidden", "API key not recognised", "authorization")
         allowed, wait_s = self.limiter.allow(request.headers.get("x-session-id") or request.client.host)
         if not allowed:
-            return _error_response(429, P.ErrorBody.of("rate_limited", "too many rounds for this session; slow down",
+            return error_response(429, P.ErrorBody.of("rate_limited", "too many rounds for this session; slow down",
                                                        retry_after_s=round(wait_s, 3)))
         return None
 
@@ -215,7 +208,7 @@ class Router:
             status, out = await self.round_compact(body)
             if status == 200:
                 return Response(out, status_code=200, media_type=P.COMPACT_CONTENT_TYPE)
-            return _error_response(status, P.ErrorBody.model_validate_json(out))
+            return error_response(status, P.ErrorBody.model_validate_json(out))
         try:
             rnd = P.validate(P.DraftRound, json.loads(body))
         except json.JSONDecodeError as err:
@@ -225,7 +218,7 @@ class Router:
         res = await self.route(rnd)
         if isinstance(res, P.RoundResult):
             return JSONResponse(res.model_dump())
-        return _error_response(*res)
+        return error_response(*res)
 
     # ------------------------------------------------------------------ versions, stats
     @fastapi_app.get("/v1/versions")

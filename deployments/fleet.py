@@ -11,17 +11,12 @@ import ray
 from ray import serve
 from ray.serve.exceptions import RayServeException
 
+from deployments.transport import decode_answer
 from flexspec_serve import protocol as P
 from flexspec_serve.transport import Exchange, TransportError
 
 log = logging.getLogger("flexspec.fleet")
 APP_NAME = "flexspec"
-
-
-def _decode(status: int, body: bytes) -> P.RoundResult | P.ErrorBody:
-    if status == 200:
-        return P.decode_result(body)
-    return P.ErrorBody.model_validate_json(body)
 
 
 class AsyncHandleTransport:
@@ -36,7 +31,7 @@ class AsyncHandleTransport:
             status, body = await self.router.round_compact.remote(payload)
         except (ray.exceptions.RayError, RayServeException) as err:
             raise TransportError(f"router call failed: {type(err).__name__}") from err
-        return Exchange(_decode(status, body), len(payload), len(body))
+        return Exchange(decode_answer(status, body), len(payload), len(body))
 
 
 class AsyncHttpTransport:
@@ -60,7 +55,7 @@ class AsyncHttpTransport:
             raise TransportError(f"HTTP round failed: {type(err).__name__}") from err
         if resp.status_code >= 500 and not resp.headers.get("content-type", "").startswith("application/json"):
             raise TransportError(f"HTTP {resp.status_code} without an error body")
-        return Exchange(_decode(resp.status_code, resp.content), len(payload), len(resp.content))
+        return Exchange(decode_answer(resp.status_code, resp.content), len(payload), len(resp.content))
 
 
 @ray.remote

@@ -127,7 +127,7 @@ def run_report(spec, prompts, draft_path: str, out: Path, compare: list[str] | N
     """The main run (+ the --compare replays), the report files; returns the main run's summary."""
     from flexspec_serve.fleet.report import compare_rows, machine, summarize, write_report
 
-    def one(s, out_dir, tick):
+    def one(s, tick):
         run, wall_s, events = run_fleet(s, prompts, draft_path, api_key, tick, show_progress)
         meta = {"fleet": s.name, "policy": s.policy, "devices": s.devices, "actors": len(s.shards()),
                 "transport": s.transport, "seed": s.seed, "duration_s": s.duration_s, "wall_s": round(wall_s, 1),
@@ -139,13 +139,13 @@ def run_report(spec, prompts, draft_path: str, out: Path, compare: list[str] | N
                                            "downlink_round_bytes": sum(r["bytes_down"] for r in run.rounds)}
         return run, summary
 
-    run, summary = one(spec, out, on_tick)
+    run, summary = one(spec, on_tick)
     table = None
     if compare:
         summaries = [summary]
         for policy in compare:
             other = spec.model_copy(update={"policy": policy})
-            other_run, other_summary = one(other, out / policy, None)
+            other_run, other_summary = one(other, None)
             write_report(out / policy, other_run, other_summary)
             summaries.append(other_summary)
         table = compare_rows(summaries)

@@ -12,7 +12,7 @@ from flexspec_serve import protocol as P
 from flexspec_serve.transport import Exchange
 
 
-def _decode(status: int, body: bytes) -> P.RoundResult | P.ErrorBody:
+def decode_answer(status: int, body: bytes) -> P.RoundResult | P.ErrorBody:
     if status == 200:
         return P.decode_result(body)
     return P.ErrorBody.model_validate(json.loads(body))
@@ -30,7 +30,7 @@ class HandleTransport:
         out = []
         for up, resp in zip(payloads, responses):
             status, body = resp.result()
-            out.append(Exchange(_decode(status, body), len(up), len(body)))
+            out.append(Exchange(decode_answer(status, body), len(up), len(body)))
         return out
 
 
@@ -50,5 +50,5 @@ class HttpTransport:
         for r in rounds:
             body = P.encode_round(r)
             resp = self.client.post("/v1/round", content=body, headers={"x-session-id": r.session_id})
-            out.append(Exchange(_decode(resp.status_code, resp.content), len(body), len(resp.content)))
+            out.append(Exchange(decode_answer(resp.status_code, resp.content), len(body), len(resp.content)))
         return out

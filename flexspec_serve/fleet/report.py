@@ -57,32 +57,44 @@ def _pct(values, qs=(50, 90, 99)) -> dict:
     return {f"p{q}": round(float(np.percentile(arr, q)), 2) for q in qs} | {"max": round(float(arr.max()), 2)}
 
 
+def round_metrics(rounds: list[dict]) -> dict:
+    """The per-round figures every table of the report shows, defined once (see the module docstring)."""
+    tokens = sum(r["tokens"] for r in rounds)
+    busy_s = sum(r["round_ms"] for r in rounds) / 1e3
+    drafted = [r for r in rounds if r["k"] > 0]
+    per_token = np.repeat([r["round_ms"] / r["tokens"] for r in rounds], [r["tokens"] for r in rounds]) if rounds else []
+    return {
+        "rounds": len(rounds), "tokens": tokens,
+        "decode_tokens_per_s": round(tokens / busy_s, 2) if busy_s else 0.0,
+        "per_token_latency_ms": _pct(per_token),
+        "acceptance_length": round(sum(r["tokens"] for r in drafted) / len(drafted), 3) if drafted else None,
+        "mean_k": round(sum(r["k"] for r in rounds) / len(rounds), 3) if rounds else 0.0,
+        "bytes_up_per_token": round(sum(r["bytes_up"] for r in rounds) / max(1, tokens), 2),
+        "bytes_down_per_token": round(sum(r["bytes_down"] for r in rounds) / max(1, tokens), 2),
+        "energy_j_per_token": round(sum(r["energy_j"] for r in rounds) / max(1, tokens), 4),
+    }
+
+
 def _group(rounds: list[dict], key: str) -> list[dict]:
     groups: dict[str, list[dict]] = defaultdict(list)
     for r in rounds:
         groups[r[key]].append(r)
     rows = []
     for name, rs in sorted(groups.items()):
-        tokens = sum(r["tokens"] for r in rs)
-        drafted = [r for r in rs if r["k"] > 0]
-        rows.append({key: name, "rounds": len(rs), "tokens": tokens,
-                     "decode_tokens_per_s": round(tokens / (sum(r["round_ms"] for r in rs) / 1e3), 2),
-                     "per_token_latency_p50_ms": _pct([r["round_ms"] / r["tokens"] for r in rs])["p50"],
-                     "acceptance_length": round(sum(r["tokens"] for r in drafted) / len(drafted), 3) if drafted else None,
-                     "mean_k": round(sum(r["k"] for r in rs) / len(rs), 2),
-                     "energy_j_per_token": round(sum(r["energy_j"] for r in rs) / tokens, 4),
-                     "bytes_up_per_token": round(sum(r["bytes_up"] for r in rs) / tokens, 2)})
+        m = round_metrics(rs)
+        rows.append({key: name, "rounds": m["rounds"], "tokens": m["tokens"],
+                     "decode_tokens_per_s": m["decode_tokens_per_s"],
+                     "per_token_latency_p50_ms": m["per_token_latency_ms"]["p50"],
+                     "acceptance_length": m["acceptance_length"], "mean_k": m["mean_k"],
+                     "energy_j_per_token": m["energy_j_per_token"], "bytes_up_per_token": m["bytes_up_per_token"]})
     return rows
 
 
 def summarize(run: ShardResult, meta: dict, events: list[dict] | None = None) -> dict:
     rounds, sessions = run.rounds, run.sessions
-    tokens = sum(r["tokens"] for r in rounds)
-    busy_s = sum(r["round_ms"] for r in rounds) / 1e3
-    per_token = np.repeat([r["round_ms"] / r["tokens"] for r in rounds], [r["tokens"] for r in rounds]) if rounds else []
+    m = round_metrics(rounds)
     span_s = (max(r["t_start_ms"] + r["round_ms"] for r in rounds) - min(r["t_start_ms"] for r in rounds)) / 1e3 \
         if rounds else 0.0
-    drafted = [r for r in rounds if r["k"] > 0]
     errors: dict[str, int] = defaultdict(int)
     for s in sessions:
         if s["error"]:
@@ -94,15 +106,8 @@ def summarize(run: ShardResult, meta: dict, events: list[dict] | None = None) ->
         "sessions_completed": sum(s["completed"] for s in sessions),
         "sessions_failed": sum(not s["completed"] for s in sessions),
         "sessions_lost": started - len(sessions),  # started but never reported back
-        "rounds": len(rounds), "tokens": tokens,
-        "fleet_tokens_per_s": round(tokens / span_s, 2) if span_s else 0.0,
-        "decode_tokens_per_s": round(tokens / busy_s, 2) if busy_s else 0.0,
-        "per_token_latency_ms": _pct(per_token), "round_ms": _pct([r["round_ms"] for r in rounds]),
-        "acceptance_length": round(sum(r["tokens"] for r in drafted) / len(drafted), 3) if drafted else None,
-        "mean_k": round(sum(r["k"] for r in rounds) / len(rounds), 3) if rounds else 0.0,
-        "bytes_up_per_token": round(sum(r["bytes_up"] for r in rounds) / max(1, tokens), 2),
-        "bytes_down_per_token": round(sum(r["bytes_down"] for r in rounds) / max(1, tokens), 2),
-        "energy_j_per_token": round(sum(r["energy_j"] for r in rounds) / max(1, tokens), 4),
+        **m, "fleet_tokens_per_s": round(m["tokens"] / span_s, 2) if span_s else 0.0,
+        "round_ms": _pct([r["round_ms"] for r in rounds]),
         "emulation_lag_ms": {**_pct(run.lags_ms), "events": len(run.lags_ms)},
         "mid_round": {"mean": round(float(np.mean([t["mid_round"] for t in timeline])), 1) if timeline else 0,
                       "max": max((t["mid_round"] for t in timeline), default=0)},

@@ -212,7 +212,7 @@ class Shard:
         dev.cloud.record(k, back - t0 - draft_ms - up_ms - down_ms)
         ev = RoundEvent(0, result.seq, k, result.accepted, prefill, ex.bytes_up, ex.bytes_down, result)
         dev.account(ev, t0, draft_ms, up_ms, back - t0 - draft_ms - up_ms - down_ms, down_ms,
-                    session=client.session_id, rate_up_bps=round(dev.link.up.reported_rate_bps(t0), 1),
+                    session=client.session_id, rate_up_bps=round(dev.observer.rate_bps["up"], 1),
                     lag_ms=round(max(lags), 3), queue_ms=result.timings.queue_ms,
                     server_verify_ms=result.timings.verify_ms, batch_size=result.timings.batch_size,
                     attempts=attempts)
