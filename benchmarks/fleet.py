@@ -18,7 +18,8 @@ from pathlib import Path
 from deployments.cli import family_app_config, start_local_app
 from deployments.loadtest import fleet_prompts, run_report
 from flexspec_serve import paths
-from flexspec_serve.fleet.report import compare_rows, machine
+from flexspec_serve.fleet.report import compare_rows
+from flexspec_serve.reports import machine
 from flexspec_serve.fleet.spec import FleetSpec
 
 LTE = ("TMobile-LTE-short", "ATT-LTE-driving")

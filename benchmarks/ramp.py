@@ -25,7 +25,8 @@ from deployments.cli import family_app_config, start_local_app
 from deployments.config import AutoscalingSpec, deployment_name, version_app_name
 from deployments.loadtest import fleet_prompts, run_fleet
 from flexspec_serve import paths
-from flexspec_serve.fleet.report import machine, summarize
+from flexspec_serve.fleet.report import summarize
+from flexspec_serve.reports import machine
 from flexspec_serve.fleet.spec import FleetSpec
 
 
@@ -58,7 +59,7 @@ def main() -> None:
     ap.add_argument("--phase-s", type=float, default=60.0)
     ap.add_argument("--slo-ms", type=float, default=200.0)
     ap.add_argument("--overhead-ms", type=float, default=14.5, help="Serve path per round; 14.5 ms measured "
-                    "by `python -m benchmarks.serve` on the 2-core machine (docs/results/serve.md)")
+                    "by `python -m benchmarks.serve` on the 2-core machine (docs/results/serving.md)")
     ap.add_argument("--out", type=Path, default=Path("docs/results"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -24,7 +24,8 @@ from ray import serve
 from deployments.cli import family_app_config, start_local_app
 from deployments.loadtest import fleet_prompts, run_fleet
 from flexspec_serve import paths
-from flexspec_serve.fleet.report import machine, summarize
+from flexspec_serve.fleet.report import summarize
+from flexspec_serve.reports import machine
 from flexspec_serve.fleet.spec import FleetSpec
 
 WATCHED = ("ServeReplica:flexspec-v1", "ServeReplica:flexspec:router", "FleetActor")

@@ -25,7 +25,7 @@ from deployments.demo import draft_bytes
 from deployments.loadtest import fleet_prompts, run_report
 from deployments.swap import SwapPlan, SwapScript, SwapTrigger
 from flexspec_serve import paths
-from flexspec_serve.fleet.report import machine
+from flexspec_serve.reports import machine
 from flexspec_serve.fleet.spec import FleetSpec
 
 

@@ -42,35 +42,6 @@ def _add_zoo(sub) -> None:
     i.set_defaults(func=cmd_zoo_info)
 
 
-def _add_bench(sub) -> None:
-    bench = sub.add_parser("bench", help="benchmarks that run in-process on the model family")
-    bsub = bench.add_subparsers(dest="bench_cmd", required=True)
-    a = bsub.add_parser("adaptive", help="adaptive K vs fixed K vs cloud-only per device class and channel "
-                                         "(emulated time, real models)")
-    _family_args(a)
-    a.add_argument("--target", default="v1", help="target version (default: %(default)s)")
-    a.add_argument("--classes", nargs="+", default=["flagship-phone", "midrange-phone", "wearable"])
-    a.add_argument("--settings", nargs="+", help="channel settings (default: every carried trace + good fading poor)")
-    a.add_argument("--devices-per-cell", type=int, default=4)
-    a.add_argument("--max-new", type=int, default=48)
-    a.add_argument("--out", type=Path, default=Path("docs/results/adaptive"))
-    a.set_defaults(func=cmd_bench_adaptive)
-
-
-def cmd_bench_adaptive(args) -> int:
-    from flexspec_serve.edge import bench
-
-    cfg = bench.BenchConfig(family=_family_dir(args), target=args.target, classes=tuple(args.classes),
-                            devices_per_cell=args.devices_per_cell, max_new_tokens=args.max_new)
-    if args.settings:
-        cfg.settings = tuple(args.settings)
-    cells = bench.run_bench(cfg)
-    summary = bench.analyse(cells, cfg)
-    bench.write_outputs(cells, summary, args.out, "flexspec " + " ".join(sys.argv[1:]))
-    print((args.out / "adaptive.md").read_text())
-    return 0
-
-
 def _family_args(p) -> None:
     p.add_argument("--family", type=Path, help="family directory (default: the --profile one)")
     p.add_argument("--profile", default="default", choices=sorted(PROFILES))
@@ -132,36 +103,10 @@ def print_table(title: str, rows: list[dict]) -> None:
 
 
 def _add_report(sub) -> None:
+    from flexspec_serve.reports.cli import add_commands
+
     rep = sub.add_parser("report", help="regenerate a results report (Markdown + PNG under docs/results)")
-    rsub = rep.add_subparsers(dest="report_cmd", required=True)
-    c = rsub.add_parser("communication", help="bytes sent per target update (frozen vs coupled) and per token "
-                                              "(ids vs probability vectors)")
-    _family_args(c)
-    c.add_argument("--target", default="v1")
-    c.add_argument("--devices", type=int, default=1000, help="fleet size for the coupled design's update cost")
-    c.add_argument("--prompts", type=int, default=10)
-    c.add_argument("--max-new", type=int, default=48)
-    c.add_argument("--out", type=Path, default=Path("docs/results"))
-    c.set_defaults(func=cmd_report_communication)
-
-
-def cmd_report_communication(args) -> int:
-    from flexspec_serve.fleet.report import machine
-    from flexspec_serve.reports import communication as comm
-    from flexspec_serve.zoo.corpus import humaneval_problems
-    from flexspec_serve.zoo.loading import load_causal_lm, load_tokenizer
-
-    family = _family_dir(args)
-    tok = load_tokenizer(family / "draft")
-    prompts = [tok(p.prompt, add_special_tokens=False)["input_ids"][-192:] for p in humaneval_problems(args.prompts)]
-    draft = load_causal_lm(family / "draft")
-    tokens = comm.token_rows(draft, load_causal_lm(family / args.target), prompts, args.max_new)
-    meta = {"command": "flexspec " + " ".join(sys.argv[1:]), "machine": machine(), "family": family.name,
-            "seed": args.seed, "target": args.target, "prompts": args.prompts, "max_new": args.max_new,
-            "devices": args.devices}
-    files = comm.write(args.out, comm.update_rows(family / "draft", args.devices), tokens, meta)
-    print(files[0].read_text())
-    return 0
+    add_commands(rep.add_subparsers(dest="report_cmd", required=True), _family_args, _family_dir)
 
 
 def _add_demo(sub) -> None:
@@ -195,7 +140,7 @@ def cmd_demo(args) -> int:
                                    [tok(prompt, add_special_tokens=False)["input_ids"]], 64, 4)[0]
         print(f"\n--- {version}: acceptance length {res.stats.acceptance_length:.2f} over {res.stats.rounds} rounds ---")
         print(prompt[-200:] + "\033[1m" + tok.decode(res.tokens) + "\033[0m")
-    print(f"\nfamily: {out}\nnext: `flexspec bench adaptive --profile {args.profile}` for the channel-aware K study")
+    print(f"\nfamily: {out}\nnext: `flexspec report adaptation --profile {args.profile}` for the channel-aware K study")
     return 0
 
 
@@ -204,7 +149,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="cmd", required=True)
     _add_zoo(sub)
-    _add_bench(sub)
     _add_report(sub)
     _add_demo(sub)
     for ep in entry_points(group="flexspec_serve.commands"):

@@ -28,3 +28,78 @@ def test_coupled_update_costs_the_draft_per_device_and_frozen_costs_nothing(tiny
     rows = comm.update_rows(tiny_family / "draft", devices=100)
     assert rows and all(r["frozen_bytes"] == 0 and abs(r["fleet_gb"] - r["draft_mb"] * 100 / 1e3) < 0.01 for r in rows)
     assert all(r["seconds_per_device"] > 0 for r in rows)
+
+
+def test_compat_report_compares_frozen_with_re_distilled_drafts_per_version(tiny_family, tmp_path):
+    import json
+
+    from flexspec_serve.cli import main
+    from flexspec_serve.reports import compat
+
+    rc = main(["report", "compat", "--family", str(tiny_family), "--prompts", "2", "--max-new", "8", "--files", "1",
+               "--out", str(tmp_path)])
+    assert rc == 0
+    md = (tmp_path / "compat.md").read_text()
+    assert all(col in md for col in compat.GOAL_COLUMNS + compat.PAIR_COLUMNS)
+    assert (tmp_path / "compat.png").stat().st_size > 0
+    data = json.loads((tmp_path / "compat.json").read_text())
+    goals = {(g["version"], g["mode"]): g for g in data["goals"]}
+    # every constrained version is judged in both modes against its own re-distilled draft ...
+    for v in ("v1", "v2", "v3"):
+        for mode in ("greedy", "sampling"):
+            g = goals[(v, mode)]
+            assert g["goal"] in ("met", "missed")
+            assert abs(g["frozen_vs_coupled"] - g["frozen_tau"] / g["coupled_tau"]) < 1e-3
+    # ... and the unconstrained contrast is shown but not judged
+    assert goals[("v2-unconstrained", "greedy")]["goal"] == "n/a"
+    assert data["goal"] == ("met" if all(g["goal"] == "met" for g in data["goals"] if g["goal"] != "n/a") else "missed")
+    assert data["meta"]["versions"] == ["v1", "v2", "v3", "v2-unconstrained"]
+
+
+def test_compat_report_refuses_a_family_without_coupled_drafts(tiny_family, tmp_path):
+    import shutil
+
+    import pytest
+
+    from flexspec_serve.reports.compat import MissingCoupledDrafts, require_coupled
+
+    copy = tmp_path / "fam"
+    copy.mkdir()
+    manifest = (tiny_family / "manifest.json").read_text().replace('"coupled": true', '"coupled": false')
+    (copy / "manifest.json").write_text(manifest)
+    shutil.copytree(tiny_family / "v1", copy / "v1")
+    with pytest.raises(MissingCoupledDrafts, match="--coupled"):
+        require_coupled(copy)
+
+
+def test_adaptation_report_writes_the_emulated_study_and_the_serve_comparison(tiny_family, tmp_path):
+    import csv
+    import json
+
+    from flexspec_serve.cli import main
+    from flexspec_serve.reports import adaptation
+
+    def summary(policy, tps):
+        return {"policy": policy, "decode_tokens_per_s": tps, "per_token_latency_ms": {"p50": 1.0, "p99": 2.0},
+                "acceptance_length": 2.0, "mean_k": 3.0, "energy_j_per_token": 0.1, "bytes_up_per_token": 12.0,
+                "sessions_failed": 0, "command": "flexspec loadtest --compare"}
+
+    files = []
+    for policy, tps in (("adaptive", 15.0), ("cloud-only", 10.0)):
+        f = tmp_path / f"{policy}.json"
+        f.write_text(json.dumps(summary(policy, tps)))
+        files.append(str(f))
+    out = tmp_path / "out"
+    rc = main(["report", "adaptation", "--family", str(tiny_family), "--classes", "flagship-phone", "wearable",
+               "--settings", "TMobile-LTE-short", "poor", "--fixed-k", "2", "4", "--devices-per-cell", "1",
+               "--max-new", "6", "--out", str(out), "--serve-summaries", *files])
+    assert rc == 0
+    md = (out / "adaptation.md").read_text()
+    assert "## End to end through Serve" in md and "| adaptive | 15.0 |" in md and "| 1.5 |" in md
+    assert all(c in md for c in ("device_class", "setting", "adaptive tok/s", "cloud-only tok/s", "winner"))
+    with (out / "adaptation.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert set(rows[0]) == set(adaptation.CSV_COLUMNS)
+    # 2 classes x 2 settings x (adaptive, cloud-only, accept-adaptive, fixed-2, fixed-4)
+    assert len(rows) == 2 * 2 * 5 and all(float(r["tokens_per_s"]) > 0 for r in rows)
+    assert (out / "adaptation.png").stat().st_size > 0

@@ -1,14 +1,14 @@
-"""`flexspec bench adaptive`: adaptive K vs every fixed K vs cloud-only, per device class and channel.
+"""Adaptive K vs every fixed K vs cloud-only, per device class and channel (the measurement behind
+`flexspec report adaptation`, which writes it up).
 
 Every (device class, channel setting, policy) runs the same prompts on the real family (frozen draft,
 one target version) with the real wire encoding, in emulated time; each device of a cell gets its own
 trace offset / fading seed. Goodput = generated tokens / emulated seconds; energy = J / token.
-Writes `adaptive.md`, `adaptive.csv` and `adaptive.png`.
+It measures and analyses; it writes nothing.
 """
 
 from __future__ import annotations
 
-import csv
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,48 +132,3 @@ def analyse(cells: list[Cell], cfg: BenchConfig) -> dict:
     worst = min(rows, key=lambda r: r["adaptive / oracle"])
     return {"rows": rows, "best_single_fixed": best_single, "goodput_gain": gain - 1, "energy_ratio": energy,
             "worst_vs_oracle": worst["adaptive / oracle"], "worst_cell": f"{worst['device_class']}/{worst['setting']}"}
-
-
-def write_outputs(cells: list[Cell], summary: dict, out: Path, command: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "adaptive.csv").open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["device_class", "setting", "policy", "tokens", "seconds", "tokens_per_s", "j_per_token", "mean_k"])
-        for c in cells:
-            w.writerow([c.device_class, c.setting, c.policy, c.tokens, round(c.seconds, 4), round(c.tokens_per_s, 3),
-                        round(c.j_per_token, 5), round(c.mean_k, 3)])
-    rows = summary["rows"]
-    cols = ["device_class", "setting", "adaptive tok/s", f"{summary['best_single_fixed']} tok/s", "cloud-only tok/s",
-            "accept-adaptive tok/s", "oracle fixed K", "adaptive / oracle", "budget J/tok", "adaptive mean K", "adaptive J/tok",
-            f"{summary['best_single_fixed']} J/tok", "cloud-only J/tok", "winner"]
-    lines = ["# Adaptive draft length vs fixed K vs cloud-only\n", f"Command: `{command}`\n",
-             f"- best single fixed K over all settings: **{summary['best_single_fixed']}**",
-             f"- adaptive goodput vs it (geometric mean over cells): **{summary['goodput_gain']:+.1%}**",
-             f"- adaptive energy per token vs it: **{summary['energy_ratio'] - 1:+.1%}**",
-             f"- worst cell, adaptive / best fixed K for that cell: **{summary['worst_vs_oracle']:.3f}** "
-             f"({summary['worst_cell']})\n",
-             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
-    (out / "adaptive.md").write_text("\n".join(lines) + "\n")
-    _plot(rows, summary, out / "adaptive.png")
-
-
-def _plot(rows, summary, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = [f"{r['device_class']}\n{r['setting']}" for r in rows]
-    series = ["adaptive tok/s", f"{summary['best_single_fixed']} tok/s", "cloud-only tok/s"]
-    fig, ax = plt.subplots(figsize=(max(8, len(rows) * 0.7), 4.5))
-    width = 0.8 / len(series)
-    for j, name in enumerate(series):
-        ax.bar([i + j * width for i in range(len(rows))], [r[name] for r in rows], width, label=name.replace(" tok/s", ""))
-    ax.set_xticks([i + width for i in range(len(rows))], labels, rotation=75, fontsize=7)
-    ax.set_ylabel("goodput (tokens/s, emulated)")
-    ax.legend()
-    ax.set_title("FlexSpec adaptive K vs best single fixed K vs cloud-only")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

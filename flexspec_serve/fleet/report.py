@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from flexspec_serve.fleet.runtime import ShardResult
+from flexspec_serve.reports import md_table
 
 PLOTS = ("latency_cdf.png", "tokens_per_s.png", "acceptance_by_version.png", "k_vs_rate.png", "bytes_energy.png")
 SUMMARY_FIELDS = ("policy", "devices", "sessions_started", "sessions_completed", "sessions_failed", "sessions_lost",
@@ -148,13 +149,6 @@ def write_report(out: Path, run: ShardResult, summary: dict, compare: list[dict]
     return [out / n for n in ("summary.json", "rounds.csv", "sessions.jsonl", "report.md")] + written
 
 
-def _md_table(rows: list[dict]) -> str:
-    if not rows:
-        return "(none)\n"
-    head = "| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]) + "\n"
-    return head + "".join("| " + " | ".join(str(v) for v in r.values()) + " |\n" for r in rows)
-
-
 def compare_rows(summaries: list[dict]) -> list[dict]:
     """One row per policy; speed-ups against the cloud-only run when there is one."""
     base = next((s for s in summaries if s["policy"] == "cloud-only"), None)
@@ -187,28 +181,10 @@ def markdown(s: dict, compare: list[dict] | None, plot_names: list[str]) -> str:
         f"{s['in_session']['mean']}, max {s['in_session']['max']}. Draft batch (per actor): {s['draft_mean_batch']}; "
         f"verify batch seen by rounds: {s['server_mean_batch']}. Retries {s['retries']}, resyncs {s['resyncs']}, "
         f"errors {s['errors'] or 'none'}.\n",
-        "## By device class\n", _md_table(s["per_class"]), "## By target version\n", _md_table(s["per_version"]),
-        "## Version changes\n", _md_table(s["version_changes"]),
+        "## By device class\n", md_table(s["per_class"]), "## By target version\n", md_table(s["per_version"]),
+        "## Version changes\n", md_table(s["version_changes"]),
     ]
     if compare:
-        lines += ["## Policies on the same fleet, seeds and prompts\n", _md_table(compare)]
+        lines += ["## Policies on the same fleet, seeds and prompts\n", md_table(compare)]
     lines += ["## Plots\n"] + [f"![{n}]({n})" for n in plot_names]
     return "\n".join(lines) + "\n"
-
-
-def machine() -> str:
-    """One line naming the host, for every results file."""
-    import os
-    import platform
-
-    import torch
-
-    versions = [f"torch {torch.__version__}"]
-    try:
-        import ray
-
-        versions.append(f"Ray {ray.__version__}")
-    except ImportError:
-        pass
-    return (f"{os.cpu_count()}-core {platform.machine()} {platform.system()}, Python {platform.python_version()}, "
-            + ", ".join(versions))
