@@ -178,6 +178,36 @@ def test_one_bad_request_does_not_fail_the_batch(family_models):
     assert isinstance(out_bad, InvalidRequest) and out_good.context_len == 4
 
 
+def test_a_round_that_fails_inside_the_engine_leaves_its_batch_mates_alone(family_models, monkeypatch):
+    from flexspec_serve.engine.errors import RoundFailed
+
+    verifier = Verifier(family_models["v1"], family_models["draft"])
+    decide = verifier._decide
+
+    def broken_for_one(req, *args):
+        if req.session_id == "unlucky":
+            raise RuntimeError("probability tensor contains nan")
+        return decide(req, *args)
+
+    monkeypatch.setattr(verifier, "_decide", broken_for_one)
+    reqs = [VerifyRequest(sid, 0, (9, 9), full_context=(5, 6, 7)) for sid in ("a", "unlucky", "b")]
+    a, unlucky, b = verifier.verify(reqs)
+    assert isinstance(unlucky, RoundFailed) and unlucky.http_status == 500
+    alone = Verifier(family_models["v1"], family_models["draft"]).verify([reqs[0]])[0]
+    assert (a.accepted, a.token) == (b.accepted, b.token) == (alone.accepted, alone.token)
+    # the failed session holds no half-applied state: its next round is told to resync
+    assert isinstance(verifier.verify([VerifyRequest("unlucky", 1, (9,))])[0], ResyncRequired)
+
+
+def test_temperature_below_epsilon_is_greedy_not_nan(family_models, humaneval_prompts):
+    greedy = speculative_generate(DraftProposer(family_models["draft"]), Verifier(family_models["v1"],
+                                  family_models["draft"]), humaneval_prompts[:2], 12, 4)
+    tiny = speculative_generate(DraftProposer(family_models["draft"]), Verifier(family_models["v1"],
+                                family_models["draft"]), humaneval_prompts[:2], 12, 4,
+                                sampling=SamplingParams(5e-324, 5e-324, 3))
+    assert [r.tokens for r in tiny] == [r.tokens for r in greedy]
+
+
 def test_lru_evicts_by_count_and_bytes(family_models):
     verifier = Verifier(family_models["v1"], limits=VerifierLimits(max_sessions=2))
     for i in range(3):

@@ -103,6 +103,13 @@ def test_top_p_keeps_the_smallest_nucleus():
     torch.testing.assert_close(out[:2], torch.tensor([0.625, 0.375]))
 
 
+@pytest.mark.parametrize("top_p", [5e-324, 2.1e-79, 1e-12])
+def test_a_vanishing_top_p_keeps_the_most_likely_token(top_p):  # found by the schemathesis run
+    logits = torch.tensor([[0.1, 2.0, 0.3, 1.9], [0.0, 0.0, 0.0, 0.0]])
+    x = S.probs(logits, S.SamplingParams(10.0, top_p, 0))
+    assert torch.isfinite(x).all() and x[0].tolist() == [0.0, 1.0, 0.0, 0.0] and x[1].sum() == 1.0
+
+
 def test_greedy_acceptance_counts_the_matching_prefix():
     logits = torch.full((4, 5), -1.0)
     for pos, tok in enumerate([2, 4, 1, 3]):

@@ -30,3 +30,11 @@ class SequenceError(ResyncRequired):
     """The round's sequence number is stale or skips ahead: resend with the full context."""
 
     code = "bad_sequence"
+
+
+class RoundFailed(EngineError):
+    """Deciding this round failed inside the engine (a bug, not the client's doing). The session is dropped
+    (its next round resyncs from the client's context) and the round's batch-mates are unaffected."""
+
+    code = "round_failed"
+    http_status = 500

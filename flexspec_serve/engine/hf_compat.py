@@ -49,9 +49,17 @@ def layer_tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]
 
 
 def cache_from_tensors(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    """A cache holding exactly these per-layer tensors [B, H, T, D], without copying them where the
+    installed transformers has per-layer objects (it does since 4.56; `update` would copy each one)."""
     cache = DynamicCache()
     for i, (k, v) in enumerate(kv):
-        cache.update(k, v, i)
+        cache.update(k[:, :, :0], v[:, :, :0], i)  # initialises the layer (dtype, device) with nothing in it
+    if hasattr(cache, "layers"):
+        for layer, (k, v) in zip(cache.layers, kv):
+            layer.keys, layer.values = k, v
+    else:  # transformers 4.x
+        for i, (k, v) in enumerate(kv):
+            cache.update(k, v, i)
     return cache
 
 

@@ -80,25 +80,26 @@ def _run_single(model, seq: CachedSequence, tokens: list[int], device) -> torch.
 
 
 def _stack_left_padded(seqs: list[CachedSequence], p_max: int) -> DynamicCache:
+    """Every session's cache copied once into a zero-initialised [B, H, p_max, D] per layer, right-aligned."""
     per_layer = []
     layers = [hf_compat.layer_tensors(s.cache) if s.length else None for s in seqs]  # once per session
     reference = next(lt for lt in layers if lt is not None)
     for layer_idx, (k_ref, v_ref) in enumerate(reference):
-        ks, vs = [], []
-        for lt in layers:
+        k_out = k_ref.new_zeros((len(seqs), k_ref.shape[1], p_max, k_ref.shape[3]))  # [B, H, P, D]
+        v_out = v_ref.new_zeros((len(seqs), v_ref.shape[1], p_max, v_ref.shape[3]))
+        for b, lt in enumerate(layers):
             if lt is not None:
-                k, v = lt[layer_idx]
-            else:
-                k, v = k_ref[:, :, :0], v_ref[:, :, :0]
-            pad = p_max - k.shape[2]
-            ks.append(torch.nn.functional.pad(k, (0, 0, pad, 0)))  # [1, H, P, D]
-            vs.append(torch.nn.functional.pad(v, (0, 0, pad, 0)))
-        per_layer.append((torch.cat(ks), torch.cat(vs)))  # [B, H, P, D]
+                k, v = lt[layer_idx]  # [1, H, p_b, D]
+                k_out[b, :, p_max - k.shape[2] :] = k[0]
+                v_out[b, :, p_max - v.shape[2] :] = v[0]
+        per_layer.append((k_out, v_out))
     return hf_compat.cache_from_tensors(per_layer)
 
 
 def _split_back(cache: DynamicCache, seqs, past, new, p_max) -> None:
+    """Each session gets its own compact copy (a view would keep the whole batch's tensor alive)."""
     layers = hf_compat.layer_tensors(cache)  # each [B, H, P + N, D]
     for b, s in enumerate(seqs):
         lo, hi = p_max - past[b], p_max + new[b]
-        s.cache = hf_compat.cache_from_tensors([(k[b : b + 1, :, lo:hi], v[b : b + 1, :, lo:hi]) for k, v in layers])
+        s.cache = hf_compat.cache_from_tensors([(k[b : b + 1, :, lo:hi].clone(), v[b : b + 1, :, lo:hi].clone())
+                                                for k, v in layers])

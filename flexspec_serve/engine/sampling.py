@@ -11,9 +11,13 @@ from dataclasses import dataclass
 import torch
 
 
+SAMPLING_EPS = 1e-5  # temperatures below this are greedy: dividing logits by them overflows to inf
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """temperature 0 means greedy; top_p 1 means no nucleus cut; seed seeds the per-session generator."""
+    """temperature 0 (or below SAMPLING_EPS) means greedy; top_p 1 means no nucleus cut; seed seeds the
+    per-session generator."""
 
     temperature: float = 0.0
     top_p: float = 1.0
@@ -27,7 +31,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < SAMPLING_EPS
 
 
 def probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -36,6 +40,7 @@ def probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     if params.top_p < 1.0:
         sorted_p, order = torch.sort(x, dim=-1, descending=True)
         outside = (torch.cumsum(sorted_p, dim=-1) - sorted_p) >= params.top_p  # keep the smallest nucleus
+        outside[..., 0] = False  # the top token always stays (a top_p below float32's range compares as 0)
         sorted_p = sorted_p.masked_fill(outside, 0.0)
         x = torch.zeros_like(x).scatter_(-1, order, sorted_p)
         x = x / x.sum(dim=-1, keepdim=True)

@@ -13,6 +13,7 @@ It does not batch across time (the caller hands it a batch) and knows nothing of
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -20,9 +21,11 @@ from dataclasses import dataclass, field
 import torch
 
 from flexspec_serve.engine import sampling as S
-from flexspec_serve.engine.errors import EngineError, InvalidRequest, ResyncRequired, SequenceError
+from flexspec_serve.engine.errors import EngineError, InvalidRequest, ResyncRequired, RoundFailed, SequenceError
 from flexspec_serve.engine.ragged import CachedSequence, run_ragged
 from flexspec_serve.engine.stats import AcceptanceStats
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -147,7 +150,13 @@ class Verifier:
         for (i, session, hit), logits in zip(ready, target_logits):
             req = requests[i]
             k = len(req.draft_tokens)
-            n, token = self._decide(req, session, logits[-(k + 1) :], draft_probs.get(i))
+            try:
+                n, token = self._decide(req, session, logits[-(k + 1) :], draft_probs.get(i))
+            except (RuntimeError, ValueError) as err:  # isolate: this round fails, its batch-mates do not
+                log.exception("%s: deciding round %s of %r failed", self.name, req.seq, req.session_id)
+                self.drop_session(req.session_id)  # its caches hold this round's positions; the client resyncs
+                results[i] = RoundFailed(f"round {req.seq} of {req.session_id!r} failed in the engine: {err}")
+                continue
             results[i] = self._commit(req, session, n, token, verify_ms, len(ready), hit)
 
     def _prepare(self, req: VerifyRequest) -> tuple[_Session, bool] | RoundOutcome:
