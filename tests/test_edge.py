@@ -206,3 +206,20 @@ def test_bursty_acceptance_raises_the_expected_gain_of_long_drafts():
         iid.update(6, 3)
     assert bursty.expected_tau(6) > iid.expected_tau(6)
     assert bursty.position_alpha(3) > 0.9 and bursty.position_alpha(0) < 0.6
+
+
+def test_fading_channel_memory_stays_bounded_over_hours_and_draws_the_same_rates(monkeypatch):
+    from flexspec_serve.edge import channels
+
+    long_run = make_link("fading", seed=3).up
+    assert isinstance(long_run, StatisticalChannel)
+    times = [i * 1000.0 for i in range(3 * 3600)]  # three emulated hours, one query a second
+    rates = [long_run.rate_bps_at(t) for t in times]
+    assert len(long_run._rates) <= 2 * channels.HISTORY_MS / long_run.s.block_ms + 1  # a window, not 3 h of blocks
+    with pytest.raises(ValueError, match="older than the kept window"):
+        long_run.rate_bps_at(0.0)
+    # trimming changes nothing: the same seed with the whole past kept gives the same rates
+    monkeypatch.setattr(channels, "HISTORY_MS", 1e12)
+    keep_all = make_link("fading", seed=3).up
+    assert [keep_all.rate_bps_at(t) for t in times[::97]] == rates[::97]
+    assert len(keep_all._rates) > 2 * 3600e3 / keep_all.s.block_ms

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import numpy as np
 
 MTU_BYTES = 1500
 TRACE_DIR = Path(__file__).resolve().parents[1] / "data" / "traces" / "mahimahi"
+HISTORY_MS = 60_000.0  # a statistical channel keeps this much of its past block rates
 
 
 class TraceFormatError(ValueError):
@@ -139,7 +141,8 @@ class StatisticalChannel:
         self._obs_rng = np.random.default_rng(seed + 7_777_777)  # observation noise never perturbs the channel
         self.rho = math.exp(-setting.block_ms / setting.coherence_ms)
         self.snr_linear = 10 ** (setting.mean_snr_db() / 10)
-        self._rates: list[float] = []  # bits per ms for each block so far
+        self._rates = array("d")  # bits per ms of blocks _first, _first + 1, ...: a window, not the whole past
+        self._first = 0
         self._h = self._draw_scatter()
         self._in_outage, self._outage_left = False, 0
 
@@ -171,9 +174,19 @@ class StatisticalChannel:
         return max(1e3, self.rate_bps_at(t_ms - stale_ms) * noise)
 
     def _block_rate(self, block: int) -> float:
-        while len(self._rates) <= block:
+        """Blocks are drawn in order (one Gauss-Markov chain); only the last HISTORY_MS are kept, so a
+        device running for hours holds a bounded window (lookbacks are tens of ms: stale reports)."""
+        if block < self._first:
+            raise ValueError(f"block {block} is older than the kept window (from block {self._first}); "
+                             f"lookbacks must stay within {HISTORY_MS} ms")
+        while self._first + len(self._rates) <= block:
             self._rates.append(self._next_block_rate())
-        return self._rates[block]
+        keep = int(HISTORY_MS // self.s.block_ms)
+        drop = block - self._first - keep  # blocks more than HISTORY_MS before this one
+        if drop > keep:  # amortised: trim once that much has piled up
+            del self._rates[:drop]
+            self._first += drop
+        return self._rates[block - self._first]
 
     def delivery_ms(self, nbytes: int, t_ms: float) -> float:
         bits_left, t = nbytes * 8.0, t_ms
