@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import statistics
+import sys
 import time
 
 import torch
@@ -121,6 +122,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile the static step (CUDA graphs)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--out", help="also write this Markdown file (e.g. docs/results/gpu_verify.md)")
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     torch.manual_seed(0)
@@ -132,9 +134,10 @@ def main() -> None:
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     import transformers
 
-    print(f"device {name}; torch {torch.__version__}; transformers {transformers.__version__}; {dtype}")
-    print(f"weights {weight_bytes / 1e9:.2f} GB; copy bandwidth {bw / 1e9:.0f} GB/s; memory floor {floor_ms:.2f} ms")
-    print(f"{'mode':>16} | {'batch':>5} | {'ms/step':>8} | {'x floor':>7}")
+    lines = [f"device {name}; torch {torch.__version__}; transformers {transformers.__version__}; {dtype}",
+             f"weights {weight_bytes / 1e9:.2f} GB; copy bandwidth {bw / 1e9:.0f} GB/s; memory floor {floor_ms:.2f} ms",
+             f"{'mode':>16} | {'batch':>5} | {'ms/step':>8} | {'x floor':>7}"]
+    print("\n".join(lines))
     for mode in args.mode:
         for b in args.batches:
             if mode == "eager":
@@ -142,7 +145,12 @@ def main() -> None:
             else:
                 ms = static_ms(model, b, args.ctx, args.k, args.device, args.warmup, args.reps, args.compile)
             label = mode + ("+compile" if mode == "static" and args.compile else "")
-            print(f"{label:>16} | {b:>5} | {ms:>8.2f} | {ms / floor_ms:>7.2f}")
+            lines.append(f"{label:>16} | {b:>5} | {ms:>8.2f} | {ms / floor_ms:>7.2f}")
+            print(lines[-1])
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(f"# GPU verify cost (Llama-8B shape, random weights)\n\nCommand: `python -m benchmarks.gpu_verify "
+                     f"{' '.join(sys.argv[1:])}`\n\n```\n" + "\n".join(lines) + "\n```\n")
 
 
 if __name__ == "__main__":

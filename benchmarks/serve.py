@@ -1,8 +1,14 @@
-"""Serving benchmark on a local Ray + Serve (`python -m benchmarks.serve [--profile default]`).
+"""Serving report on a local Ray + Serve (`python -m benchmarks.serve [--profile default]`).
 
-1. Verified tokens/s with 16 concurrent sessions (K = 4), batched (max_batch_size 16) vs max_batch_size 1.
-2. Per-round overhead of the Serve path: round latency minus the engine's verify time, next to a bare
-   DeploymentHandle round trip (an echo deployment) measured in the same run.
+Writes `serving.md` and `serving.png` under --out (default docs/results):
+1. verify cost vs batch size, in-process (no Serve): what batching can gain at best on this machine;
+2. through Serve, `sessions` concurrent sessions (K = 4) from one asyncio loop: verified tokens/s with
+   max_batch_size 16 vs 1, round latency, the Serve-path overhead (round minus engine verify time) and the
+   batch sizes the rounds saw;
+3. one session alone: its Serve-path overhead next to a bare DeploymentHandle round trip (an echo
+   deployment) measured in the same run;
+4. KV-cache hit rate of long sessions on a version with 2 replicas (consistent hashing on the session id);
+5. the GPU verify table when `benchmarks.gpu_verify` has written one (it runs without Ray).
 """
 
 from __future__ import annotations
@@ -11,16 +17,36 @@ import argparse
 import asyncio
 import statistics
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import ray
 from ray import serve
 
 from deployments.app import deploy
-from deployments.config import AppConfig, VersionSpec
+from deployments.config import AppConfig, VersionSpec, version_app_name
 from flexspec_serve import paths
 from flexspec_serve import protocol as P
+from flexspec_serve.reports import machine, md_table
 from flexspec_serve.zoo.corpus import humaneval_problems
 from flexspec_serve.zoo.loading import load_tokenizer
+
+SERVE_COLUMNS = ("version", "batcher", "max_batch_size", "verified tok/s", "round p50 ms", "overhead p50 ms", "mean batch seen")
+ENGINE_COLUMNS = ("batch", "ms/call", "ms/session", "verified tok/s")
+
+
+@dataclass
+class Settings:
+    sessions: int = 16
+    rounds: int = 12
+    k: int = 4
+    torch_threads: int = 2
+    batch_wait_s: float = 0.005
+    batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    kv_sessions: int = 8
+    kv_rounds: int = 24
+    rtt_samples: int = 200
+    replica_num_cpus: float = 0.5
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1})
@@ -29,7 +55,8 @@ class Echo:
         return x
 
 
-async def _session_async(handle, sid: str, prompt: list[int], rounds: int, k: int, target: str):
+async def _session(handle, sid: str, prompt: list[int], rounds: int, k: int, target: str) -> list[tuple]:
+    """One closed-loop session; returns (latency ms, result) of every round after the first."""
     out, drafts = [], prompt[:k]
     for seq in range(rounds):
         rnd = P.DraftRound(session_id=sid, seq=seq, target=target, draft_tokens=drafts,
@@ -40,77 +67,190 @@ async def _session_async(handle, sid: str, prompt: list[int], rounds: int, k: in
         if status != 200:
             raise RuntimeError(body)
         if seq:
-            out.append((latency, P.decode_result(body).timings.verify_ms))
+            out.append((latency, P.decode_result(body)))
     return out
 
 
-def run_load(handle, prompts, sessions: int, rounds: int, k: int, target: str):
+def run_load(handle, prompts, sessions: int, rounds: int, k: int, target: str) -> tuple[float, list]:
     """`sessions` concurrent sessions from one asyncio loop (no client threads competing for the GIL)."""
 
-    async def all_sessions():
+    async def everyone():
         tag = time.monotonic_ns()
-        return await asyncio.gather(*[_session_async(handle, f"{target}-{i}-{tag}", prompts[i % len(prompts)],
-                                                     rounds, k, target) for i in range(sessions)])
+        return await asyncio.gather(*[_session(handle, f"{target}-{i}-{tag}", prompts[i % len(prompts)], rounds, k,
+                                               target) for i in range(sessions)])
 
     started = time.perf_counter()
-    per = asyncio.run(all_sessions())
+    per = asyncio.run(everyone())
     wall = time.perf_counter() - started
-    flat = [x for p in per for x in p]
-    return sessions * rounds * (k + 1) / wall, flat
+    return sessions * rounds * (k + 1) / wall, [x for p in per for x in p]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--profile", default="default")
-    ap.add_argument("--sessions", type=int, default=16)
-    ap.add_argument("--rounds", type=int, default=12)
-    ap.add_argument("--k", type=int, default=4)
-    ap.add_argument("--torch-threads", type=int, default=2)
-    args = ap.parse_args()
-    fam = paths.family_dir(args.profile)
-    tok = load_tokenizer(fam / "v1")
-    prompts = [tok(p.prompt, add_special_tokens=False)["input_ids"][-128:] for p in humaneval_problems(16)]
-    versions = [VersionSpec(name="batched", path=str(fam / "v1"), num_cpus=0.5, max_batch_size=16,
-                            batch_wait_timeout_s=0.005, torch_threads=args.torch_threads),
-                VersionSpec(name="unbatched", path=str(fam / "v1"), num_cpus=0.5, max_batch_size=1,
-                            batch_wait_timeout_s=0.0, torch_threads=args.torch_threads)]
-    cfg = AppConfig(draft_path=str(fam / "draft"), versions=versions, aliases={"stable": "batched"},
-                    registry_path=str(paths.home() / "bench-registry.json"))
-    ray.init(include_dashboard=False, log_to_driver=False)
-    handle = deploy(cfg, name="bench", route_prefix="/bench")
-    echo = serve.run(Echo.bind(), name="echo", route_prefix="/echo")
+def engine_rows(family: Path, contexts: list[list[int]], s: Settings) -> list[dict]:
+    import torch
+
+    from flexspec_serve.engine.costs import cost_profile
+    from flexspec_serve.engine.verifier import Verifier
+    from flexspec_serve.zoo.loading import load_causal_lm
+
+    torch.set_num_threads(s.torch_threads)
+    prof = cost_profile(Verifier(load_causal_lm(family / "v1"), load_causal_lm(family / "draft")), contexts, s.k,
+                        s.batches)
+    return [{"batch": b, "ms/call": ms, "ms/session": round(ms / b, 3),
+             "verified tok/s": round(b * (s.k + 1) / ms * 1e3, 1)} for b, ms in prof.items()]
+
+
+def serve_rows(handle, prompts, versions: list[VersionSpec], s: Settings) -> list[dict]:
+    """One row per version under the same concurrent load (the KV-locality version excluded)."""
+    for v in versions:  # warm up
+        run_load(handle, prompts, 4, 3, s.k, v.name)
+    rows = []
+    for v in versions:
+        tps, flat = run_load(handle, prompts, s.sessions, s.rounds, s.k, v.name)
+        rows.append({"version": v.name, "batcher": v.batcher if v.max_batch_size > 1 else "-",
+                     "max_batch_size": v.max_batch_size, "verified tok/s": round(tps, 1),
+                     "round p50 ms": round(statistics.median(x for x, _ in flat), 2),
+                     "overhead p50 ms": round(statistics.median(x - r.timings.verify_ms for x, r in flat), 2),
+                     "mean batch seen": round(statistics.mean(r.timings.batch_size for _, r in flat), 2)})
+    return rows
+
+
+def lone_round(handle, echo, prompt, s: Settings) -> dict:
     payload = P.encode_round(P.DraftRound(session_id="x", seq=1, draft_tokens=[1, 2, 3, 4]))
     for _ in range(20):
         echo.ping.remote(payload).result()
     rtt = []
-    for _ in range(200):
+    for _ in range(s.rtt_samples):
         started = time.perf_counter()
         echo.ping.remote(payload).result()
         rtt.append((time.perf_counter() - started) * 1e3)
-    bare_ms = statistics.median(rtt)
-    run_load(handle, prompts, 4, 3, args.k, "batched")  # warm up both versions
-    run_load(handle, prompts, 4, 3, args.k, "unbatched")
-    rows = []
-    for target in ("batched", "unbatched"):
-        tps, flat = run_load(handle, prompts, args.sessions, args.rounds, args.k, target)
-        lat = statistics.median(x[0] for x in flat)
-        overhead = statistics.median(x[0] - x[1] for x in flat)
-        stats = handle.stats.remote().result()[target]
-        rows.append((target, tps, lat, overhead, stats["mean_batch_size"]))
-    print(f"\n{args.sessions} concurrent sessions x {args.rounds} rounds, K = {args.k}, family {fam}")
-    print(f"{'max_batch_size':>16} | {'verified tok/s':>14} | {'round p50 ms':>12} | {'overhead p50 ms':>15} | "
-          f"{'mean batch':>10}")
-    for target, tps, lat, overhead, mean_batch in rows:
-        print(f"{'16' if target == 'batched' else '1':>16} | {tps:>14.1f} | {lat:>12.2f} | {overhead:>15.2f} | "
-              f"{mean_batch:>10}")
-    print(f"batched / unbatched throughput: {rows[0][1] / rows[1][1]:.2f}x")
-    single = asyncio.run(_session_async(handle, f"solo-{time.monotonic_ns()}", prompts[0], 30, args.k, "batched"))
-    solo_overhead = statistics.median(x[0] - x[1] for x in single)
-    print(f"one session alone: round p50 {statistics.median(x[0] for x in single):.2f} ms, Serve-path overhead "
-          f"(round - verify) {solo_overhead:.2f} ms; bare handle round trip {bare_ms:.2f} ms "
-          f"-> overhead = {solo_overhead / bare_ms:.2f} round trips (includes the batch wait of 5 ms)")
-    serve.shutdown()
-    ray.shutdown()
+    single = asyncio.run(_session(handle, f"solo-{time.monotonic_ns()}", prompt, 30, s.k, "loop"))
+    bare = statistics.median(rtt)
+    overhead = statistics.median(x - r.timings.verify_ms for x, r in single)
+    return {"round p50 ms": round(statistics.median(x for x, _ in single), 2), "verify p50 ms":
+            round(statistics.median(r.timings.verify_ms for _, r in single), 2), "overhead p50 ms": round(overhead, 2),
+            "bare handle RTT p50 ms": round(bare, 2), "overhead in RTTs": round(overhead / bare, 2)}
+
+
+def kv_row(handle, prompts, s: Settings) -> dict:
+    _, flat = run_load(handle, prompts, s.kv_sessions, s.kv_rounds, s.k, "kv")
+    hits = sum(r.cache_hit for _, r in flat)
+    return {"replicas": 2, "sessions": s.kv_sessions, "rounds after the first": len(flat), "cache hits": hits,
+            "hit rate": round(hits / len(flat), 4)}
+
+
+def app_config(family: Path, s: Settings, registry: Path) -> AppConfig:
+    """The same v1 weights as four versions: engine-loop and serve.batch batching, unbatched, and two replicas
+    for KV locality."""
+    common = {"path": str(family / "v1"), "num_cpus": s.replica_num_cpus, "torch_threads": s.torch_threads}
+    return AppConfig(
+        draft_path=str(family / "draft"), aliases={"stable": "loop"}, registry_path=str(registry),
+        router_num_cpus=min(0.1, s.replica_num_cpus),
+        versions=[VersionSpec(name="loop", batcher="engine-loop", max_batch_size=16, batch_wait_timeout_s=0.0, **common),
+                  VersionSpec(name="sbatch", batcher="serve-batch", max_batch_size=16,
+                              batch_wait_timeout_s=s.batch_wait_s, **common),
+                  VersionSpec(name="unbatched", max_batch_size=1, batch_wait_timeout_s=0.0, **common),
+                  VersionSpec(name="kv", num_replicas=2, max_batch_size=16,
+                              **{**common, "num_cpus": min(0.1, s.replica_num_cpus)})])
+
+
+def measure(family: Path, s: Settings, registry: Path) -> dict:
+    """Every section; needs a running Ray with Serve started. Deletes the apps it deployed."""
+    tok = load_tokenizer(family / "v1")
+    text = "".join(p.prompt + p.canonical_solution for p in humaneval_problems(60))
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    contexts = [ids[i * 37 : i * 37 + 256] for i in range(32)]
+    prompts = [tok(p.prompt, add_special_tokens=False)["input_ids"][-128:] for p in humaneval_problems(16)]
+    out = {"engine": engine_rows(family, contexts, s)}
+    cfg = app_config(family, s, registry)
+    handle = deploy(cfg, name="serving-bench", route_prefix="/serving-bench")
+    echo = serve.run(Echo.bind(), name="serving-echo", route_prefix="/serving-echo")
+    try:
+        out["serve"] = serve_rows(handle, prompts, [v for v in cfg.versions if v.name != "kv"], s)
+        out["lone"] = lone_round(handle, echo, prompts[0], s)
+        out["kv"] = kv_row(handle, prompts, s)
+    finally:
+        for app in ["serving-bench", "serving-echo"] + [version_app_name(v.name) for v in cfg.versions]:
+            serve.delete(app)
+    return out
+
+
+def write(out_dir: Path, res: dict, meta: dict) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    eng, srv, lone, kv = res["engine"], res["serve"], res["lone"], res["kv"]
+    by_b = {r["batch"]: r for r in eng}
+    top = max(by_b)
+    engine_gain = (top * by_b[1]["ms/call"]) / by_b[top]["ms/call"]
+    tps = {r["version"]: r["verified tok/s"] for r in srv}
+    serve_gain = tps["loop"] / tps["unbatched"]
+    gpu = Path(meta["gpu_table"]) if meta.get("gpu_table") else None
+    lines = [
+        "# Serving: verify cost, batching through Serve, Serve overhead, KV-cache hits\n",
+        f"Command: `{meta['command']}`  \nmachine: {meta['machine']}; family {meta['family']} (seed {meta['seed']}), "
+        f"version v1 weights; torch threads {meta['torch_threads']} per replica; K = {meta['k']}\n",
+        "## Verify cost vs batch size (in-process, no Serve; 256-token contexts)\n", md_table(eng, ENGINE_COLUMNS),
+        f"Batch {top} verifies {engine_gain:.2f}x the tokens/s of {top} one-at-a-time calls: the most batching can "
+        "gain on this machine, Serve or not.\n",
+        f"## Through Serve: {meta['sessions']} concurrent sessions x {meta['rounds']} rounds\n",
+        md_table(srv, SERVE_COLUMNS),
+        f"Batched (engine loop) / unbatched verified tokens/s: **{serve_gain:.2f}x** (goal >= 4x); serve.batch "
+        f"({meta['batch_wait_ms']:g} ms wait): {tps['sbatch'] / tps['unbatched']:.2f}x. Overhead = round latency "
+        "minus the engine's verify time; mean batch seen = the verify batch each round was part of.\n",
+        "## One session alone\n", md_table([lone]),
+        f"On the engine-loop version the Serve path adds **{lone['overhead in RTTs']:.2f}** bare handle round trips "
+        "(goal <= 2): client -> router -> verifier is two handle hops.\n",
+        "## KV-cache locality (consistent hashing on the session id)\n", md_table([kv]),
+        "## GPU\n",
+        (f"See [{gpu.name}]({gpu.name}) (written by `python -m benchmarks.gpu_verify`)." if gpu else
+         "No GPU verify table: `python -m benchmarks.gpu_verify` (Ray-free) writes one when run on a GPU machine."),
+        "\n![serving](serving.png)",
+    ]
+    (out_dir / "serving.md").write_text("\n".join(lines) + "\n")
+    _plot(eng, srv, out_dir / "serving.png")
+    return [out_dir / "serving.md", out_dir / "serving.png"]
+
+
+def _plot(eng: list[dict], srv: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.8))
+    a.plot([r["batch"] for r in eng], [r["ms/call"] for r in eng], "o-", label="ms per verify call")
+    a.plot([r["batch"] for r in eng], [r["ms/session"] for r in eng], "s--", label="ms per session")
+    a.set(xscale="log", xlabel="batch size", ylabel="ms", title="Verify cost (in-process)")
+    a.legend(fontsize=8)
+    b.bar([f"{r['batcher']}\nmax {r['max_batch_size']}" for r in srv], [r["verified tok/s"] for r in srv])
+    b.set(ylabel="verified tokens/s", title="Through Serve")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default="default")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sessions", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--torch-threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=Path("docs/results"))
+    args = ap.parse_args()
+    s = Settings(sessions=args.sessions, rounds=args.rounds, torch_threads=args.torch_threads)
+    family = paths.family_dir(args.profile, args.seed)
+    ray.init(include_dashboard=False, log_to_driver=False)
+    try:
+        res = measure(family, s, paths.home() / "serving-bench-registry.json")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    gpu = args.out / "gpu_verify.md"
+    meta = {"command": "python -m benchmarks.serve " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in
+                                                              vars(args).items() if k != "out"),
+            "machine": machine(), "family": family.name, "seed": args.seed, "torch_threads": s.torch_threads,
+            "k": s.k, "sessions": s.sessions, "rounds": s.rounds, "batch_wait_ms": s.batch_wait_s * 1e3,
+            "gpu_table": str(gpu) if gpu.exists() else None}
+    print(write(args.out, res, meta)[0].read_text())
 
 
 if __name__ == "__main__":

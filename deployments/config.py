@@ -72,11 +72,19 @@ class VersionSpec(StrictModel):
     num_replicas: int = Field(1, ge=1, le=256)
     num_cpus: float = Field(0.5, gt=0, description="CPUs per replica (fractional is fine)")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per replica on a GPU cluster")
-    max_batch_size: int = Field(16, ge=1, le=512, description="serve.batch: rounds verified together")
-    batch_wait_timeout_s: float = Field(0.004, ge=0, le=1, description="serve.batch: wait to fill a batch")
+    batcher: Literal["engine-loop", "serve-batch"] = Field(
+        "engine-loop", description="engine-loop: a batch forms when the engine is free, from every round that "
+        "arrived meanwhile; serve-batch: Serve's @serve.batch, which forms batches on a timer")
+    max_batch_size: int = Field(16, ge=1, le=512, description="rounds verified together, at most")
+    batch_wait_timeout_s: float = Field(0.0, ge=0, le=1, description="extra wait for more rounds once the engine is "
+                                                                     "free (serve-batch: after the first round)")
     max_ongoing_requests: int = Field(64, ge=1, description="per replica; must exceed max_batch_size")
     max_queued_requests: int = Field(512, ge=-1, description="beyond this the handle answers 503")
     torch_threads: int = Field(1, ge=1, le=64, description="torch intra-op threads inside a replica")
+    omp_wait_policy: Literal["PASSIVE", "ACTIVE"] = Field(
+        "PASSIVE", description="OpenMP threads of the replica sleep (PASSIVE) or spin (ACTIVE) between kernels; "
+        "spinning steals cores from the router and other replicas sharing the node (+40 % throughput through Serve "
+        "on 2 shared cores when passive, docs/results/serving.md)")
     max_sessions: int = Field(4096, ge=1, description="KV-cache LRU: sessions per replica")
     max_cache_mb: int = Field(1024, ge=1, description="KV-cache LRU: memory cap per replica")
     session_ttl_s: float = Field(120.0, gt=0, description="drop a session idle this long (its client resyncs "

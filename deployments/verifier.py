@@ -1,5 +1,6 @@
 """The Serve deployment of one target version: wraps the plain `VerifierServer`, gathers concurrent rounds
-from many sessions into one ragged verification with `@serve.batch`, exports metrics tagged by version,
+from many sessions into one ragged verification (an engine loop that batches whatever arrived while the
+last batch ran, or Serve's timer-based `@serve.batch`; `VersionSpec.batcher`), exports metrics tagged by version,
 reports verified tokens/s for the autoscaling policy, and generates cloud-only for the OpenAI endpoints.
 Replicas are chosen by consistent hashing on the session id (see `build_version_app` in `app.py`)."""
 
@@ -11,6 +12,7 @@ from ray.util import metrics
 
 from deployments.config import VersionSpec
 from flexspec_serve import protocol as P
+from flexspec_serve.batching import MicroBatcher
 
 
 class VerifierDeployment:
@@ -21,6 +23,10 @@ class VerifierDeployment:
         self.server = VerifierServer(self.spec, draft_path)
         self._batched.set_max_batch_size(self.spec.max_batch_size)
         self._batched.set_batch_wait_timeout_s(self.spec.batch_wait_timeout_s)
+        self._loop = None
+        if self.spec.batcher == "engine-loop":
+            self._loop = MicroBatcher(self._verify_items, self.spec.batch_wait_timeout_s * 1e3,
+                                      self.spec.max_batch_size, f"verify-{self.spec.name}", self._record)
         tags = {"version": self.spec.name}
         self.m_rounds = metrics.Counter("flexspec_rounds", "rounds verified", tag_keys=("version",))
         self.m_draft = metrics.Counter("flexspec_draft_tokens", "draft tokens received", tag_keys=("version",))
@@ -37,14 +43,21 @@ class VerifierDeployment:
         self._verified_tokens = 0  # positions verified (K + 1 per round), for the autoscaler
         self._last_report = (time.monotonic(), 0)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.004)
+    def _verify_items(self, items: list[tuple[P.DraftRound, float]]) -> list:
+        return self.server.verify_rounds([r for r, _ in items], [t for _, t in items])
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def _batched(self, items: list[tuple[P.DraftRound, float]]) -> list:
-        rounds, enqueued = [r for r, _ in items], [t for _, t in items]
         started = time.perf_counter()
-        results = await asyncio.to_thread(self.server.verify_rounds, rounds, enqueued)
-        self.m_verify.observe((time.perf_counter() - started) * 1e3)
-        self.m_batch.observe(len(rounds))
-        for rnd, res in zip(rounds, results):
+        results = await asyncio.to_thread(self._verify_items, items)
+        self._record(items, results, (time.perf_counter() - started) * 1e3)
+        return results
+
+    def _record(self, items: list[tuple[P.DraftRound, float]], results: list, verify_ms: float) -> None:
+        """Metrics of one verified batch (on the event loop)."""
+        self.m_verify.observe(verify_ms)
+        self.m_batch.observe(len(items))
+        for (rnd, _), res in zip(items, results):
             if isinstance(res, P.RoundResult):
                 self._verified_tokens += len(rnd.draft_tokens) + 1
                 self.m_rounds.inc()
@@ -54,28 +67,36 @@ class VerifierDeployment:
                     self.m_accepted.inc(res.accepted)
                 self.m_tau.observe(res.accepted + 1)
                 self.m_cache.inc(tags={"version": self.spec.name, "result": "hit" if res.cache_hit else "miss"})
-        return results
 
     async def verify(self, rnd: P.DraftRound):
         """A RoundResult, or (http_status, ErrorBody)."""
+        if self._loop is not None:
+            return await self._loop.submit((rnd, time.perf_counter()))
         return await self._batched((rnd, time.perf_counter()))
 
     async def generate(self, session_id: str, prompt: list[int], max_tokens: int, sampling: dict,
-                       stop_token: int | None) -> tuple[list[int], str]:
-        """Cloud-only generation: K = 0 rounds, batched with everyone else's rounds."""
+                       stop_token: int | None) -> tuple[list[int], str, tuple | None]:
+        """Cloud-only generation: K = 0 rounds, batched with everyone else's rounds. Returns (tokens,
+        finish reason, None), or ([], "", (http_status, ErrorBody)) when the prompt itself is refused.
+        Reaching the model's positions ends the completion with reason "length", as OpenAI servers do."""
         tokens: list[int] = []
-        for seq in range(max_tokens):
-            rnd = P.DraftRound(session_id=session_id, seq=seq, full_context=prompt if seq == 0 else None,
-                               sampling=P.Sampling(**sampling) if seq == 0 else None)
-            res = await self.verify(rnd)
-            if not isinstance(res, P.RoundResult):
-                raise ValueError(res[1].error.message)
-            tokens.append(res.token)
-            if stop_token is not None and res.token == stop_token:
-                self.server.verifier.drop_session(session_id)
-                return tokens, "stop"
-        self.server.verifier.drop_session(session_id)
-        return tokens, "length"
+        reason = "length"
+        try:
+            for seq in range(max_tokens):
+                rnd = P.DraftRound(session_id=session_id, seq=seq, full_context=prompt if seq == 0 else None,
+                                   sampling=P.Sampling(**sampling) if seq == 0 else None)
+                res = await self.verify(rnd)
+                if not isinstance(res, P.RoundResult):
+                    if seq == 0 or res[1].error.field != "context":
+                        return [], "", res
+                    break  # the next token would not fit the model's positions
+                tokens.append(res.token)
+                if stop_token is not None and res.token == stop_token:
+                    reason = "stop"
+                    break
+        finally:
+            self.server.verifier.drop_session(session_id)
+        return tokens, reason, None
 
     def stats(self, since: float | None = None) -> dict:
         return self.server.stats(since)

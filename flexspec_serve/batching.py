@@ -1,11 +1,17 @@
-"""`MicroBatcher`: asyncio callers submit one item each; items that arrive within `wait_ms` of the first
-are handed to a blocking batch function together, on one worker thread (so torch never runs two batches
-at once and the event loop stays free). The same idea as `serve.batch`, for code that runs without Serve:
-draft steps of many devices in one fleet actor, and in-process verification."""
+"""`MicroBatcher`: asyncio callers submit one item each; a blocking batch function runs on one worker
+thread (so torch never runs two batches at once and the event loop stays free).
+
+A batch is formed when the worker is free: everything that arrived while the previous batch ran, plus
+what arrives within `wait_ms` (0: nothing more), up to `max_batch_size`. Under load batches grow with
+the arrival rate; a lone caller waits for nothing. `serve.batch` forms batches on a timer instead, even
+while the previous batch still runs, so under load it queues many small batches behind each other.
+Used for the draft steps of many devices in one fleet actor, in-process verification, and (by default)
+the verifier deployment's rounds."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Generic, TypeVar
@@ -16,8 +22,9 @@ R = TypeVar("R")
 
 class MicroBatcher(Generic[T, R]):
     def __init__(self, fn: Callable[[list[T]], list[R]], wait_ms: float = 2.0, max_batch_size: int = 64,
-                 name: str = "batch"):
-        self.fn, self.wait_s, self.max_batch = fn, wait_ms / 1e3, max_batch_size
+                 name: str = "batch", on_batch: Callable[[list[T], list[R], float], None] | None = None):
+        """`on_batch(items, results, ms)` runs on the event loop after each successful batch."""
+        self.fn, self.wait_s, self.max_batch, self.on_batch = fn, wait_ms / 1e3, max_batch_size, on_batch
         self._pending: list[tuple[T, asyncio.Future]] = []
         self._flusher: asyncio.Task | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=name)
@@ -36,6 +43,7 @@ class MicroBatcher(Generic[T, R]):
         while self._pending:
             await asyncio.sleep(self.wait_s)
             batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+            started = time.perf_counter()
             try:
                 results = await loop.run_in_executor(self._pool, self.fn, [item for item, _ in batch])
             except Exception as err:  # the batch function failed: every caller in the batch sees it
@@ -45,6 +53,8 @@ class MicroBatcher(Generic[T, R]):
                 continue
             self.batches += 1
             self.items += len(batch)
+            if self.on_batch is not None:
+                self.on_batch([item for item, _ in batch], results, (time.perf_counter() - started) * 1e3)
             for (_, fut), res in zip(batch, results):
                 if not fut.done():
                     fut.set_result(res)
