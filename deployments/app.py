@@ -26,6 +26,7 @@ from ray.exceptions import RayError
 from ray.serve.config import RequestRouterConfig
 from ray.serve.exceptions import BackPressureError, RayServeException
 
+from deployments import api_schema
 from deployments.admin import (AdminAPI, AliasUpdate, CanaryRequest, CheckRequest, PromoteRequest, RetireRequest,
                                RollbackRequest, error, error_response, read_admin_token)
 from deployments.config import (AppConfig, FileRegistry, RegistryState, UnknownTarget, VersionSpec, deployment_name,
@@ -196,7 +197,7 @@ class Router:
                                                        retry_after_s=round(wait_s, 3)))
         return None
 
-    @fastapi_app.post("/v1/round")
+    @fastapi_app.post("/v1/round", openapi_extra=api_schema.ROUND)
     async def http_round(self, request: Request) -> Response:
         denied = self._client_denied(request)
         if denied:
@@ -213,6 +214,8 @@ class Router:
             rnd = P.validate(P.DraftRound, json.loads(body))
         except json.JSONDecodeError as err:
             return error(422, "invalid_json", f"body is not JSON: {err.msg}", "body")
+        except UnicodeDecodeError as err:  # json.loads on bytes that are not UTF-8/16/32
+            return error(422, "invalid_json", f"body is not JSON text: {err.reason} at byte {err.start}", "body")
         except P.ProtocolError as err:
             return error(422, "invalid_request", str(err), err.field, err.value)
         res = await self.route(rnd)
@@ -242,43 +245,43 @@ class Router:
         self._checked = 0.0  # re-read the registry on the next round
         return resp
 
-    @fastapi_app.get("/admin/registry")
+    @fastapi_app.get("/admin/registry", openapi_extra=api_schema.errors(*api_schema.ADMIN))
     async def admin_registry(self, request: Request) -> Response:
         return await self._admin(request, None, _async(lambda _: self.manager.state().model_dump()))
 
-    @fastapi_app.post("/admin/versions")
+    @fastapi_app.post("/admin/versions", openapi_extra=api_schema.body(VersionSpec, *api_schema.ADMIN))
     async def admin_add(self, request: Request) -> Response:
         return await self._admin(request, VersionSpec, self.admin.add)
 
-    @fastapi_app.post("/admin/versions/{version}/check")
+    @fastapi_app.post("/admin/versions/{version}/check", openapi_extra=api_schema.body(CheckRequest, *api_schema.ADMIN))
     async def admin_check(self, version: str, request: Request) -> Response:
         return await self._admin(request, CheckRequest, lambda req: self.admin.check(version, req))
 
-    @fastapi_app.post("/admin/versions/{version}/canary")
+    @fastapi_app.post("/admin/versions/{version}/canary", openapi_extra=api_schema.body(CanaryRequest, *api_schema.ADMIN))
     async def admin_canary(self, version: str, request: Request) -> Response:
         return await self._admin(request, CanaryRequest, lambda req: self.admin.canary(version, req))
 
-    @fastapi_app.post("/admin/versions/{version}/promote")
+    @fastapi_app.post("/admin/versions/{version}/promote", openapi_extra=api_schema.body(PromoteRequest, *api_schema.ADMIN))
     async def admin_promote(self, version: str, request: Request) -> Response:
         return await self._admin(request, PromoteRequest, _async(
             lambda req: self.manager.promote(version, req.alias, "promoted by operator").model_dump()))
 
-    @fastapi_app.post("/admin/versions/{version}/retire")
+    @fastapi_app.post("/admin/versions/{version}/retire", openapi_extra=api_schema.body(RetireRequest, *api_schema.ADMIN))
     async def admin_retire(self, version: str, request: Request) -> Response:
         return await self._admin(request, RetireRequest, _async(
             lambda req: self.manager.retire(version, req.mode, req.to).model_dump()))
 
-    @fastapi_app.post("/admin/rollback")
+    @fastapi_app.post("/admin/rollback", openapi_extra=api_schema.body(RollbackRequest, *api_schema.ADMIN))
     async def admin_rollback(self, request: Request) -> Response:
         return await self._admin(request, RollbackRequest, _async(lambda req: self.manager.rollback(req.reason).model_dump()))
 
-    @fastapi_app.put("/admin/aliases/{alias}")
+    @fastapi_app.put("/admin/aliases/{alias}", openapi_extra=api_schema.body(AliasUpdate, *api_schema.ADMIN))
     async def admin_set_alias(self, alias: str, request: Request) -> Response:
         return await self._admin(request, AliasUpdate, _async(
             lambda req: {"alias": alias, "target": req.target,
                          "generation": self.manager.set_weights(alias, req.target).generation}))
 
-    @fastapi_app.delete("/admin/aliases/{alias}")
+    @fastapi_app.delete("/admin/aliases/{alias}", openapi_extra=api_schema.errors(*api_schema.ADMIN))
     async def admin_delete_alias(self, alias: str, request: Request) -> Response:
         def drop(_):
             state = self.manager.state()
@@ -297,7 +300,7 @@ class Router:
         state = self.current()
         return models_response(sorted(state.versions) + sorted(state.aliases))
 
-    @fastapi_app.post("/v1/completions")
+    @fastapi_app.post("/v1/completions", openapi_extra=api_schema.body(CompletionRequest, 401, 403, 404, 413, 422, 503))
     async def completions(self, request: Request) -> Response:
         denied = self._client_denied(request)
         if denied:
@@ -318,8 +321,16 @@ class Router:
         for i, prompt in enumerate(prompts):
             ids = tok(prompt, add_special_tokens=False)["input_ids"] or [tok.eos_token_id]
             sid = f"oai-{time.monotonic_ns()}-{i}"
-            tokens, reason = await self._handle(version).options(session_id=sid).generate.remote(
-                sid, ids, req.max_tokens, sampling, tok.eos_token_id)
+            try:
+                tokens, reason, failed = await self._handle(version).options(session_id=sid).generate.remote(
+                    sid, ids, req.max_tokens, sampling, tok.eos_token_id)
+            except (RayError, RayServeException) as err:
+                return error_response(503, P.ErrorBody.of("unavailable", f"{version} did not answer "
+                                                                         f"({type(err).__name__}); retry",
+                                                          retry_after_s=0.2))
+            if failed:
+                status, body = failed
+                return error_response(status, body)
             outputs.append((len(ids), tok.decode(tokens), len(tokens), reason))
         return JSONResponse(completion_response(version, outputs))
 
@@ -337,7 +348,9 @@ def build_version_app(args: dict):
     scaling = {"autoscaling_config": v.autoscaling.serve_config()} if v.autoscaling else {"num_replicas": v.num_replicas}
     dep = serve.deployment(VerifierDeployment).options(
         name=deployment_name(v.name), **scaling,
-        ray_actor_options={"num_cpus": v.num_cpus, "num_gpus": v.num_gpus},
+        ray_actor_options={"num_cpus": v.num_cpus, "num_gpus": v.num_gpus,
+                           # read when libgomp loads (torch import), so it must be in the worker's environment
+                           "runtime_env": {"env_vars": {"OMP_WAIT_POLICY": v.omp_wait_policy}}},
         max_ongoing_requests=v.max_ongoing_requests, max_queued_requests=v.max_queued_requests,
         request_router_config=CONSISTENT_HASH, health_check_period_s=10,
     )

@@ -18,7 +18,7 @@ class CompletionRequest(StrictModel):
     max_tokens: int = Field(16, ge=1, le=1024)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0, lt=1 << 63, description="seeds the sampling (a 64-bit signed range)")
     n: int = Field(1, ge=1, le=1, description="only n = 1")
     stream: Literal[False] = Field(False, description="streaming is not offered; must be false")
     user: str | None = Field(None, max_length=64)

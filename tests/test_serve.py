@@ -121,6 +121,10 @@ def test_http_json_and_compact_rounds_and_errors(app):
     resync = httpx.post(f"{url}/v1/round", json={"session_id": "never-seen", "seq": 4, "target": "v1"},
                         headers=KEYED, timeout=30)
     assert resync.status_code == 409 and resync.json()["error"]["code"] == "resync_required"
+    for garbage in (b"\xff\xfe\x00\x81", b"&\x13\xa7\x18"):  # not UTF-8: found by the schemathesis run
+        resp = httpx.post(f"{url}/v1/round", content=garbage, timeout=30,
+                          headers={**KEYED, "content-type": "application/json"})
+        assert resp.status_code == 422 and resp.json()["error"]["code"] == "invalid_json"
 
 
 def test_openai_compatible_completions_and_models(app):
@@ -135,8 +139,25 @@ def test_openai_compatible_completions_and_models(app):
     assert resp.status_code == 200, body
     assert body["object"] == "text_completion" and body["model"] == "v2"
     assert body["usage"]["completion_tokens"] <= 5 and isinstance(body["choices"][0]["text"], str)
-    for body, status in (({"model": "nope", "prompt": "x"}, 404), ({"prompt": "x", "max_tokens": 0}, 422)):
+    for body, status in (({"model": "nope", "prompt": "x"}, 404), ({"prompt": "x", "max_tokens": 0}, 422),
+                         ({"prompt": ", ", "seed": 10**19}, 422)):  # the seed: found by the schemathesis run
         assert httpx.post(f"{url}/v1/completions", json=body, headers=KEYED, timeout=30).status_code == status
+
+
+
+def test_completions_refuse_an_oversized_prompt_and_stop_at_the_models_length(app, tokenizer):
+    import httpx
+
+    url = app["url"]
+    ids = tokenizer(" ".join(str(i) for i in range(2000)), add_special_tokens=False)["input_ids"]
+    too_long = httpx.post(f"{url}/v1/completions", json={"prompt": tokenizer.decode(ids[:2000]), "max_tokens": 4},
+                          headers=KEYED, timeout=60)
+    assert too_long.status_code == 422 and too_long.json()["error"]["field"] == "context"
+    near = httpx.post(f"{url}/v1/completions", json={"prompt": tokenizer.decode(ids[:490]), "max_tokens": 60,
+                                                      "temperature": 5e-324}, headers=KEYED, timeout=120)
+    body = near.json()
+    assert near.status_code == 200, body
+    assert body["choices"][0]["finish_reason"] == "length" and 0 < body["usage"]["completion_tokens"] < 60
 
 
 def test_registry_persists_and_is_reread(app):
@@ -205,14 +226,16 @@ def test_fleet_of_20_devices_over_2_actors_finishes_clean_and_greedy_matches_the
 
 
 def test_fleet_over_http_reaches_the_router_like_a_remote_device(app, tiny_family, humaneval_prompts, tmp_path):
-    from deployments.loadtest import run_report
+    from deployments.loadtest import fleet_api_key, run_report
     from flexspec_serve.fleet.spec import FleetSpec
 
+    key_file = tmp_path / "fleet.key"  # this fleet's own key, from a secrets file named in its spec
+    key_file.write_text(API_KEY + "\n")
     spec = FleetSpec(devices=4, actors=1, actor_num_cpus=0.2, max_new_tokens=8, duration_s=2, target="canary",
                      transport="http", url=app["url"], mix=[{"device_class": "flagship-phone", "share": 1.0}],
-                     arrival={"start_within_s": 0.5, "sessions_per_device": 1})
+                     arrival={"start_within_s": 0.5, "sessions_per_device": 1}, api_key_file=str(key_file))
     summary = run_report(spec, [p[-32:] for p in humaneval_prompts[:4]], str(tiny_family / "draft"), tmp_path,
-                         show_progress=False, api_key=API_KEY)
+                         show_progress=False, api_key=fleet_api_key(spec))
     assert summary["sessions_completed"] == 4 and summary["sessions_failed"] == 0
     assert [row["version"] for row in summary["per_version"]] == ["v2"]
 
@@ -296,6 +319,19 @@ def swap_fleet(**kw):
         "mix": [{"device_class": "flagship-phone", "share": 0.5, "channel": "TMobile-LTE-short"},
                 {"device_class": "midrange-phone", "share": 0.5, "channel": "fading"}],
         "arrival": {"start_within_s": 2, "think_time_s": 0.3}} | kw)
+
+
+def test_schema_driven_fuzz_finds_no_5xx_and_every_4xx_names_the_problem(app):
+    """A short schemathesis run from the router's own OpenAPI schema (the long one: benchmarks/fuzz.py)."""
+    pytest.importorskip("schemathesis")
+    from benchmarks.fuzz import fuzz
+
+    record = fuzz(app["url"], 400, API_KEY)
+    assert record.cases >= 400
+    assert not record.failures, record.failures[:3]
+    statuses = {status for (_, _, status) in record.status}
+    assert {200, 401, 422} <= statuses  # valid rounds answered, admin refused without the token, bad input named
+    assert served_version(app, first_round("after-fuzz", "v1")) == "v1"
 
 
 def test_hot_swap_under_a_running_fleet_loses_nothing(app, tiny_family, family_models, humaneval_prompts, tmp_path):
@@ -437,3 +473,26 @@ def test_version_admin_calls_without_the_token_are_refused(app):
     for method, path in (("POST", "/admin/versions"), ("POST", "/admin/versions/v2/canary"),
                          ("POST", "/admin/versions/v2/retire"), ("POST", "/admin/rollback")):
         assert httpx.request(method, f"{app['url']}{path}", json={}, timeout=30).status_code == 401
+
+
+def test_serving_report_measures_batching_overhead_and_cache_hits(app, tiny_family, tmp_path):
+    from benchmarks import serve as bench
+
+    s = bench.Settings(sessions=4, rounds=3, torch_threads=1, batches=(1, 2, 4), kv_sessions=2, kv_rounds=6,
+                       rtt_samples=20, replica_num_cpus=0.1)
+    res = bench.measure(tiny_family, s, tmp_path / "registry.json")
+    meta = {"command": "test", "machine": "test", "family": tiny_family.name, "seed": 0, "torch_threads": 1, "k": 4,
+            "sessions": 4, "rounds": 3, "batch_wait_ms": 5.0, "gpu_table": None}
+    md_path, png = bench.write(tmp_path, res, meta)
+    md = md_path.read_text()
+    assert all(c in md for c in bench.SERVE_COLUMNS + bench.ENGINE_COLUMNS)
+    assert [r["batch"] for r in res["engine"]] == [1, 2, 4] and all(r["ms/call"] > 0 for r in res["engine"])
+    rows = {r["version"]: r for r in res["serve"]}
+    assert rows["unbatched"]["mean batch seen"] == 1.0 and rows["loop"]["verified tok/s"] > 0
+    assert rows["sbatch"]["batcher"] == "serve-batch" and rows["loop"]["batcher"] == "engine-loop"
+    assert res["lone"]["bare handle RTT p50 ms"] > 0 and res["lone"]["overhead in RTTs"] > 0
+    assert res["kv"]["rounds after the first"] == 2 * 5 and res["kv"]["hit rate"] >= 0.9
+    assert png.stat().st_size > 0
+    # the apps it deployed are gone again; the fixture's app still answers
+    assert not {"serving-bench", "flexspec-loop", "flexspec-sbatch", "flexspec-kv"} & set(serve.status().applications)
+    assert served_version(app, first_round("after-bench", "stable"))  # answered (200) by whatever stable is now

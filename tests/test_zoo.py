@@ -202,9 +202,9 @@ def test_every_cli_subcommand_has_help():
     from flexspec_serve.cli import build_parser
 
     parser = build_parser()
-    commands = [["zoo", "build"], ["zoo", "report"], ["zoo", "info"], ["bench", "adaptive"], ["demo"],
+    commands = [["zoo", "build"], ["zoo", "report"], ["zoo", "info"], ["demo"],
                 ["serve", "up"], ["serve", "status"], ["serve", "down"], ["loadtest"], ["plan"],
-                ["report", "communication"],
+                ["report", "communication"], ["report", "compat"], ["report", "adaptation"],
                 *[["versions", op] for op in ("list", "add", "check", "canary", "promote", "set-weights", "rollback",
                                               "retire")]]
     for argv in commands:
