@@ -8,6 +8,7 @@ otherwise it joins `--address` (default `auto`: the Ray that `flexspec serve up`
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -48,6 +49,16 @@ def fleet_prompts(spec, draft_dir: Path) -> list[list[int]]:
     from flexspec_serve.zoo.loading import load_tokenizer
 
     return tokenize_prompts(load_prompt_texts(spec.prompts), load_tokenizer(draft_dir), spec.max_prompt_tokens)
+
+
+def fleet_api_key(spec) -> str | None:
+    """The fleet's own key (its `api_key_file`), else $FLEXSPEC_API_KEY, else none."""
+    if spec.api_key_file:
+        key = Path(spec.api_key_file).expanduser().read_text().strip()
+        if not key:
+            raise ValueError(f"api_key_file {spec.api_key_file} is empty")
+        return key
+    return os.environ.get("FLEXSPEC_API_KEY")
 
 
 def run_fleet(spec, prompts: list[list[int]], draft_path: str, api_key: str | None = None,
@@ -125,7 +136,8 @@ def run_report(spec, prompts, draft_path: str, out: Path, compare: list[str] | N
                api_key: str | None = None, on_tick=None, show_progress: bool = True,
                edge_model_bytes: int | None = None) -> dict:
     """The main run (+ the --compare replays), the report files; returns the main run's summary."""
-    from flexspec_serve.fleet.report import compare_rows, machine, summarize, write_report
+    from flexspec_serve.fleet.report import compare_rows, summarize, write_report
+    from flexspec_serve.reports import machine
 
     def one(s, tick):
         run, wall_s, events = run_fleet(s, prompts, draft_path, api_key, tick, show_progress)
@@ -154,7 +166,6 @@ def run_report(spec, prompts, draft_path: str, out: Path, compare: list[str] | N
 
 
 def cmd_loadtest(args) -> int:
-    import os
 
     import ray
 
@@ -174,7 +185,7 @@ def cmd_loadtest(args) -> int:
         ray.init(address=args.address, log_to_driver=False, configure_logging=False)
     try:
         summary = run_report(spec, prompts, str(family / "draft"), args.out, compare,
-                             command="flexspec " + " ".join(sys.argv[1:]), api_key=os.environ.get("FLEXSPEC_API_KEY"))
+                             command="flexspec " + " ".join(sys.argv[1:]), api_key=fleet_api_key(spec))
     finally:
         if args.start_app:
             from ray import serve

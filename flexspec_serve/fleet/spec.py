@@ -54,6 +54,8 @@ class FleetSpec(StrictModel):
     actor_num_cpus: float = Field(0.25, gt=0, description="CPUs reserved per fleet actor")
     transport: str = Field("handle", pattern=r"^(handle|http)$", description="DeploymentHandle or HTTP")
     url: str = Field("http://127.0.0.1:8000", description="router base URL for the http transport")
+    api_key_file: str | None = Field(None, description="file holding this fleet's API key for the http transport "
+                                                       "(one line); else $FLEXSPEC_API_KEY. Keys never go in here")
     draft_batch_wait_ms: float = Field(8.0, ge=0, le=100, description="gather draft steps of an actor's devices "
                                        "(hidden in the devices' own draft time: a step takes >= 3 ms on every class)")
     trace_offset_spread_s: float = Field(600.0, ge=0, description="devices start at random offsets in a trace")
