@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from flexspec_serve.engine import sampling as S
-from flexspec_serve.engine.ragged import CachedSequence, run_ragged
+from flexspec_serve.engine.ragged import CachedSequence, run_ragged_by_shape
 
 
 @dataclass
@@ -59,7 +59,7 @@ class DraftProposer:
                 s = sessions[i]
                 # first step feeds every committed token not yet cached; later steps feed the last draft
                 inputs.append(s.tokens[s.cache.length :] if step == 0 else [proposals[i].tokens[-1]])
-            logits = run_ragged(self.model, [sessions[i].cache for i in active], inputs)
+            logits = run_ragged_by_shape(self.model, [sessions[i].cache for i in active], inputs)
             for i, lg in zip(active, logits):
                 token, prob = self._choose(lg[-1], sessions[i])
                 proposals[i].tokens.append(token)

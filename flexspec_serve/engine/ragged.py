@@ -70,6 +70,26 @@ def run_ragged(
     return [logits[b, :n_len].float() for b, n_len in enumerate(new)]
 
 
+def run_ragged_by_shape(
+    model: torch.nn.Module, seqs: list[CachedSequence], inputs: list[list[int]], short_max: int = 16
+) -> list[torch.Tensor]:
+    """`run_ragged`, with inputs longer than `short_max` tokens (prompts) run as a forward of their own:
+    padding makes every session of a batch compute the longest input, so one prompt batched with
+    decode steps would multiply their cost by its length."""
+    out: list[torch.Tensor | None] = [None] * len(inputs)
+    for group in shape_groups([len(x) for x in inputs], short_max):
+        for i, logits in zip(group, run_ragged(model, [seqs[i] for i in group], [inputs[i] for i in group])):
+            out[i] = logits
+    return out  # type: ignore[return-value]
+
+
+def shape_groups(lengths: list[int], short_max: int) -> list[list[int]]:
+    """Indices of decode-sized inputs (<= short_max tokens) and of longer ones (prompts); empty groups left out."""
+    short = [i for i, n in enumerate(lengths) if n <= short_max]
+    long = [i for i, n in enumerate(lengths) if n > short_max]
+    return [g for g in (short, long) if g]
+
+
 def _run_single(model, seq: CachedSequence, tokens: list[int], device) -> torch.Tensor:
     if seq.cache is None:
         seq.cache = DynamicCache()

@@ -22,7 +22,7 @@ import torch
 
 from flexspec_serve.engine import sampling as S
 from flexspec_serve.engine.errors import EngineError, InvalidRequest, ResyncRequired, RoundFailed, SequenceError
-from flexspec_serve.engine.ragged import CachedSequence, run_ragged
+from flexspec_serve.engine.ragged import CachedSequence, run_ragged, shape_groups
 from flexspec_serve.engine.stats import AcceptanceStats
 
 log = logging.getLogger(__name__)
@@ -138,8 +138,14 @@ class Verifier:
                 results[i] = prepared  # idempotent retry
             else:
                 ready.append((i, *prepared))
-        if not ready:
-            return
+        # A ragged forward pads every session to the longest input, so a first round (a whole prompt) batched
+        # with decode rounds (K + 1 tokens) would make each of them compute the prompt's length: run the two
+        # shapes as separate forwards.
+        lengths = [len(s.tokens) - s.target.length + len(requests[i].draft_tokens) for i, s, _ in ready]
+        for group in shape_groups(lengths, self.limits.max_draft_tokens + 2):
+            self._forward_and_decide(requests, [ready[j] for j in group], results)
+
+    def _forward_and_decide(self, requests, ready, results) -> None:
         started = time.perf_counter()
         target_logits = run_ragged(
             self.target, [s.target for _, s, _ in ready],
