@@ -70,8 +70,8 @@ class LocalTransport:
 
 
 class AsyncLocalTransport:
-    """`send` for asyncio clients in this process: rounds arriving within `batch_wait_ms` of each other are
-    verified as one batch on a worker thread (what `serve.batch` does in a replica)."""
+    """`send` for asyncio clients in this process: rounds that arrive while the previous batch runs (or within
+    `batch_wait_ms` after it) are verified as one batch on a worker thread, as a verifier replica does."""
 
     def __init__(self, verifier: Verifier, batch_wait_ms: float = 2.0, max_batch_size: int = 64):
         self.batcher = MicroBatcher(LocalTransport(verifier).round_trip, batch_wait_ms, max_batch_size, "verify")

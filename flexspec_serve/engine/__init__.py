@@ -33,7 +33,7 @@ resync
     server lost it (eviction, replica restart). Results are identical to an uninterrupted session.
 
 What this package does not do: networking, batching policy across time (the Serve deployment's
-`serve.batch` decides when to call the verifier), channel emulation, or choosing K (see `edge/`).
+batcher decides when to call the verifier), channel emulation, or choosing K (see `edge/`).
 """
 
 from flexspec_serve.engine.errors import EngineError, InvalidRequest, ResyncRequired, SequenceError
