@@ -16,16 +16,10 @@ import torch
 from flexspec_serve import paths
 from flexspec_serve.engine.generate import speculative_generate
 from flexspec_serve.engine.proposer import DraftProposer
-from flexspec_serve.engine.costs import verify_cost_ms as verify_ms
+from flexspec_serve.engine.costs import benchmark_contexts, cost_profile
 from flexspec_serve.engine.verifier import Verifier
 from flexspec_serve.zoo.corpus import humaneval_problems
 from flexspec_serve.zoo.loading import load_causal_lm, load_tokenizer
-
-
-def _contexts(tok, n: int, length: int) -> list[list[int]]:
-    text = "".join(p.prompt + p.canonical_solution for p in humaneval_problems(60))
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    return [ids[i * 37 : i * 37 + length] for i in range(n)]
 
 
 def table(title: str, header: list[str], rows: list[list]) -> None:
@@ -48,16 +42,12 @@ def main() -> None:
     tok, draft, target = load_tokenizer(f"{fam}/v1"), load_causal_lm(f"{fam}/draft"), load_causal_lm(f"{fam}/v1")
     print(f"family {fam}; torch threads {args.threads}")
 
-    rows, per_b = [], {}
-    for b in (1, 2, 4, 8, 16, 32):
-        ms = verify_ms(Verifier(target, draft), _contexts(tok, b, 256), 4, args.reps)
-        per_b[b] = ms
-        rows.append([b, ms, ms / b, b * 5 / ms * 1e3])
+    per_b = cost_profile(Verifier(target, draft), benchmark_contexts(tok, 32), 4, reps=args.reps)
+    rows = [[b, ms, ms / b, b * 5 / ms * 1e3] for b, ms in per_b.items()]
     table("verify time vs batch size (K = 4, 256-token context)", ["batch", "ms/call", "ms/session", "verified tok/s"],
           rows)
 
-    single = verify_ms(Verifier(target, draft), _contexts(tok, 1, 256), 4, args.reps)
-    batched = per_b[16]
+    single, batched = per_b[1], per_b[16]
     table("batched vs one at a time (16 sessions, K = 4)", ["mode", "ms for 16", "verified tok/s"],
           [["one-at-a-time", 16 * single, 16 * 5 / (16 * single) * 1e3], ["batched", batched, 16 * 5 / batched * 1e3],
            ["speedup", 16 * single / batched, ""]])

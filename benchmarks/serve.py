@@ -27,6 +27,7 @@ from deployments.app import deploy
 from deployments.config import AppConfig, VersionSpec, version_app_name
 from flexspec_serve import paths
 from flexspec_serve import protocol as P
+from flexspec_serve.engine.costs import benchmark_contexts, cost_profile
 from flexspec_serve.reports import machine, md_table
 from flexspec_serve.zoo.corpus import humaneval_problems
 from flexspec_serve.zoo.loading import load_tokenizer
@@ -88,7 +89,6 @@ def run_load(handle, prompts, sessions: int, rounds: int, k: int, target: str) -
 def engine_rows(family: Path, contexts: list[list[int]], s: Settings) -> list[dict]:
     import torch
 
-    from flexspec_serve.engine.costs import cost_profile
     from flexspec_serve.engine.verifier import Verifier
     from flexspec_serve.zoo.loading import load_causal_lm
 
@@ -156,9 +156,7 @@ def app_config(family: Path, s: Settings, registry: Path) -> AppConfig:
 def measure(family: Path, s: Settings, registry: Path) -> dict:
     """Every section; needs a running Ray with Serve started. Deletes the apps it deployed."""
     tok = load_tokenizer(family / "v1")
-    text = "".join(p.prompt + p.canonical_solution for p in humaneval_problems(60))
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    contexts = [ids[i * 37 : i * 37 + 256] for i in range(32)]
+    contexts = benchmark_contexts(tok, 32)
     prompts = [tok(p.prompt, add_special_tokens=False)["input_ids"][-128:] for p in humaneval_problems(16)]
     out = {"engine": engine_rows(family, contexts, s)}
     cfg = app_config(family, s, registry)

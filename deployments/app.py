@@ -5,7 +5,7 @@ version's application (each version is its own application, so versions come and
 others). `deploy(cfg)` runs them all; `flexspec serve up` uses it, and `serve deploy deployments/serve.yaml`
 lists the same applications with these builders as `import_path`.
 
-- `VerifierDeployment` (`verifier.py`) wraps the plain `VerifierServer`; `@serve.batch` gathers concurrent
+- `VerifierDeployment` (`verifier.py`) wraps the plain `VerifierServer`; its batcher gathers concurrent
   rounds from many sessions into one ragged verification; replicas are chosen by consistent hashing on the
   session id, so a session keeps hitting the replica that holds its KV cache.
 - `Router` (FastAPI through Serve's HTTP proxy, or a DeploymentHandle for in-cluster clients) resolves a

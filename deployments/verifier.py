@@ -40,6 +40,8 @@ class VerifierDeployment:
         self.m_cache = metrics.Counter("flexspec_kv_lookups", "KV-cache lookups", tag_keys=("version", "result"))
         for m in (self.m_rounds, self.m_draft, self.m_accepted, self.m_tau, self.m_verify, self.m_batch):
             m.set_default_tags(tags)
+        self._hit_tags = {"version": self.spec.name, "result": "hit"}
+        self._miss_tags = {"version": self.spec.name, "result": "miss"}
         self._verified_tokens = 0  # positions verified (K + 1 per round), for the autoscaler
         self._last_report = (time.monotonic(), 0)
 
@@ -54,19 +56,21 @@ class VerifierDeployment:
         return results
 
     def _record(self, items: list[tuple[P.DraftRound, float]], results: list, verify_ms: float) -> None:
-        """Metrics of one verified batch (on the event loop)."""
+        """Metrics of one verified batch (on the event loop): counters once per batch, not per round."""
+        done = [(rnd, res) for (rnd, _), res in zip(items, results) if isinstance(res, P.RoundResult)]
         self.m_verify.observe(verify_ms)
         self.m_batch.observe(len(items))
-        for (rnd, _), res in zip(items, results):
-            if isinstance(res, P.RoundResult):
-                self._verified_tokens += len(rnd.draft_tokens) + 1
-                self.m_rounds.inc()
-                if rnd.draft_tokens:  # ray.util.metrics counters refuse inc(0)
-                    self.m_draft.inc(len(rnd.draft_tokens))
-                if res.accepted:
-                    self.m_accepted.inc(res.accepted)
-                self.m_tau.observe(res.accepted + 1)
-                self.m_cache.inc(tags={"version": self.spec.name, "result": "hit" if res.cache_hit else "miss"})
+        drafted = sum(len(rnd.draft_tokens) for rnd, _ in done)
+        accepted = sum(res.accepted for _, res in done)
+        hits = sum(res.cache_hit for _, res in done)
+        self._verified_tokens += drafted + len(done)  # K + 1 positions per round
+        for n, metric, tags in ((len(done), self.m_rounds, None), (drafted, self.m_draft, None),
+                                (accepted, self.m_accepted, None), (hits, self.m_cache, self._hit_tags),
+                                (len(done) - hits, self.m_cache, self._miss_tags)):
+            if n:  # ray.util.metrics counters refuse inc(0)
+                metric.inc(n, tags=tags)
+        for _, res in done:
+            self.m_tau.observe(res.accepted + 1)
 
     async def verify(self, rnd: P.DraftRound):
         """A RoundResult, or (http_status, ErrorBody)."""

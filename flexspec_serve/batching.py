@@ -43,9 +43,10 @@ class MicroBatcher(Generic[T, R]):
         while self._pending:
             await asyncio.sleep(self.wait_s)
             batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
+            items = [item for item, _ in batch]
             started = time.perf_counter()
             try:
-                results = await loop.run_in_executor(self._pool, self.fn, [item for item, _ in batch])
+                results = await loop.run_in_executor(self._pool, self.fn, items)
             except Exception as err:  # the batch function failed: every caller in the batch sees it
                 for _, fut in batch:
                     if not fut.done():
@@ -54,7 +55,7 @@ class MicroBatcher(Generic[T, R]):
             self.batches += 1
             self.items += len(batch)
             if self.on_batch is not None:
-                self.on_batch([item for item, _ in batch], results, (time.perf_counter() - started) * 1e3)
+                self.on_batch(items, results, (time.perf_counter() - started) * 1e3)
             for (_, fut), res in zip(batch, results):
                 if not fut.done():
                     fut.set_result(res)

@@ -13,6 +13,16 @@ import time
 from flexspec_serve.engine.verifier import Verifier, VerifyRequest
 
 
+def benchmark_contexts(tokenizer, n: int, length: int = 256) -> list[list[int]]:
+    """`n` real-code contexts of `length` tokens (HumanEval prompts + solutions, windows 37 tokens apart):
+    what the engine and serving benchmarks time verification on."""
+    from flexspec_serve.zoo.corpus import humaneval_problems
+
+    text = "".join(p.prompt + p.canonical_solution for p in humaneval_problems(60))
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return [ids[i * 37 : i * 37 + length] for i in range(n)]
+
+
 def verify_cost_ms(verifier: Verifier, contexts: list[list[int]], k: int, reps: int = 5) -> float:
     reqs = [VerifyRequest(f"b{i}", 0, (), full_context=tuple(c)) for i, c in enumerate(contexts)]
     verifier.verify(reqs)  # build the caches

@@ -22,6 +22,7 @@ from flexspec_serve.engine.generate import speculative_generate
 from flexspec_serve.engine.proposer import DraftProposer
 from flexspec_serve.engine.sampling import SamplingParams
 from flexspec_serve.engine.verifier import Verifier
+from flexspec_serve.reports import md_table
 from flexspec_serve.transport import LocalTransport
 
 UPDATE_COLUMNS = ("trace", "median_down_mbps", "draft_mb", "seconds_per_device", "fleet_gb", "frozen_bytes")
@@ -82,13 +83,11 @@ def write(out: Path, updates: list[dict], tokens: list[TokenRow], meta: dict) ->
         f"Command: `{meta['command']}`  \nmachine: {meta['machine']}; family {meta['family']} (seed {meta['seed']}), "
         f"target {meta['target']}, {meta['prompts']} HumanEval prompts x {meta['max_new']} tokens, K = 4\n",
         f"## Per target update ({meta['devices']} devices)\n",
-        "| " + " | ".join(UPDATE_COLUMNS) + " |", "|" + "---|" * len(UPDATE_COLUMNS),
-        *["| " + " | ".join(str(r[c]) for c in UPDATE_COLUMNS) + " |" for r in updates],
+        md_table(updates, UPDATE_COLUMNS),
         "\nfrozen_bytes: what FlexSpec sends to the devices when a target version changes (the draft never does); "
         "the other columns are what a coupled design (a draft re-distilled per version) would ship.\n",
         "## Per generated token\n",
-        "| " + " | ".join(TOKEN_COLUMNS) + " |", "|" + "---|" * len(TOKEN_COLUMNS),
-        *["| " + " | ".join(str(v) for v in asdict(r).values()) + " |" for r in tokens],
+        md_table([asdict(r) for r in tokens], TOKEN_COLUMNS),
         "\n![bytes per token](communication.png)",
     ]
     (out / "communication.md").write_text("\n".join(lines) + "\n")
