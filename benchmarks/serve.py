@@ -7,6 +7,8 @@ Writes `serving.md` and `serving.png` under --out (default docs/results):
    batch sizes the rounds saw;
 3. one session alone: its Serve-path overhead next to a bare DeploymentHandle round trip (an echo
    deployment) measured in the same run;
+   sections 2 and 3 take both in-cluster paths: through the router (client -> router -> version, two
+   handle hops) and direct (routed in the client, `deployments.routing.DirectRouter`: one hop);
 4. KV-cache hit rate of long sessions on a version with 2 replicas (consistent hashing on the session id);
 5. the GPU verify table when `benchmarks.gpu_verify` has written one (it runs without Ray).
 """
@@ -25,6 +27,7 @@ from ray import serve
 
 from deployments.app import deploy
 from deployments.config import AppConfig, VersionSpec, version_app_name
+from deployments.routing import DirectRouter
 from flexspec_serve import paths
 from flexspec_serve import protocol as P
 from flexspec_serve.engine.costs import benchmark_contexts, cost_profile
@@ -32,7 +35,7 @@ from flexspec_serve.reports import machine, md_table
 from flexspec_serve.zoo.corpus import humaneval_problems
 from flexspec_serve.zoo.loading import load_tokenizer
 
-SERVE_COLUMNS = ("version", "batcher", "max_batch_size", "verified tok/s", "round p50 ms", "overhead p50 ms", "mean batch seen")
+SERVE_COLUMNS = ("path", "version", "batcher", "max_batch_size", "verified tok/s", "round p50 ms", "overhead p50 ms", "mean batch seen")
 ENGINE_COLUMNS = ("batch", "ms/call", "ms/session", "verified tok/s")
 
 
@@ -56,28 +59,56 @@ class Echo:
         return x
 
 
-async def _session(handle, sid: str, prompt: list[int], rounds: int, k: int, target: str) -> list[tuple]:
+class RouterPath:
+    """client -> router (`round_compact`, compact bytes) -> version: two handle hops."""
+
+    name = "router"
+
+    def __init__(self, router_handle):
+        self.handle = router_handle
+
+    async def __call__(self, rnd: P.DraftRound) -> P.RoundResult:
+        status, body = await self.handle.round_compact.remote(P.encode_round(rnd))
+        if status != 200:
+            raise RuntimeError(body)
+        return P.decode_result(body)
+
+
+class DirectPath:
+    """Routed in the client on the router's registry snapshot, then client -> version: one handle hop."""
+
+    name = "direct"
+
+    def __init__(self, router_handle):
+        self.router = DirectRouter(router_handle)
+
+    async def __call__(self, rnd: P.DraftRound) -> P.RoundResult:
+        answer = await self.router.route(rnd)
+        if not isinstance(answer, P.RoundResult):
+            raise RuntimeError(answer)
+        return answer
+
+
+async def _session(call, sid: str, prompt: list[int], rounds: int, k: int, target: str) -> list[tuple]:
     """One closed-loop session; returns (latency ms, result) of every round after the first."""
     out, drafts = [], prompt[:k]
     for seq in range(rounds):
         rnd = P.DraftRound(session_id=sid, seq=seq, target=target, draft_tokens=drafts,
                            full_context=prompt if seq == 0 else None)
         started = time.perf_counter()
-        status, body = await handle.round_compact.remote(P.encode_round(rnd))
+        res = await call(rnd)
         latency = (time.perf_counter() - started) * 1e3
-        if status != 200:
-            raise RuntimeError(body)
         if seq:
-            out.append((latency, P.decode_result(body)))
+            out.append((latency, res))
     return out
 
 
-def run_load(handle, prompts, sessions: int, rounds: int, k: int, target: str) -> tuple[float, list]:
+def run_load(call, prompts, sessions: int, rounds: int, k: int, target: str) -> tuple[float, list]:
     """`sessions` concurrent sessions from one asyncio loop (no client threads competing for the GIL)."""
 
     async def everyone():
         tag = time.monotonic_ns()
-        return await asyncio.gather(*[_session(handle, f"{target}-{i}-{tag}", prompts[i % len(prompts)], rounds, k,
+        return await asyncio.gather(*[_session(call, f"{target}-{i}-{tag}", prompts[i % len(prompts)], rounds, k,
                                                target) for i in range(sessions)])
 
     started = time.perf_counter()
@@ -99,22 +130,26 @@ def engine_rows(family: Path, contexts: list[list[int]], s: Settings) -> list[di
              "verified tok/s": round(b * (s.k + 1) / ms * 1e3, 1)} for b, ms in prof.items()]
 
 
-def serve_rows(handle, prompts, versions: list[VersionSpec], s: Settings) -> list[dict]:
-    """One row per version under the same concurrent load (the KV-locality version excluded)."""
-    for v in versions:  # warm up
-        run_load(handle, prompts, 4, 3, s.k, v.name)
+def serve_rows(paths: list, prompts, versions: list[VersionSpec], s: Settings) -> list[dict]:
+    """One row per (path, version) under the same concurrent load (the KV-locality version excluded)."""
+    for call in paths:  # warm up (and let the direct path fetch its registry snapshot)
+        for v in versions:
+            run_load(call, prompts, 4, 3, s.k, v.name)
     rows = []
-    for v in versions:
-        tps, flat = run_load(handle, prompts, s.sessions, s.rounds, s.k, v.name)
-        rows.append({"version": v.name, "batcher": v.batcher if v.max_batch_size > 1 else "-",
-                     "max_batch_size": v.max_batch_size, "verified tok/s": round(tps, 1),
-                     "round p50 ms": round(statistics.median(x for x, _ in flat), 2),
-                     "overhead p50 ms": round(statistics.median(x - r.timings.verify_ms for x, r in flat), 2),
-                     "mean batch seen": round(statistics.mean(r.timings.batch_size for _, r in flat), 2)})
+    for call in paths:
+        for v in versions:
+            if call.name == "direct" and v.batcher == "serve-batch" and v.max_batch_size > 1:
+                continue  # the batcher comparison is made once, on the router path
+            tps, flat = run_load(call, prompts, s.sessions, s.rounds, s.k, v.name)
+            rows.append({"path": call.name, "version": v.name, "batcher": v.batcher if v.max_batch_size > 1 else "-",
+                         "max_batch_size": v.max_batch_size, "verified tok/s": round(tps, 1),
+                         "round p50 ms": round(statistics.median(x for x, _ in flat), 2),
+                         "overhead p50 ms": round(statistics.median(x - r.timings.verify_ms for x, r in flat), 2),
+                         "mean batch seen": round(statistics.mean(r.timings.batch_size for _, r in flat), 2)})
     return rows
 
 
-def lone_round(handle, echo, prompt, s: Settings) -> dict:
+def bare_rtt(echo, s: Settings) -> float:
     payload = P.encode_round(P.DraftRound(session_id="x", seq=1, draft_tokens=[1, 2, 3, 4]))
     for _ in range(20):
         echo.ping.remote(payload).result()
@@ -123,16 +158,25 @@ def lone_round(handle, echo, prompt, s: Settings) -> dict:
         started = time.perf_counter()
         echo.ping.remote(payload).result()
         rtt.append((time.perf_counter() - started) * 1e3)
-    single = asyncio.run(_session(handle, f"solo-{time.monotonic_ns()}", prompt, 30, s.k, "loop"))
-    bare = statistics.median(rtt)
-    overhead = statistics.median(x - r.timings.verify_ms for x, r in single)
-    return {"round p50 ms": round(statistics.median(x for x, _ in single), 2), "verify p50 ms":
-            round(statistics.median(r.timings.verify_ms for _, r in single), 2), "overhead p50 ms": round(overhead, 2),
-            "bare handle RTT p50 ms": round(bare, 2), "overhead in RTTs": round(overhead / bare, 2)}
+    return statistics.median(rtt)
 
 
-def kv_row(handle, prompts, s: Settings) -> dict:
-    _, flat = run_load(handle, prompts, s.kv_sessions, s.kv_rounds, s.k, "kv")
+def lone_rows(paths: list, echo, prompt, s: Settings) -> list[dict]:
+    """One session alone on the engine-loop version, per path, next to a bare handle round trip."""
+    bare = bare_rtt(echo, s)
+    rows = []
+    for call in paths:
+        single = asyncio.run(_session(call, f"solo-{call.name}-{time.monotonic_ns()}", prompt, 30, s.k, "loop"))
+        overhead = statistics.median(x - r.timings.verify_ms for x, r in single)
+        rows.append({"path": call.name, "round p50 ms": round(statistics.median(x for x, _ in single), 2),
+                     "verify p50 ms": round(statistics.median(r.timings.verify_ms for _, r in single), 2),
+                     "overhead p50 ms": round(overhead, 2), "bare handle RTT p50 ms": round(bare, 2),
+                     "overhead in RTTs": round(overhead / bare, 2)})
+    return rows
+
+
+def kv_row(call, prompts, s: Settings) -> dict:
+    _, flat = run_load(call, prompts, s.kv_sessions, s.kv_rounds, s.k, "kv")
     hits = sum(r.cache_hit for _, r in flat)
     return {"replicas": 2, "sessions": s.kv_sessions, "rounds after the first": len(flat), "cache hits": hits,
             "hit rate": round(hits / len(flat), 4)}
@@ -163,9 +207,10 @@ def measure(family: Path, s: Settings, registry: Path) -> dict:
     handle = deploy(cfg, name="serving-bench", route_prefix="/serving-bench")
     echo = serve.run(Echo.bind(), name="serving-echo", route_prefix="/serving-echo")
     try:
-        out["serve"] = serve_rows(handle, prompts, [v for v in cfg.versions if v.name != "kv"], s)
-        out["lone"] = lone_round(handle, echo, prompts[0], s)
-        out["kv"] = kv_row(handle, prompts, s)
+        paths = [RouterPath(handle), DirectPath(handle)]
+        out["serve"] = serve_rows(paths, prompts, [v for v in cfg.versions if v.name != "kv"], s)
+        out["lone"] = lone_rows(paths, echo, prompts[0], s)
+        out["kv"] = kv_row(paths[0], prompts, s)
     finally:
         for app in ["serving-bench", "serving-echo"] + [version_app_name(v.name) for v in cfg.versions]:
             serve.delete(app)
@@ -178,8 +223,9 @@ def write(out_dir: Path, res: dict, meta: dict) -> list[Path]:
     by_b = {r["batch"]: r for r in eng}
     top = max(by_b)
     engine_gain = (top * by_b[1]["ms/call"]) / by_b[top]["ms/call"]
-    tps = {r["version"]: r["verified tok/s"] for r in srv}
-    serve_gain = tps["loop"] / tps["unbatched"]
+    tps = {(r["path"], r["version"]): r["verified tok/s"] for r in srv}
+    gains = {p: tps[(p, "loop")] / tps[(p, "unbatched")] for p in ("router", "direct")}
+    lone_by = {r["path"]: r for r in lone}
     gpu = Path(meta["gpu_table"]) if meta.get("gpu_table") else None
     lines = [
         "# Serving: verify cost, batching through Serve, Serve overhead, KV-cache hits\n",
@@ -190,12 +236,14 @@ def write(out_dir: Path, res: dict, meta: dict) -> list[Path]:
         "gain on this machine, Serve or not.\n",
         f"## Through Serve: {meta['sessions']} concurrent sessions x {meta['rounds']} rounds\n",
         md_table(srv, SERVE_COLUMNS),
-        f"Batched (engine loop) / unbatched verified tokens/s: **{serve_gain:.2f}x** (goal >= 4x); serve.batch "
-        f"({meta['batch_wait_ms']:g} ms wait): {tps['sbatch'] / tps['unbatched']:.2f}x. Overhead = round latency "
-        "minus the engine's verify time; mean batch seen = the verify batch each round was part of.\n",
-        "## One session alone\n", md_table([lone]),
-        f"On the engine-loop version the Serve path adds **{lone['overhead in RTTs']:.2f}** bare handle round trips "
-        "(goal <= 2): client -> router -> verifier is two handle hops.\n",
+        f"Batched (engine loop) / unbatched verified tokens/s: **{gains['router']:.2f}x** through the router, "
+        f"**{gains['direct']:.2f}x** direct (goal >= 4x); serve.batch ({meta['batch_wait_ms']:g} ms wait), router "
+        f"path: {tps[('router', 'sbatch')] / tps[('router', 'unbatched')]:.2f}x. Overhead = round latency minus the "
+        "engine's verify time; mean batch seen = the verify batch each round was part of.\n",
+        "## One session alone\n", md_table(lone),
+        f"On the engine-loop version the Serve path adds **{lone_by['router']['overhead in RTTs']:.2f}** bare handle "
+        f"round trips through the router (client -> router -> version: two hops) and "
+        f"**{lone_by['direct']['overhead in RTTs']:.2f}** direct (routed in the client: one hop); goal <= 2.\n",
         "## KV-cache locality (consistent hashing on the session id)\n", md_table([kv]),
         "## GPU\n",
         (f"See [{gpu.name}]({gpu.name}) (written by `python -m benchmarks.gpu_verify`)." if gpu else
@@ -218,8 +266,9 @@ def _plot(eng: list[dict], srv: list[dict], path: Path) -> None:
     a.plot([r["batch"] for r in eng], [r["ms/session"] for r in eng], "s--", label="ms per session")
     a.set(xscale="log", xlabel="batch size", ylabel="ms", title="Verify cost (in-process)")
     a.legend(fontsize=8)
-    b.bar([f"{r['batcher']}\nmax {r['max_batch_size']}" for r in srv], [r["verified tok/s"] for r in srv])
+    b.bar([f"{r['path']}\n{r['batcher']}\nmax {r['max_batch_size']}" for r in srv], [r["verified tok/s"] for r in srv])
     b.set(ylabel="verified tokens/s", title="Through Serve")
+    b.tick_params(axis="x", labelsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -10,7 +10,9 @@ lists the same applications with these builders as `import_path`.
   session id, so a session keeps hitting the replica that holds its KV cache.
 - `Router` (FastAPI through Serve's HTTP proxy, or a DeploymentHandle for in-cluster clients) resolves a
   round's version from the registry: explicit version, alias or weighted split on the first round; after
-  that the client names the version it was served by, so pinning survives router restarts.
+  that the client names the version it was served by, so pinning survives router restarts. The routing
+  itself is `routing.route_round`, which in-cluster clients may also run themselves (`routing.DirectRouter`
+  on the router's `registry_snapshot`): one handle hop per round instead of two.
 """
 
 # No `from __future__ import annotations` here: FastAPI must see real types (Request) on the Serve ingress.
@@ -24,13 +26,14 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.exceptions import RayError
 from ray.serve.config import RequestRouterConfig
-from ray.serve.exceptions import BackPressureError, RayServeException
+from ray.serve.exceptions import RayServeException
 
 from deployments import api_schema
 from deployments.admin import (AdminAPI, AliasUpdate, CanaryRequest, CheckRequest, PromoteRequest, RetireRequest,
                                RollbackRequest, error, error_response, read_admin_token)
 from deployments.config import (AppConfig, FileRegistry, RegistryState, UnknownTarget, VersionSpec, deployment_name,
                                 version_app_name)
+from deployments.routing import VersionHandles, route_round
 from deployments.openai_api import CompletionRequest, completion_response, models_response
 from deployments.security import ApiKeys, RateLimiter
 from deployments.verifier import VerifierDeployment
@@ -96,7 +99,7 @@ class Router:
         self.state = self.registry.load_or_seed(RegistryState.model_validate(seed_state))
         self._mtime = 0.0
         self._checked = 0.0
-        self.handles: dict = {}  # version -> DeploymentHandle
+        self.handles = VersionHandles()
         self.draft_path = draft_path
         self._tokenizer = None
         self.manager = VersionManager(self.registry, ServeDeployer(), idle_s=drain_idle_s)
@@ -120,14 +123,9 @@ class Router:
             self.state, self._mtime = self.registry.load() or self.state, mtime
         return self.state
 
-    def _handle(self, version: str):
-        if version not in self.handles:
-            self.handles[version] = serve.get_deployment_handle(deployment_name(version), version_app_name(version))
-        return self.handles[version]
-
     async def _all_stats(self, since: float | None = None) -> dict[str, dict]:
         state = self.current()
-        replies = await asyncio.gather(*(self._handle(v).stats.remote(since) for v in state.versions),
+        replies = await asyncio.gather(*(self.handles.get(v).stats.remote(since) for v in state.versions),
                                        return_exceptions=True)
         return {v: r for v, r in zip(state.versions, replies) if isinstance(r, dict)}
 
@@ -149,27 +147,21 @@ class Router:
                         log.info("version watcher: %s: %s", d.action, d.reason)
             except VersionError as err:  # another router replica acted first
                 log.info("version watcher: %s", err)
-            for gone in set(self.handles) - set(self.current().versions):
-                self.handles.pop(gone, None)
+            self.handles.keep_only(self.current().versions)
             self._checked = 0.0
 
     # ------------------------------------------------------------------ rounds
     async def route(self, rnd: P.DraftRound):
         """A RoundResult or (status, ErrorBody): the in-cluster entry point (DeploymentHandle)."""
         self._ensure_watcher()
+        return await route_round(self.current(), self.handles, rnd)
+
+    async def registry_snapshot(self, known_generation: int | None = None) -> dict | None:
+        """The registry snapshot for clients that route for themselves (`routing.DirectRouter`); None when
+        the caller already holds this generation. Their periodic calls keep the version watcher running."""
+        self._ensure_watcher()
         state = self.current()
-        try:
-            version = state.resolve(rnd.target, rnd.session_id, first_round=rnd.seq == 0)
-        except UnknownTarget as err:
-            return 404, P.ErrorBody.of("unknown_version", str(err), "target", rnd.target)
-        handle = self._handle(version).options(session_id=rnd.session_id)
-        try:
-            return await handle.verify.remote(rnd)
-        except BackPressureError:
-            return 503, P.ErrorBody.of("overloaded", f"{version} is at its queue limit; retry later", retry_after_s=0.5)
-        except (RayError, RayServeException) as err:  # replica died, or the version is being replaced
-            return 503, P.ErrorBody.of("unavailable", f"{version} did not answer ({type(err).__name__}); retry",
-                                       retry_after_s=0.2)
+        return None if known_generation == state.generation else state.model_dump()
 
     async def round_compact(self, payload: bytes) -> tuple[int, bytes]:
         """Compact bytes in, (status, compact result or JSON error) out: for handle clients."""
@@ -322,7 +314,7 @@ class Router:
             ids = tok(prompt, add_special_tokens=False)["input_ids"] or [tok.eos_token_id]
             sid = f"oai-{time.monotonic_ns()}-{i}"
             try:
-                tokens, reason, failed = await self._handle(version).options(session_id=sid).generate.remote(
+                tokens, reason, failed = await self.handles.get(version).options(session_id=sid).generate.remote(
                     sid, ids, req.max_tokens, sampling, tok.eos_token_id)
             except (RayError, RayServeException) as err:
                 return error_response(503, P.ErrorBody.of("unavailable", f"{version} did not answer "

@@ -1,7 +1,8 @@
 """Fleet actors: Ray actors, each hosting a shard of a fleet's emulated devices as asyncio tasks (the
-devices' logic is the Ray-free `flexspec_serve.fleet.runtime.Shard`), plus the two transports a fleet can
-use to reach the app: the router's DeploymentHandle (in-cluster) and HTTP through Serve's proxy (as a
-remote device would). Both raise `TransportError` when the path fails, so devices retry with backoff."""
+devices' logic is the Ray-free `flexspec_serve.fleet.runtime.Shard`), plus the three transports a fleet can
+use to reach the app: the router's DeploymentHandle (in-cluster), direct (in-cluster, routed in the actor:
+one hop to the version), and HTTP through Serve's proxy (as a remote device would). Each raises
+`TransportError` when the path itself fails, so devices retry with backoff."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import ray
 from ray import serve
 from ray.serve.exceptions import RayServeException
 
-from deployments.transport import decode_answer
+from deployments.routing import DirectRouter
+from deployments.transport import decode_answer, exchange_of
 from flexspec_serve import protocol as P
 from flexspec_serve.transport import Exchange, TransportError
 
@@ -32,6 +34,18 @@ class AsyncHandleTransport:
         except (ray.exceptions.RayError, RayServeException) as err:
             raise TransportError(f"router call failed: {type(err).__name__}") from err
         return Exchange(decode_answer(status, body), len(payload), len(body))
+
+
+class AsyncDirectTransport:
+    """Routes in this process (`routing.DirectRouter`) and calls the version's deployment: one handle hop.
+    Bytes are counted on the compact encoding, and the version verifies the round as the wire delivers it."""
+
+    def __init__(self, app_name: str = APP_NAME, refresh_s: float = 0.5):
+        self.router = DirectRouter(serve.get_app_handle(app_name), refresh_s)
+
+    async def send(self, rnd: P.DraftRound) -> Exchange:
+        payload = P.encode_round(rnd)
+        return exchange_of(payload, await self.router.route(P.decode_round(payload)))
 
 
 class AsyncHttpTransport:
@@ -79,8 +93,8 @@ class FleetActor:
         from flexspec_serve.zoo.loading import load_causal_lm
 
         self.proposer = DraftProposer(load_causal_lm(self.draft_path))
-        self.transport = (AsyncHandleTransport() if self.spec.transport == "handle"
-                          else AsyncHttpTransport(self.spec.url, self.api_key))
+        self.transport = {"handle": AsyncHandleTransport, "direct": AsyncDirectTransport,
+                          "http": lambda: AsyncHttpTransport(self.spec.url, self.api_key)}[self.spec.transport]()
         return len(self.plans)
 
     async def run(self, start_epoch_s: float):

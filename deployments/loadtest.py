@@ -23,7 +23,7 @@ def register(sub) -> None:
     p.add_argument("--devices", type=int, help="override the fleet's device count")
     p.add_argument("--duration", type=float, help="override the fleet's duration (s of session arrivals)")
     p.add_argument("--policy", help="override the fleet's policy (adaptive | fixed-K | cloud-only | accept-adaptive)")
-    p.add_argument("--transport", choices=["handle", "http"], help="override the fleet's transport")
+    p.add_argument("--transport", choices=["handle", "direct", "http"], help="override the fleet's transport")
     p.add_argument("--compare", nargs="*", metavar="POLICY",
                    help="also replay the fleet with these policies (default: fixed-4 cloud-only)")
     p.add_argument("--out", type=Path, default=Path("loadtest-out"), help="report directory")

@@ -1,13 +1,16 @@
-"""Transports to a running app, for edge clients and load tests: a DeploymentHandle (in-cluster) or HTTP.
+"""Transports to a running app, for edge clients and load tests: the router's DeploymentHandle
+(in-cluster), direct (in-cluster, routed in this process: one hop to the version) or HTTP.
 
-Both speak the compact encoding and implement `round_trip(rounds) -> list[Exchange]` like the in-process
+All speak the compact encoding and implement `round_trip(rounds) -> list[Exchange]` like the in-process
 `LocalTransport`, so the same edge client runs over any of them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 
+from deployments.routing import Answer, DirectRouter
 from flexspec_serve import protocol as P
 from flexspec_serve.transport import Exchange
 
@@ -16,6 +19,13 @@ def decode_answer(status: int, body: bytes) -> P.RoundResult | P.ErrorBody:
     if status == 200:
         return P.decode_result(body)
     return P.ErrorBody.model_validate(json.loads(body))
+
+
+def exchange_of(payload: bytes, answer: Answer) -> Exchange:
+    """A direct call's answer as the wire would have carried it (compact result, or the JSON error body)."""
+    if isinstance(answer, P.RoundResult):
+        return Exchange(answer, len(payload), len(P.encode_result(answer)))
+    return Exchange(answer[1], len(payload), len(answer[1].model_dump_json()))
 
 
 class HandleTransport:
@@ -32,6 +42,22 @@ class HandleTransport:
             status, body = resp.result()
             out.append(Exchange(decode_answer(status, body), len(up), len(body)))
         return out
+
+
+class DirectTransport:
+    """Routes each round in this process (`routing.DirectRouter`) and calls its version's deployment directly:
+    one handle hop. The version verifies the round as the compact encoding delivers it."""
+
+    def __init__(self, router_handle, refresh_s: float = 0.5):
+        self.router = DirectRouter(router_handle, refresh_s)
+
+    def round_trip(self, rounds: list[P.DraftRound]) -> list[Exchange]:
+        payloads = [P.encode_round(r) for r in rounds]
+
+        async def in_flight():
+            return await asyncio.gather(*(self.router.route(P.decode_round(b)) for b in payloads))
+
+        return [exchange_of(up, answer) for up, answer in zip(payloads, asyncio.run(in_flight()))]
 
 
 class HttpTransport:

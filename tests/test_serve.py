@@ -104,6 +104,41 @@ def test_long_session_keeps_hitting_its_replicas_kv_cache(app, family_models, hu
     assert hits / (len(res.rounds) - 1) > 0.9 and len(res.rounds) > 30
 
 
+def test_direct_routing_in_the_client_matches_the_router_and_the_in_process_engine(app, family_models,
+                                                                                   humaneval_prompts):
+    from deployments.transport import DirectTransport
+
+    direct = DirectTransport(app["handle"])
+    for sid, target in [("d-a", "v2"), ("d-b", "canary"), ("d-c", None)] + [(f"d-split-{i}", "half") for i in range(12)]:
+        [ex] = direct.round_trip([first_round(sid, target)])
+        assert ex.result.version == served_version(app, first_round(sid, target)), (sid, target)
+    prompts = [p[-48:] for p in humaneval_prompts[:4]]
+    draft = family_models["draft"]
+    local = speculative_generate(DraftProposer(draft), Verifier(family_models["v1"], draft), prompts, 16, 3)
+    remote = speculative_generate(DraftProposer(draft), direct, prompts, 16, 3, session_prefix="direct-", target="v1")
+    assert [r.tokens for r in remote] == [r.tokens for r in local]
+    [unknown] = direct.round_trip([first_round("d-x", "no-such-version")])
+    assert unknown.result.error.code == "unknown_version" and "v1" in unknown.result.error.message
+
+
+def test_direct_routing_sees_a_registry_change_within_its_refresh_period(app):
+    import httpx
+
+    from deployments.transport import DirectTransport
+
+    auth = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+    direct = DirectTransport(app["handle"], refresh_s=0.2)
+    try:
+        for n, version in enumerate(["v2", "v1", "v2"]):
+            assert httpx.put(f"{app['url']}/admin/aliases/gamma", json={"target": version}, headers=auth,
+                             timeout=30).status_code == 200
+            time.sleep(0.3)
+            [ex] = direct.round_trip([first_round(f"gamma-{n}", "gamma")])
+            assert ex.result.version == version
+    finally:
+        httpx.delete(f"{app['url']}/admin/aliases/gamma", headers=auth, timeout=30)
+
+
 def test_http_json_and_compact_rounds_and_errors(app):
     import httpx
 
@@ -350,8 +385,9 @@ def test_hot_swap_under_a_running_fleet_loses_nothing(app, tiny_family, family_m
                     max_acceptance_drop=0.6, timeout_s=90)
     trigger = SwapTrigger(app["url"], ADMIN_TOKEN, plan, start_at_s=1)
     # the canary judges sessions that start after it does: arrivals must go on well past the add and the gate
-    summary = run_report(swap_fleet(duration_s=35), prompts, str(tiny_family / "draft"), tmp_path, on_tick=trigger,
-                         show_progress=False)
+    # devices route for themselves (direct transport): the swap must reach them through registry snapshots
+    summary = run_report(swap_fleet(duration_s=35, transport="direct"), prompts, str(tiny_family / "draft"), tmp_path,
+                         on_tick=trigger, show_progress=False)
     assert trigger.script.outcome == "promoted", trigger.script.events
     assert summary["sessions_failed"] == 0 and summary["sessions_lost"] == 0 and not summary["device_crashes"]
     labels = [m["label"] for m in summary["version_changes"]]
@@ -487,10 +523,15 @@ def test_serving_report_measures_batching_overhead_and_cache_hits(app, tiny_fami
     md = md_path.read_text()
     assert all(c in md for c in bench.SERVE_COLUMNS + bench.ENGINE_COLUMNS)
     assert [r["batch"] for r in res["engine"]] == [1, 2, 4] and all(r["ms/call"] > 0 for r in res["engine"])
-    rows = {r["version"]: r for r in res["serve"]}
-    assert rows["unbatched"]["mean batch seen"] == 1.0 and rows["loop"]["verified tok/s"] > 0
-    assert rows["sbatch"]["batcher"] == "serve-batch" and rows["loop"]["batcher"] == "engine-loop"
-    assert res["lone"]["bare handle RTT p50 ms"] > 0 and res["lone"]["overhead in RTTs"] > 0
+    rows = {(r["path"], r["version"]): r for r in res["serve"]}
+    assert set(rows) == {("router", "loop"), ("router", "sbatch"), ("router", "unbatched"), ("direct", "loop"),
+                         ("direct", "unbatched")}
+    for path in ("router", "direct"):
+        assert rows[(path, "unbatched")]["mean batch seen"] == 1.0 and rows[(path, "loop")]["verified tok/s"] > 0
+        assert rows[(path, "loop")]["batcher"] == "engine-loop"
+    assert rows[("router", "sbatch")]["batcher"] == "serve-batch"
+    assert [r["path"] for r in res["lone"]] == ["router", "direct"]
+    assert all(r["bare handle RTT p50 ms"] > 0 and r["overhead in RTTs"] > 0 for r in res["lone"])
     assert res["kv"]["rounds after the first"] == 2 * 5 and res["kv"]["hit rate"] >= 0.9
     assert png.stat().st_size > 0
     # the apps it deployed are gone again; the fixture's app still answers

@@ -52,7 +52,9 @@ class FleetSpec(StrictModel):
     duration_s: float = Field(60.0, gt=0, le=86_400, description="no session starts after this; running ones finish")
     actors: int = Field(2, ge=1, le=1024, description="fleet actors; devices are split evenly between them")
     actor_num_cpus: float = Field(0.25, gt=0, description="CPUs reserved per fleet actor")
-    transport: str = Field("handle", pattern=r"^(handle|http)$", description="DeploymentHandle or HTTP")
+    transport: str = Field("handle", pattern=r"^(handle|direct|http)$",
+                           description="handle: the router's DeploymentHandle; direct: routed in the fleet actor, "
+                           "one hop to the version's deployment; http: through Serve's proxy")
     url: str = Field("http://127.0.0.1:8000", description="router base URL for the http transport")
     api_key_file: str | None = Field(None, description="file holding this fleet's API key for the http transport "
                                                        "(one line); else $FLEXSPEC_API_KEY. Keys never go in here")
