@@ -27,16 +27,14 @@ def measured_cost(profile: str) -> dict[int, float]:
     import torch
 
     from flexspec_serve import paths
-    from flexspec_serve.engine.costs import cost_profile
+    from flexspec_serve.engine.costs import benchmark_contexts, cost_profile
     from flexspec_serve.engine.verifier import Verifier
-    from flexspec_serve.zoo.corpus import humaneval_problems
     from flexspec_serve.zoo.loading import load_causal_lm, load_tokenizer
 
     torch.set_num_threads(1)  # as in a replica
     family = paths.family_dir(profile)
     tok = load_tokenizer(family / "v1")
-    contexts = [tok(p.prompt, add_special_tokens=False)["input_ids"][-192:] for p in humaneval_problems(32)]
-    return cost_profile(Verifier(load_causal_lm(family / "v1")), contexts, k=4)
+    return cost_profile(Verifier(load_causal_lm(family / "v1")), benchmark_contexts(tok, 32), k=4)
 
 
 def cmd_plan(args) -> int:

@@ -13,6 +13,7 @@ from ray.util import metrics
 from deployments.config import VersionSpec
 from flexspec_serve import protocol as P
 from flexspec_serve.batching import MicroBatcher
+from flexspec_serve.engine.errors import ContextTooLong
 
 
 class VerifierDeployment:
@@ -91,7 +92,7 @@ class VerifierDeployment:
                                    sampling=P.Sampling(**sampling) if seq == 0 else None)
                 res = await self.verify(rnd)
                 if not isinstance(res, P.RoundResult):
-                    if seq == 0 or res[1].error.field != "context":
+                    if seq == 0 or res[1].error.code != ContextTooLong.code:
                         return [], "", res
                     break  # the next token would not fit the model's positions
                 tokens.append(res.token)

@@ -182,6 +182,7 @@ def test_bad_inputs_raise_errors_naming_the_value(family_models, request_kwargs,
     err = verifier.verify([VerifyRequest(**{**base, **request_kwargs})])[0]
     assert isinstance(err, InvalidRequest) and err.field == field
     assert str(err.value) in str(err)
+    assert (err.code == "context_too_long") == (field == "context")  # cloud-only generation stops on this code
 
 
 def test_one_bad_request_does_not_fail_the_batch(family_models):

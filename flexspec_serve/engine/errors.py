@@ -19,6 +19,15 @@ class InvalidRequest(EngineError):
         super().__init__(f"{field}={value!r}: {message}")
 
 
+class ContextTooLong(InvalidRequest):
+    """Context + K + 1 would exceed the model's positions: the session cannot grow further on this model."""
+
+    code = "context_too_long"
+
+    def __init__(self, total: int, max_positions: int):
+        super().__init__("context", total, f"context + K + 1 exceeds the model's {max_positions} positions")
+
+
 class ResyncRequired(EngineError):
     """The server holds no state for this session: resend the round with the full context."""
 

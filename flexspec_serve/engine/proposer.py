@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from flexspec_serve.engine import sampling as S
-from flexspec_serve.engine.ragged import CachedSequence, run_ragged_by_shape
+from flexspec_serve.engine.ragged import CachedSequence, decode_max_tokens, run_ragged_by_shape
 
 
 @dataclass
@@ -38,9 +38,10 @@ class EdgeSession:
 
 
 class DraftProposer:
-    def __init__(self, draft: torch.nn.Module):
+    def __init__(self, draft: torch.nn.Module, max_draft_tokens: int = 16):
         self.model = draft.eval()
         self.vocab_size = int(draft.config.vocab_size)
+        self.decode_max = decode_max_tokens(max_draft_tokens)  # longer first-step inputs get their own forward
 
     def start(self, session_id: str, prompt: list[int], sampling: S.SamplingParams) -> EdgeSession:
         if not prompt:
@@ -59,7 +60,7 @@ class DraftProposer:
                 s = sessions[i]
                 # first step feeds every committed token not yet cached; later steps feed the last draft
                 inputs.append(s.tokens[s.cache.length :] if step == 0 else [proposals[i].tokens[-1]])
-            logits = run_ragged_by_shape(self.model, [sessions[i].cache for i in active], inputs)
+            logits = run_ragged_by_shape(self.model, [sessions[i].cache for i in active], inputs, self.decode_max)
             for i, lg in zip(active, logits):
                 token, prob = self._choose(lg[-1], sessions[i])
                 proposals[i].tokens.append(token)

@@ -70,8 +70,14 @@ def run_ragged(
     return [logits[b, :n_len].float() for b, n_len in enumerate(new)]
 
 
+def decode_max_tokens(max_draft_tokens: int) -> int:
+    """The longest input of a decode round: K draft tokens, the previous round's correction or bonus token,
+    and one context token the client added. Longer inputs are prompts (or resyncs) and get their own forward."""
+    return max_draft_tokens + 2
+
+
 def run_ragged_by_shape(
-    model: torch.nn.Module, seqs: list[CachedSequence], inputs: list[list[int]], short_max: int = 16
+    model: torch.nn.Module, seqs: list[CachedSequence], inputs: list[list[int]], short_max: int
 ) -> list[torch.Tensor]:
     """`run_ragged`, with inputs longer than `short_max` tokens (prompts) run as a forward of their own:
     padding makes every session of a batch compute the longest input, so one prompt batched with

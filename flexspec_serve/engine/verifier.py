@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 import torch
 
 from flexspec_serve.engine import sampling as S
-from flexspec_serve.engine.errors import EngineError, InvalidRequest, ResyncRequired, RoundFailed, SequenceError
-from flexspec_serve.engine.ragged import CachedSequence, run_ragged, shape_groups
+from flexspec_serve.engine.errors import (ContextTooLong, EngineError, InvalidRequest, ResyncRequired, RoundFailed,
+                                          SequenceError)
+from flexspec_serve.engine.ragged import CachedSequence, decode_max_tokens, run_ragged, shape_groups
 from flexspec_serve.engine.stats import AcceptanceStats
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,7 @@ class Verifier:
         # with decode rounds (K + 1 tokens) would make each of them compute the prompt's length: run the two
         # shapes as separate forwards.
         lengths = [len(s.tokens) - s.target.length + len(requests[i].draft_tokens) for i, s, _ in ready]
-        for group in shape_groups(lengths, self.limits.max_draft_tokens + 2):
+        for group in shape_groups(lengths, decode_max_tokens(self.limits.max_draft_tokens)):
             self._forward_and_decide(requests, [ready[j] for j in group], results)
 
     def _forward_and_decide(self, requests, ready, results) -> None:
@@ -211,7 +212,7 @@ class Verifier:
     def _check_length(self, req: VerifyRequest, session: _Session) -> None:
         total = len(session.tokens) + len(req.new_context) + len(req.draft_tokens) + 1
         if total > self.max_positions:
-            raise InvalidRequest("context", total, f"context + K + 1 exceeds the model's {self.max_positions} positions")
+            raise ContextTooLong(total, self.max_positions)
 
     def _draft_probs(self, requests, ready) -> dict[int, torch.Tensor]:
         """q [K, V] per sampling-mode request, recomputed with the cloud's copy of the frozen draft."""
