@@ -94,6 +94,26 @@ def test_build_is_deterministic_for_a_seed(tmp_path):
     assert [m.sha256 for m in a.members] == [m.sha256 for m in b.members]
 
 
+def test_a_rebuild_keeps_a_matching_v1_and_coupled_drafts_can_be_added_later(tmp_path, caplog):
+    from flexspec_serve.config import PROFILES
+    from flexspec_serve.zoo.family import build_family
+
+    micro = dict(PROFILES["tiny"], name="micro", tokenizer_chars=60_000, corpus_chars=60_000,
+                 pretrain=dict(steps=3, lr=1e-3), distill=dict(steps=2, lr=1e-3),
+                 evolve=dict(steps=2, lr=1e-3, rank=2), unconstrained=dict(steps=2, lr=1e-3))
+    first = build_family(parse_model(ZooProfile, micro, "micro"), tmp_path / "f", seed=3)
+    longer = parse_model(ZooProfile, dict(micro, distill=dict(steps=3, lr=1e-3)), "micro")
+    with caplog.at_level("INFO", logger="flexspec_serve.zoo.family"):
+        second = build_family(longer, tmp_path / "f", seed=3)
+    assert "reusing the tokenizer and v1" in caplog.text and second.build_key != first.build_key
+    sha = lambda m: {x.name: x.sha256 for x in m.members}  # noqa: E731
+    assert sha(second)["v1"] == sha(first)["v1"] and sha(second)["draft"] != sha(first)["draft"]
+    added = build_family(longer, tmp_path / "f", seed=3, coupled=True)
+    assert added.coupled and sha(added).items() >= sha(second).items()
+    one_shot = build_family(longer, tmp_path / "g", seed=3, coupled=True)
+    assert sha(one_shot) == sha(added)  # adding coupled drafts later gives what a coupled build gives
+
+
 def test_alpha_of_a_model_against_itself_is_one(family_models, tokenizer):
     v1 = family_models["v1"]
     windows = [tokenizer("def add(a, b):\n    return a + b\n")["input_ids"]]

@@ -15,6 +15,7 @@ import copy
 import json
 import logging
 import platform
+import shutil
 import time
 from pathlib import Path
 
@@ -25,7 +26,8 @@ from transformers.utils import logging as hf_logging
 from flexspec_serve.config import ZooProfile
 from flexspec_serve.zoo import corpus as corpus_mod
 from flexspec_serve.zoo import lora, train
-from flexspec_serve.zoo.manifest import Manifest, MemberInfo, build_key, describe_member
+from flexspec_serve.zoo.loading import load_causal_lm, load_tokenizer
+from flexspec_serve.zoo.manifest import Manifest, MemberInfo, backbone_key, build_key, describe_member, hash_tensors
 from flexspec_serve.zoo.tokenizer import encode_corpus, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -149,17 +151,27 @@ def save_member(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, out
 
 
 def build_family(p: ZooProfile, out: Path, seed: int = 0, coupled: bool = False, force: bool = False) -> Manifest:
-    """Build (or reuse) the family under `out`; returns its manifest."""
+    """Build (or reuse) the family under `out`; returns its manifest. A valid family without coupled drafts
+    gets them added when asked for; a rebuild keeps the tokenizer and v1 of the family already under `out`
+    when they were trained from the same backbone settings (`manifest.backbone_key`)."""
     key = build_key(p, seed)
-    existing = Manifest.load_if_valid(out, key, need_coupled=coupled)
+    existing = Manifest.load_if_valid(out, key)
     if existing is not None and not force:
+        if coupled and not existing.coupled:
+            return add_coupled_drafts(existing, p, out)
         log.info("reusing the model family in %s (build key %s)", out, key[:12])
         return existing
     torch.set_num_threads(max(1, torch.get_num_threads()))
     started = time.monotonic()
     files = corpus_mod.iter_source_files()
-    tok_texts = corpus_mod.select_spread(files, "general", "train", p.tokenizer_chars)
-    tokenizer = train_tokenizer(tok_texts, p.vocab_size, out / "tokenizer")
+    reused = None if force else _reusable_backbone(out, p, seed)
+    shutil.rmtree(out / "coupled", ignore_errors=True)  # coupled drafts of an older build
+    if reused is not None:
+        tokenizer, v1, v1_info = reused
+        log.info("reusing the tokenizer and v1 in %s: same backbone settings and seed", out)
+    else:
+        tok_texts = corpus_mod.select_spread(files, "general", "train", p.tokenizer_chars)
+        tokenizer = train_tokenizer(tok_texts, p.vocab_size, out / "tokenizer")
     streams = Streams(tokenizer, files, p.corpus_chars)
     members: list[MemberInfo] = []
 
@@ -167,29 +179,62 @@ def build_family(p: ZooProfile, out: Path, seed: int = 0, coupled: bool = False,
         save_member(model, tokenizer, out / name)
         members.append(describe_member(name, model, role, parent, changes, slice_name, stats, p, streams))
 
-    v1, stats = pretrain_backbone(p, streams, seed)
-    record("v1", v1, "target", None, "backbone pretrained on the general stdlib slice", "general", stats)
+    if reused is not None:
+        members.append(v1_info)
+    else:
+        v1, stats = pretrain_backbone(p, streams, seed)
+        record("v1", v1, "target", None, "backbone pretrained on the general stdlib slice", "general", stats)
     draft, stats = distill_draft(v1, v1, None, p, streams, seed + 100, "draft (frozen)")
     record("draft", draft, "draft", "v1", "embeddings + lowest backbone layer(s) + own head, distilled from v1",
            "general", stats)
-    versions = {"v1": v1}
     for i, (name, slice_name) in enumerate(EVOLVED.items()):
-        versions[name], stats = evolve_version(v1, slice_name, p, streams, seed + 10 + i, name)
-        record(name, versions[name], "target", "v1",
+        model, stats = evolve_version(v1, slice_name, p, streams, seed + 10 + i, name)
+        record(name, model, "target", "v1",
                f"LoRA r={p.evolve.rank} on layers >= {p.frozen_layers}, KL to v1 (w={p.evolve.kl_weight})",
                slice_name, stats)
     uname, uslice = UNCONSTRAINED
     model, stats = finetune_unconstrained(v1, uslice, p, streams, seed + 20, uname)
     record(uname, model, "target-unconstrained", "v1", "every weight fine-tuned (backbone contract broken)",
            uslice, stats)
-    if coupled:
-        for i, (name, teacher) in enumerate(versions.items()):
-            slice_name = None if name == "v1" else EVOLVED[name]
-            cd, stats = distill_draft(teacher, v1, slice_name, p, streams, seed + 200 + i, f"coupled draft {name}")
-            record(f"coupled/draft-{name}", cd, "coupled-draft", name, f"draft re-distilled against {name}",
-                   slice_name or "general", stats)
-    manifest = Manifest(build_key=key, profile=p.name, seed=seed, coupled=coupled, members=members,
+    manifest = Manifest(build_key=key, profile=p.name, seed=seed, coupled=False, members=members,
                         build_seconds=round(time.monotonic() - started, 1), python=platform.python_version(),
                         torch=torch.__version__, profile_config=json.loads(p.model_dump_json()))
     manifest.save(out)
-    return manifest
+    return add_coupled_drafts(manifest, p, out, streams) if coupled else manifest
+
+
+def _reusable_backbone(out: Path, p: ZooProfile, seed: int):
+    """(tokenizer, v1, v1's MemberInfo) of the family under `out` if it has the same backbone key, else None."""
+    try:
+        old = Manifest.load(out)
+    except (OSError, ValueError):
+        return None
+    v1_info = next((m for m in old.members if m.name == "v1"), None)
+    same = backbone_key(old.profile_config, old.seed, old.python) == backbone_key(p.model_dump(mode="json"), seed)
+    if not same or v1_info is None or not (out / "v1" / "model.safetensors").is_file():
+        return None
+    v1 = load_causal_lm(out / "v1")
+    if hash_tensors(v1) != v1_info.sha256:
+        return None
+    return load_tokenizer(out / "v1"), v1, v1_info
+
+
+def add_coupled_drafts(manifest: Manifest, p: ZooProfile, out: Path, streams: Streams | None = None) -> Manifest:
+    """Re-distil a draft against every constrained version (the coupled design the compat report compares
+    against), from the saved members; the same seeds as a one-shot `coupled=True` build."""
+    started = time.monotonic()
+    tokenizer = load_tokenizer(out / "v1")
+    streams = streams or Streams(tokenizer, corpus_mod.iter_source_files(), p.corpus_chars)
+    v1 = load_causal_lm(out / "v1")
+    members = list(manifest.members)
+    for i, name in enumerate(["v1", *EVOLVED]):
+        slice_name = None if name == "v1" else EVOLVED[name]
+        teacher = v1 if name == "v1" else load_causal_lm(out / name)
+        cd, stats = distill_draft(teacher, v1, slice_name, p, streams, manifest.seed + 200 + i, f"coupled draft {name}")
+        save_member(cd, tokenizer, out / f"coupled/draft-{name}")
+        members.append(describe_member(f"coupled/draft-{name}", cd, "coupled-draft", name,
+                                       f"draft re-distilled against {name}", slice_name or "general", stats, p, streams))
+    coupled = manifest.model_copy(update={"coupled": True, "members": members, "build_seconds": round(
+        manifest.build_seconds + time.monotonic() - started, 1)})
+    coupled.save(out)
+    return coupled

@@ -65,14 +65,13 @@ class Manifest(BaseModel):
         return cls.model_validate_json((Path(out) / "manifest.json").read_text())
 
     @classmethod
-    def load_if_valid(cls, out: Path, key: str, need_coupled: bool = False) -> Manifest | None:
-        """The manifest under `out` if it was built with `key` (and coupled drafts when asked for) and
-        every member's files are there."""
+    def load_if_valid(cls, out: Path, key: str) -> Manifest | None:
+        """The manifest under `out` if it was built with `key` and every member's files are there."""
         try:
             manifest = cls.load(out)
         except (OSError, ValueError):
             return None
-        if manifest.build_key != key or (need_coupled and not manifest.coupled):
+        if manifest.build_key != key:
             return None
         for m in manifest.members:
             if not ((out / m.name / "config.json").is_file() and (out / m.name / "model.safetensors").is_file()):
@@ -84,6 +83,19 @@ def build_key(p: ZooProfile, seed: int) -> str:
     """Everything the trained weights depend on (coupled drafts are extra members, not a different family)."""
     blob = json.dumps([FAMILY_FORMAT, p.model_dump(mode="json"), seed, platform.python_version()],
                       sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# The profile fields the tokenizer and the v1 backbone depend on (with the seed); the other fields
+# (distillation, evolution, draft shape) only shape the members trained on top of v1.
+BACKBONE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                   "max_positions", "seq_len", "batch_size", "tokenizer_chars", "corpus_chars", "pretrain")
+
+
+def backbone_key(profile: dict, seed: int, python: str | None = None) -> str:
+    """Equal for two builds that would train the same tokenizer and v1 (`profile` as a JSON-mode dict)."""
+    blob = json.dumps([FAMILY_FORMAT, {k: profile[k] for k in BACKBONE_FIELDS}, seed,
+                       python or platform.python_version()], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
