@@ -18,8 +18,8 @@ from pathlib import Path
 from deployments.cli import family_app_config, start_local_app
 from deployments.loadtest import fleet_prompts, run_report
 from flexspec_serve import paths
-from flexspec_serve.fleet.report import compare_rows
-from flexspec_serve.reports import machine
+from flexspec_serve.fleet.report import class_compare_rows, compare_rows
+from flexspec_serve.reports import machine, md_table
 from flexspec_serve.fleet.spec import FleetSpec
 
 LTE = ("TMobile-LTE-short", "ATT-LTE-driving")
@@ -80,7 +80,8 @@ def main() -> None:
         f"## Speculative vs cloud-only on the LTE traces ({LTE[0]}, {LTE[1]}; {args.lte_devices} devices)\n",
         "| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0]),
         *["| " + " | ".join(str(v) for v in row.values()) + " |" for row in table],
-        "\nReports: `docs/results/fleet/scale-think*/report.md`, `docs/results/fleet/lte-*/report.md`.",
+        "\nBy device class (the same runs):\n", md_table(class_compare_rows(summaries)),
+        "Reports: `docs/results/fleet/scale-think*/report.md`, `docs/results/fleet/lte-*/report.md`.",
     ]
     (args.out / "fleet.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

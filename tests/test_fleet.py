@@ -135,3 +135,17 @@ def test_fleet_plans_are_deterministic_and_split_evenly():
     assert [len(s) for s in shards] == [26, 25, 25, 25]
     assert spec.plans() == small_fleet(devices=101, actors=4).plans()
     assert len({p.offset_ms for p in spec.plans()}) == 101  # every device at its own trace offset
+
+
+def test_class_comparison_divides_each_class_by_its_own_cloud_only_speed():
+    from flexspec_serve.fleet.report import class_compare_rows
+
+    def summary(policy, speeds):
+        return {"policy": policy, "per_class": [{"device_class": c, "decode_tokens_per_s": v, "acceptance_length": 2.5,
+                                                 "mean_k": 4.0} for c, v in speeds.items()]}
+
+    rows = class_compare_rows([summary("adaptive", {"phone": 30.0, "watch": 12.0}),
+                               summary("cloud-only", {"phone": 10.0, "watch": 10.0})])
+    ratio = {(r["device class"], r["policy"]): r["vs cloud-only"] for r in rows}
+    assert ratio == {("phone", "adaptive"): 3.0, ("phone", "cloud-only"): 1.0, ("watch", "adaptive"): 1.2,
+                     ("watch", "cloud-only"): 1.0}

@@ -164,6 +164,21 @@ def compare_rows(summaries: list[dict]) -> list[dict]:
     return rows
 
 
+def class_compare_rows(summaries: list[dict]) -> list[dict]:
+    """Decode tokens/s per device class and policy, with the speed-up over cloud-only for that class."""
+    base = next((s for s in summaries if s["policy"] == "cloud-only"), None)
+    base_tps = {c["device_class"]: c["decode_tokens_per_s"] for c in base["per_class"]} if base else {}
+    rows = []
+    for s in summaries:
+        for c in s["per_class"]:
+            row = {"device class": c["device_class"], "policy": s["policy"], "decode tok/s": c["decode_tokens_per_s"],
+                   "tau": c["acceptance_length"], "mean K": c["mean_k"]}
+            if base_tps.get(c["device_class"]):
+                row["vs cloud-only"] = round(c["decode_tokens_per_s"] / base_tps[c["device_class"]], 2)
+            rows.append(row)
+    return sorted(rows, key=lambda r: r["device class"])
+
+
 def markdown(s: dict, compare: list[dict] | None, plot_names: list[str]) -> str:
     lag, lat = s["emulation_lag_ms"], s["per_token_latency_ms"]
     lines = [
