@@ -104,7 +104,8 @@ class VerifierDeployment:
         return tokens, reason, None
 
     def stats(self, since: float | None = None) -> dict:
-        return self.server.stats(since)
+        """This replica's counters (`VerifierServer.stats`) and its Serve replica id."""
+        return {**self.server.stats(since), "replica": serve.get_replica_context().replica_id.unique_id}
 
     async def record_autoscaling_stats(self) -> dict:
         """Custom autoscaling metric (Serve calls this periodically): verified tokens/s since the last call."""

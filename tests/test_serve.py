@@ -276,19 +276,29 @@ def test_fleet_over_http_reaches_the_router_like_a_remote_device(app, tiny_famil
 
 
 class KillReplicaAt:
-    """A load test's `on_tick`: kills one replica of a deployment once, `at_s` into the run."""
+    """A load test's `on_tick`: kills one replica of a version once, `at_s` into the run: the replica that
+    verified a round most recently (its stats, reached by consistent hashing on probe keys), so the kill
+    lands on one that holds running sessions."""
 
-    def __init__(self, deployment: str, at_s: float):
-        self.deployment, self.at_s, self.killed = deployment, at_s, None
+    def __init__(self, version: str, at_s: float):
+        self.version, self.at_s, self.killed = version, at_s, None
+
+    def busiest_replica(self) -> str:
+        handle = serve.get_deployment_handle(f"verifier-{self.version}", f"flexspec-{self.version}")
+        seen: dict[str, float] = {}
+        for i in range(32):  # two replicas: every one is reached within a few keys
+            st = handle.options(session_id=f"probe-{i}").stats.remote().result()
+            seen[st["replica"]] = st["idle_s"]
+        return min(seen, key=seen.get)
 
     def __call__(self, t_s: float) -> list[dict]:
         if self.killed or t_s < self.at_s:
             return []
-        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                 if a["namespace"] == "serve" and f"#{self.deployment}#" in a["name"]]
-        self.killed = names[0]
+        busy = self.busiest_replica()
+        self.killed = next(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                           if a["namespace"] == "serve" and a["name"].endswith(f"#verifier-{self.version}#{busy}"))
         ray.kill(ray.get_actor(self.killed, namespace="serve"), no_restart=True)
-        return [{"t_s": round(t_s, 2), "label": f"killed a {self.deployment} replica"}]
+        return [{"t_s": round(t_s, 2), "label": f"killed a verifier-{self.version} replica"}]
 
 
 def test_killing_a_verifier_replica_under_a_fleet_loses_no_session(app, tiny_family, family_models,
@@ -300,7 +310,7 @@ def test_killing_a_verifier_replica_under_a_fleet_loses_no_session(app, tiny_fam
     spec = FleetSpec(devices=12, actors=1, actor_num_cpus=0.2, max_new_tokens=24, duration_s=8, target="v1",
                      mix=[{"device_class": "flagship-phone", "share": 1.0, "channel": "good"}],
                      arrival={"start_within_s": 1, "think_time_s": 0.2})
-    killer = KillReplicaAt("verifier-v1", at_s=3)
+    killer = KillReplicaAt("v1", at_s=3)
     summary = run_report(spec, prompts, str(tiny_family / "draft"), tmp_path, on_tick=killer, show_progress=False)
     assert killer.killed, "no replica was killed"
     assert summary["sessions_failed"] == 0 and summary["sessions_lost"] == 0 and summary["sessions_completed"] > 12
