@@ -78,9 +78,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *[scale_row(spec, s) for spec, s in zip(scales, runs)], "",
         f"## Speculative vs cloud-only on the LTE traces ({LTE[0]}, {LTE[1]}; {args.lte_devices} devices)\n",
-        "| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0]),
-        *["| " + " | ".join(str(v) for v in row.values()) + " |" for row in table],
-        "\nBy device class (the same runs):\n", md_table(class_compare_rows(summaries)),
+        md_table(table), "By device class (the same runs):\n", md_table(class_compare_rows(summaries)),
         "Reports: `docs/results/fleet/scale-think*/report.md`, `docs/results/fleet/lte-*/report.md`.",
     ]
     (args.out / "fleet.md").write_text("\n".join(lines) + "\n")

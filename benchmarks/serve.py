@@ -7,8 +7,9 @@ Writes `serving.md` and `serving.png` under --out (default docs/results):
    batch sizes the rounds saw;
 3. one session alone: its Serve-path overhead next to a bare DeploymentHandle round trip (an echo
    deployment) measured in the same run;
-   sections 2 and 3 take both in-cluster paths: through the router (client -> router -> version, two
-   handle hops) and direct (routed in the client, `deployments.routing.DirectRouter`: one hop);
+   sections 2 and 3 take both in-cluster paths, with the fleets' transports (`deployments.transport`):
+   through the router (client -> router -> version, two handle hops) and direct (routed in the client:
+   one hop); both encode and decode the compact wire format as a device would;
 4. KV-cache hit rate of long sessions on a version with 2 replicas (consistent hashing on the session id);
 5. the GPU verify table when `benchmarks.gpu_verify` has written one (it runs without Ray).
 """
@@ -27,7 +28,7 @@ from ray import serve
 
 from deployments.app import deploy
 from deployments.config import AppConfig, VersionSpec, version_app_name
-from deployments.routing import DirectRouter
+from deployments.transport import AsyncDirectTransport, AsyncHandleTransport
 from flexspec_serve import paths
 from flexspec_serve import protocol as P
 from flexspec_serve.engine.costs import benchmark_contexts, cost_profile
@@ -36,6 +37,7 @@ from flexspec_serve.zoo.corpus import humaneval_problems
 from flexspec_serve.zoo.loading import load_tokenizer
 
 SERVE_COLUMNS = ("path", "version", "batcher", "max_batch_size", "verified tok/s", "round p50 ms", "overhead p50 ms", "mean batch seen")
+ROUTER_APP = "serving-bench"
 ENGINE_COLUMNS = ("batch", "ms/call", "ms/session", "verified tok/s")
 
 
@@ -59,34 +61,17 @@ class Echo:
         return x
 
 
-class RouterPath:
-    """client -> router (`round_compact`, compact bytes) -> version: two handle hops."""
+class CallPath:
+    """A named in-cluster path; a call answers a round or raises (the benchmark sends only valid rounds)."""
 
-    name = "router"
-
-    def __init__(self, router_handle):
-        self.handle = router_handle
+    def __init__(self, name: str, transport):
+        self.name, self.transport = name, transport
 
     async def __call__(self, rnd: P.DraftRound) -> P.RoundResult:
-        status, body = await self.handle.round_compact.remote(P.encode_round(rnd))
-        if status != 200:
-            raise RuntimeError(body)
-        return P.decode_result(body)
-
-
-class DirectPath:
-    """Routed in the client on the router's registry snapshot, then client -> version: one handle hop."""
-
-    name = "direct"
-
-    def __init__(self, router_handle):
-        self.router = DirectRouter(router_handle)
-
-    async def __call__(self, rnd: P.DraftRound) -> P.RoundResult:
-        answer = await self.router.route(rnd)
-        if not isinstance(answer, P.RoundResult):
-            raise RuntimeError(answer)
-        return answer
+        ex = await self.transport.send(rnd)
+        if not isinstance(ex.result, P.RoundResult):
+            raise RuntimeError(ex.result)
+        return ex.result
 
 
 async def _session(call, sid: str, prompt: list[int], rounds: int, k: int, target: str) -> list[tuple]:
@@ -204,15 +189,16 @@ def measure(family: Path, s: Settings, registry: Path) -> dict:
     prompts = [tok(p.prompt, add_special_tokens=False)["input_ids"][-128:] for p in humaneval_problems(16)]
     out = {"engine": engine_rows(family, contexts, s)}
     cfg = app_config(family, s, registry)
-    handle = deploy(cfg, name="serving-bench", route_prefix="/serving-bench")
+    deploy(cfg, name=ROUTER_APP, route_prefix="/serving-bench")
     echo = serve.run(Echo.bind(), name="serving-echo", route_prefix="/serving-echo")
     try:
-        paths = [RouterPath(handle), DirectPath(handle)]
+        paths = [CallPath("router", AsyncHandleTransport(ROUTER_APP)),
+                 CallPath("direct", AsyncDirectTransport(ROUTER_APP))]
         out["serve"] = serve_rows(paths, prompts, [v for v in cfg.versions if v.name != "kv"], s)
         out["lone"] = lone_rows(paths, echo, prompts[0], s)
         out["kv"] = kv_row(paths[0], prompts, s)
     finally:
-        for app in ["serving-bench", "serving-echo"] + [version_app_name(v.name) for v in cfg.versions]:
+        for app in [ROUTER_APP, "serving-echo"] + [version_app_name(v.name) for v in cfg.versions]:
             serve.delete(app)
     return out
 

@@ -33,7 +33,7 @@ from deployments.admin import (AdminAPI, AliasUpdate, CanaryRequest, CheckReques
                                RollbackRequest, error, error_response, read_admin_token)
 from deployments.config import (AppConfig, FileRegistry, RegistryState, UnknownTarget, VersionSpec, deployment_name,
                                 version_app_name)
-from deployments.routing import VersionHandles, route_round
+from deployments.routing import VersionHandles, route_round, unavailable
 from deployments.openai_api import CompletionRequest, completion_response, models_response
 from deployments.security import ApiKeys, RateLimiter
 from deployments.verifier import VerifierDeployment
@@ -317,9 +317,7 @@ class Router:
                 tokens, reason, failed = await self.handles.get(version).options(session_id=sid).generate.remote(
                     sid, ids, req.max_tokens, sampling, tok.eos_token_id)
             except (RayError, RayServeException) as err:
-                return error_response(503, P.ErrorBody.of("unavailable", f"{version} did not answer "
-                                                                         f"({type(err).__name__}); retry",
-                                                          retry_after_s=0.2))
+                return error_response(503, unavailable(version, err))
             if failed:
                 status, body = failed
                 return error_response(status, body)

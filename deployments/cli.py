@@ -11,8 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+from deployments.config import APP_NAME
+
 log = logging.getLogger("flexspec.serve")
-APP_NAME = "flexspec"
 
 
 def register(sub) -> None:

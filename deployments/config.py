@@ -20,6 +20,7 @@ from flexspec_serve import paths
 from flexspec_serve.config import StrictModel
 
 VERSION_NAME = r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,63}$"
+APP_NAME = "flexspec"  # the router's Serve application (`flexspec serve up`)
 
 
 def deployment_name(version: str) -> str:

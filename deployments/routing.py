@@ -63,8 +63,12 @@ async def route_round(state: RegistryState, handles: VersionHandles, rnd: P.Draf
     except BackPressureError:
         return 503, P.ErrorBody.of("overloaded", f"{version} is at its queue limit; retry later", retry_after_s=0.5)
     except (RayError, RayServeException) as err:  # replica died, or the version is being replaced
-        return 503, P.ErrorBody.of("unavailable", f"{version} did not answer ({type(err).__name__}); retry",
-                                   retry_after_s=0.2)
+        return 503, unavailable(version, err)
+
+
+def unavailable(version: str, err: Exception) -> P.ErrorBody:
+    """The body of a 503 for a version whose deployment did not answer: the client retries shortly."""
+    return P.ErrorBody.of("unavailable", f"{version} did not answer ({type(err).__name__}); retry", retry_after_s=0.2)
 
 
 class DirectRouter:

@@ -175,9 +175,8 @@ def build_family(p: ZooProfile, out: Path, seed: int = 0, coupled: bool = False,
     streams = Streams(tokenizer, files, p.corpus_chars)
     members: list[MemberInfo] = []
 
-    def record(name, model, role, parent, changes, slice_name, stats):
-        save_member(model, tokenizer, out / name)
-        members.append(describe_member(name, model, role, parent, changes, slice_name, stats, p, streams))
+    def record(*member):
+        members.append(_save_and_describe(out, tokenizer, p, streams, *member))
 
     if reused is not None:
         members.append(v1_info)
@@ -201,6 +200,13 @@ def build_family(p: ZooProfile, out: Path, seed: int = 0, coupled: bool = False,
                         torch=torch.__version__, profile_config=json.loads(p.model_dump_json()))
     manifest.save(out)
     return add_coupled_drafts(manifest, p, out, streams) if coupled else manifest
+
+
+def _save_and_describe(out: Path, tokenizer, p: ZooProfile, streams: Streams, name: str, model, role: str,
+                       parent: str | None, changes: str, slice_name: str, stats: dict) -> MemberInfo:
+    """Save one member under `out / name` and describe it for the manifest (sizes, hashes, validation loss)."""
+    save_member(model, tokenizer, out / name)
+    return describe_member(name, model, role, parent, changes, slice_name, stats, p, streams)
 
 
 def _reusable_backbone(out: Path, p: ZooProfile, seed: int):
@@ -231,9 +237,8 @@ def add_coupled_drafts(manifest: Manifest, p: ZooProfile, out: Path, streams: St
         slice_name = None if name == "v1" else EVOLVED[name]
         teacher = v1 if name == "v1" else load_causal_lm(out / name)
         cd, stats = distill_draft(teacher, v1, slice_name, p, streams, manifest.seed + 200 + i, f"coupled draft {name}")
-        save_member(cd, tokenizer, out / f"coupled/draft-{name}")
-        members.append(describe_member(f"coupled/draft-{name}", cd, "coupled-draft", name,
-                                       f"draft re-distilled against {name}", slice_name or "general", stats, p, streams))
+        members.append(_save_and_describe(out, tokenizer, p, streams, f"coupled/draft-{name}", cd, "coupled-draft",
+                                          name, f"draft re-distilled against {name}", slice_name or "general", stats))
     coupled = manifest.model_copy(update={"coupled": True, "members": members, "build_seconds": round(
         manifest.build_seconds + time.monotonic() - started, 1)})
     coupled.save(out)

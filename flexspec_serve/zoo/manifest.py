@@ -79,11 +79,14 @@ class Manifest(BaseModel):
         return manifest
 
 
+def _settings_key(settings: dict, seed: int, python: str | None) -> str:
+    blob = json.dumps([FAMILY_FORMAT, settings, seed, python or platform.python_version()], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
 def build_key(p: ZooProfile, seed: int) -> str:
     """Everything the trained weights depend on (coupled drafts are extra members, not a different family)."""
-    blob = json.dumps([FAMILY_FORMAT, p.model_dump(mode="json"), seed, platform.python_version()],
-                      sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return _settings_key(p.model_dump(mode="json"), seed, None)
 
 
 # The profile fields the tokenizer and the v1 backbone depend on (with the seed); the other fields
@@ -94,9 +97,7 @@ BACKBONE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers
 
 def backbone_key(profile: dict, seed: int, python: str | None = None) -> str:
     """Equal for two builds that would train the same tokenizer and v1 (`profile` as a JSON-mode dict)."""
-    blob = json.dumps([FAMILY_FORMAT, {k: profile[k] for k in BACKBONE_FIELDS}, seed,
-                       python or platform.python_version()], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return _settings_key({k: profile[k] for k in BACKBONE_FIELDS}, seed, python)
 
 
 def hash_tensors(model: torch.nn.Module, prefixes: tuple[str, ...] | None = None) -> str:
