@@ -55,13 +55,16 @@ def device_demand(spec: FleetSpec, alpha: float, server_ms: float, sample: int =
     rounds = tokens = ks = in_session = 0.0
     for p in picked:
         profile, cloud = DEVICE_CLASSES[p.device_class], CloudProfile(server_ms, 0.0)
-        policy = make_policy(spec.policy, profile, cloud, spec.max_draft_tokens)
+        policy = make_policy(spec.policy, profile, cloud, spec.max_draft_tokens, spec.draft_ahead)
+        estimator = AcceptanceEstimator(prior_a=alpha * 20, prior_b=(1 - alpha) * 20)
+        # the round-time model of the adaptive controller, whatever policy picks K (draft-ahead included)
+        model = FlexSpecController(profile, cloud, spec.max_draft_tokens, estimator, spec.draft_ahead)
         if isinstance(policy, FlexSpecController):
-            policy.estimator = AcceptanceEstimator(prior_a=alpha * 20, prior_b=(1 - alpha) * 20)
+            policy.estimator = estimator
         view = mean_view(make_link(p.channel, p.seed, p.offset_ms))
         k = policy.choose(view)
-        tau = AcceptanceEstimator(prior_a=alpha * 20, prior_b=(1 - alpha) * 20).expected_tau(k)
-        t_round_s = (profile.draft_ms(k) + view.up_total_ms(k) + server_ms + view.down_ms) / 1e3
+        tau = estimator.expected_tau(k)
+        t_round_s = model.round_ms(k, view) / 1e3
         t_session_s = spec.max_new_tokens / tau * t_round_s
         duty = t_session_s / (t_session_s + spec.arrival.think_time_s)
         rounds += duty / t_round_s

@@ -3,7 +3,8 @@
 1. Scale: a large fleet (default 1000 devices over 4 actors) against the local app; emulation lag
    percentiles, how many devices were in a session and mid-round at once, failures.
 2. Speculative vs cloud-only on the LTE traces: the same fleet, seeds and prompts replayed with the
-   adaptive controller, fixed K = 4 and cloud-only; decode tokens/s per policy and the ratio.
+   adaptive controller, fixed K = 4 and cloud-only, and the adaptive controller on devices that draft
+   ahead; decode tokens/s per policy and the ratio.
 
 Writes docs/results/fleet.md (and the two load-test reports under docs/results/fleet/).
 """
@@ -34,10 +35,13 @@ def scale_spec(args, think: float) -> FleetSpec:
         arrival={"start_within_s": think, "think_time_s": think}, duration_s=args.duration)
 
 
-def lte_spec(args, policy: str) -> FleetSpec:
+LTE_RUNS = (("adaptive", False), ("adaptive", True), ("fixed-4", False), ("cloud-only", False))
+
+
+def lte_spec(args, policy: str, draft_ahead: bool) -> FleetSpec:
     return FleetSpec(
         name="lte", devices=args.lte_devices, actors=2, actor_num_cpus=0.2, max_new_tokens=48, target="stable",
-        policy=policy, mix=[{"device_class": "flagship-phone", "share": 0.5, "channel": LTE[0]},
+        policy=policy, draft_ahead=draft_ahead, mix=[{"device_class": "flagship-phone", "share": 0.5, "channel": LTE[0]},
                             {"device_class": "midrange-phone", "share": 0.5, "channel": LTE[1]}],
         arrival={"start_within_s": 6, "think_time_s": 6}, duration_s=args.lte_duration)
 
@@ -54,22 +58,36 @@ def main() -> None:
     ap.add_argument("--lte-devices", type=int, default=12)
     ap.add_argument("--lte-duration", type=float, default=40.0)
     ap.add_argument("--out", type=Path, default=Path("docs/results"))
+    ap.add_argument("--parts", nargs="+", choices=["scale", "lte"], default=["scale", "lte"],
+                    help="run only these parts (fleet.md then shows only them: use another --out)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     family = paths.family_dir(args.profile)
     start_local_app(family_app_config(family, ["v1", "v2"]))
     draft = str(family / "draft")
-    scales = [scale_spec(args, think) for think in args.think]
-    prompts = fleet_prompts(scales[0], family / "draft")
+    scales = [scale_spec(args, think) for think in args.think] if "scale" in args.parts else []
+    prompts = fleet_prompts(scale_spec(args, 1.0), family / "draft")
     runs = [run_report(spec, prompts, draft, args.out / "fleet" / f"scale-think{spec.arrival.think_time_s:g}",
                        command="python -m benchmarks.fleet") for spec in scales]
-    summaries = [run_report(lte_spec(args, p), prompts, draft, args.out / "fleet" / f"lte-{p}",
-                            command="python -m benchmarks.fleet") for p in ("adaptive", "fixed-4", "cloud-only")]
-    table = compare_rows(summaries)
+    summaries = [run_report(lte_spec(args, p, ahead), prompts, draft,
+                            args.out / "fleet" / f"lte-{p}{'-ahead' if ahead else ''}",
+                            command="python -m benchmarks.fleet")
+                 for p, ahead in (LTE_RUNS if "lte" in args.parts else ())]
     lines = [
         "# Fleet benchmark (local Ray + Serve, CPU)\n",
         f"Command: `python -m benchmarks.fleet --profile {args.profile} --devices {args.devices}`  \n"
         f"machine: {machine()}; family {args.profile} seed 0, versions v1 (stable) + v2\n",
+        *(scale_section(args, scales, runs) if runs else []), *(lte_section(args, summaries) if summaries else []),
+        "Reports: `docs/results/fleet/scale-think*/report.md`, `docs/results/fleet/lte-*/report.md`.",
+    ]
+    (args.out / "fleet.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(json.dumps({"scale_lag_ms": [s["emulation_lag_ms"] for s in runs], "compare": compare_rows(summaries)},
+                     indent=1))
+
+
+def scale_section(args, scales: list[FleetSpec], runs: list[dict]) -> list[str]:
+    return [
         f"## Scale: {args.devices} devices over {args.actors} fleet actors\n",
         f"Arrivals: first session uniform within the think time, then exponential think time (mean, per row), "
         f"{scales[0].max_new_tokens} new tokens per session, {args.duration:g} s of arrivals.\n",
@@ -77,13 +95,15 @@ def main() -> None:
         "(mean / max) | lag p50 ms | lag p99 ms | lag max ms | lag events | fleet tok/s | per-token p50 / p99 ms |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *[scale_row(spec, s) for spec, s in zip(scales, runs)], "",
-        f"## Speculative vs cloud-only on the LTE traces ({LTE[0]}, {LTE[1]}; {args.lte_devices} devices)\n",
-        md_table(table), "By device class (the same runs):\n", md_table(class_compare_rows(summaries)),
-        "Reports: `docs/results/fleet/scale-think*/report.md`, `docs/results/fleet/lte-*/report.md`.",
     ]
-    (args.out / "fleet.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(json.dumps({"scale_lag_ms": [s["emulation_lag_ms"] for s in runs], "compare": table}, indent=1))
+
+
+def lte_section(args, summaries: list[dict]) -> list[str]:
+    return [
+        f"## Speculative vs cloud-only on the LTE traces ({LTE[0]}, {LTE[1]}; {args.lte_devices} devices)\n",
+        md_table(compare_rows(summaries)), "By device class (the same runs):\n",
+        md_table(class_compare_rows(summaries)),
+    ]
 
 
 def scale_row(spec: FleetSpec, s: dict) -> str:

@@ -7,6 +7,7 @@ otherwise it joins `--address` (default `auto`: the Ray that `flexspec serve up`
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -24,6 +25,8 @@ def register(sub) -> None:
     p.add_argument("--duration", type=float, help="override the fleet's duration (s of session arrivals)")
     p.add_argument("--policy", help="override the fleet's policy (adaptive | fixed-K | cloud-only | accept-adaptive)")
     p.add_argument("--transport", choices=["handle", "direct", "http"], help="override the fleet's transport")
+    p.add_argument("--draft-ahead", action=argparse.BooleanOptionalAction, default=None,
+                   help="override the fleet's draft_ahead (devices draft while each round waits for its answer)")
     p.add_argument("--compare", nargs="*", metavar="POLICY",
                    help="also replay the fleet with these policies (default: fixed-4 cloud-only)")
     p.add_argument("--out", type=Path, default=Path("loadtest-out"), help="report directory")
@@ -40,7 +43,7 @@ def load_spec(args):
 
     spec = load_yaml(FleetSpec, args.fleet)
     patch = {k: v for k, v in {"devices": args.devices, "duration_s": args.duration, "policy": args.policy,
-                               "transport": args.transport}.items() if v is not None}
+                               "transport": args.transport, "draft_ahead": args.draft_ahead}.items() if v is not None}
     return FleetSpec.model_validate({**spec.model_dump(), **patch}) if patch else spec
 
 
@@ -141,7 +144,8 @@ def run_report(spec, prompts, draft_path: str, out: Path, compare: list[str] | N
 
     def one(s, tick):
         run, wall_s, events = run_fleet(s, prompts, draft_path, api_key, tick, show_progress)
-        meta = {"fleet": s.name, "policy": s.policy, "devices": s.devices, "actors": len(s.shards()),
+        meta = {"fleet": s.name, "policy": s.policy, "draft_ahead": s.draft_ahead, "devices": s.devices,
+                "actors": len(s.shards()),
                 "transport": s.transport, "seed": s.seed, "duration_s": s.duration_s, "wall_s": round(wall_s, 1),
                 "command": command, "machine": machine()}
         summary = summarize(run, meta, events)

@@ -223,3 +223,73 @@ def test_fading_channel_memory_stays_bounded_over_hours_and_draws_the_same_rates
     keep_all = make_link("fading", seed=3).up
     assert [keep_all.rate_bps_at(t) for t in times[::97]] == rates[::97]
     assert len(keep_all._rates) > 2 * 3600e3 / keep_all.s.block_ms
+
+
+def _answered(dev, k, accepted, hit, wait=(30.0, 20.0, 30.0), prefill_tokens=0):
+    from flexspec_serve import protocol as P
+    from flexspec_serve.engine.generate import RoundEvent
+
+    result = P.RoundResult(session_id="s", seq=0, accepted=accepted, token=7, bonus=accepted == k, version="v1",
+                           context_len=40)
+    ev = RoundEvent(0, 0, k, accepted, prefill_tokens, 30, 20, result, hit)
+    dev.ahead_now = dev.draft_ahead  # what choose_k leaves when the policy lets the device draft ahead
+    t0 = dev.clock_ms
+    return dev.account(ev, t0, dev.draft_latency_ms(k), *wait)
+
+
+def _device(draft_ahead):
+    from flexspec_serve.edge.emulator import EmulatedDevice
+
+    flagship = DEVICE_CLASSES["flagship-phone"]
+    return EmulatedDevice("d", flagship, make_link("good", 0), FixedK(k=4), CLOUD, draft_ahead=draft_ahead)
+
+
+def test_a_lookahead_hit_hides_the_next_rounds_draft_in_the_wait():
+    """80 ms of wait at 9 ms per draft step: d_{K+1} and the next round's 4 tokens are drafted meanwhile."""
+    dev = _device(draft_ahead=True)
+    _answered(dev, 4, 4, hit=True)
+    assert dev.predrafted == 4 and dev.view().predrafted == 4
+    assert dev.draft_latency_ms(4) == 0.0 and dev.draft_latency_ms(6) == pytest.approx(2 * 9.0)
+    nxt = _answered(dev, 6, 2, hit=False)
+    assert nxt.predrafted == 4 and nxt.draft_ms == pytest.approx(18.0)
+    assert dev.predrafted == 0 and dev.draft_latency_ms(4) > 4 * 9.0  # a miss: draft from scratch (+ prefill)
+
+
+def test_drafting_ahead_costs_energy_on_a_miss_and_saves_nothing():
+    flagship = DEVICE_CLASSES["flagship-phone"]
+    ahead, idle = _device(draft_ahead=True), _device(draft_ahead=False)
+    a, b = _answered(ahead, 4, 1, hit=False), _answered(idle, 4, 1, hit=False)
+    assert a.round_ms == b.round_ms and ahead.predrafted == 0
+    assert a.energy_j - b.energy_j == pytest.approx(5 * 9.0 * flagship.compute_w / 1e3)  # d_5 + 4 next tokens
+    short = _device(draft_ahead=True)  # an answer back within one draft step leaves nothing drafted ahead
+    _answered(short, 4, 4, hit=True, wait=(3.0, 2.0, 3.0))
+    assert short.predrafted == 0
+
+
+def test_controller_with_draft_ahead_expects_shorter_rounds_and_pays_the_predraft_energy():
+    est = lambda: AcceptanceEstimator(prior_a=800, prior_b=200)  # noqa: E731
+    flagship = DEVICE_CLASSES["flagship-phone"]
+    plain = FlexSpecController(flagship, CLOUD, k_max=8, estimator=est())
+    ahead = FlexSpecController(flagship, CLOUD, k_max=8, estimator=est(), draft_ahead=True)
+    v = view(40, 40)
+    for k in range(1, 9):
+        assert ahead.round_ms(k, v) < plain.round_ms(k, v) and ahead.round_j(k, v) > plain.round_j(k, v)
+        assert ahead.round_ms(k, v, ahead=False) == plain.round_ms(k, v)
+    assert ahead.round_ms(0, v) == plain.round_ms(0, v) and ahead.round_j(0, v) == plain.round_j(0, v)
+    ready = view(40, 40, predrafted=6)
+    assert ahead.draft_ms(6, ready) == 0.0 and ahead.draft_ms(8, ready) == pytest.approx(2 * 9.0)
+    assert ahead.choose(ready) >= 6  # tokens already drafted are cheap to send
+
+
+def test_controller_drafts_ahead_only_when_the_energy_budget_allows_it():
+    def chosen(budget_j):
+        device = DeviceProfile("d", 9.0, 0.6, 4.5, 1.2, 0.9, 0.25, budget_j, 8192)
+        c = FlexSpecController(device, CLOUD, k_max=8, estimator=AcceptanceEstimator(prior_a=700, prior_b=300),
+                               draft_ahead=True)
+        k = c.choose(view(40, 40))
+        return k, c.ahead_now, c.round_j(k, view(40, 40), c.ahead_now) / c.estimator.expected_tau(k)
+
+    k, ahead, j = chosen(10.0)
+    assert ahead and k > 0
+    k, ahead, j = chosen(0.12)  # drafting ahead would cost ~0.07 J per token more: the budget buys K instead
+    assert not ahead and k > 0 and j <= 0.12

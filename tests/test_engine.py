@@ -278,3 +278,46 @@ def test_gpu_verify_script_runs_on_cpu_in_small_shape():
     out = subprocess.run([sys.executable, str(script), "--small", "--device", "cpu", "--batches", "1", "2",
                           "--reps", "2", "--warmup", "1"], capture_output=True, text=True, timeout=300, check=True)
     assert "eager" in out.stdout and "static" in out.stdout and "x floor" in out.stdout
+
+
+def test_draft_ahead_keeps_greedy_output_and_guesses_the_next_draft_token(family_models, humaneval_prompts,
+                                                                         reference_greedy):
+    proposer = DraftProposer(family_models["draft"])
+    prompts = humaneval_prompts[:6]
+    ahead = proposer.propose([proposer.start(str(i), p, SamplingParams()) for i, p in enumerate(prompts)],
+                             [3, 0, 1, 4, 2, 5], lookahead=True)
+    longer = proposer.propose([proposer.start(str(i), p, SamplingParams()) for i, p in enumerate(prompts)],
+                              [4, 0, 2, 5, 3, 6])
+    for a, b in zip(ahead, longer):
+        assert a.tokens + ([a.lookahead] if a.tokens else []) == b.tokens  # d_{K+1} drafted, not sent
+    assert ahead[1].lookahead is None  # a cloud-only round guesses nothing
+    hits = []
+    results = speculative_generate(proposer, Verifier(family_models["v1"], family_models["draft"]),
+                                   humaneval_prompts[:20], MAX_NEW, lambda i, r: (i + r) % 6, draft_ahead=True,
+                                   on_round=hits.append)
+    assert [r.tokens for r in results] == reference_greedy["v1"]  # hits start rounds from drafted-ahead tokens
+    assert any(ev.lookahead_hit for ev in hits) and not all(ev.lookahead_hit for ev in hits if ev.k)
+    assert all(ev.accepted == ev.k for ev in hits if ev.lookahead_hit)
+
+
+def test_tokens_drafted_ahead_are_the_next_rounds_draft_and_the_cache_stays_consistent(family_models,
+                                                                                        humaneval_prompts):
+    proposer = DraftProposer(family_models["draft"])
+    ahead, fresh = (proposer.start("a", humaneval_prompts[3], SamplingParams()),
+                    proposer.start("b", humaneval_prompts[3], SamplingParams()))
+    prop = proposer.propose([ahead], [3], lookahead=True)[0]
+    proposer.draft_ahead([ahead], [5])
+    assert [t for t, _ in ahead.drafted][3] == prop.lookahead and len(ahead.drafted) == 3 + 1 + 5
+    proposer.apply(ahead, prop.tokens, 3, prop.lookahead)  # the cloud took all three and guessed d_4: a hit
+    after_hit = proposer.propose([proposer.start("c", ahead.tokens, SamplingParams())], [5])[0]
+    assert [t for t, _ in ahead.ready] == after_hit.tokens
+    assert ahead.cache.length == len(ahead.tokens) + 4  # the ready tokens but the last are fed
+    assert proposer.steps_needed(ahead, 4, lookahead=True) == 0 and proposer.steps_needed(ahead, 7, True) == 3
+    fresh.tokens = list(ahead.tokens)
+    for k in (2, 7, 4):  # fewer than ready, more than ready, then after a miss
+        got, want = proposer.propose([ahead], [k], lookahead=True)[0], proposer.propose([fresh], [k], True)[0]
+        assert (got.tokens, got.lookahead) == (want.tokens, want.lookahead)
+        proposer.draft_ahead([ahead], [k])
+        for s in (ahead, fresh):
+            proposer.apply(s, got.tokens, 1, 5)  # a rejection at position 2
+            assert s.cache.length == len(s.tokens) - 1 and not s.ready

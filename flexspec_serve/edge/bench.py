@@ -35,6 +35,7 @@ class BenchConfig:
     max_new_tokens: int = 48
     prompt_tokens: int = 192  # prompts are cut to their last N tokens
     seed: int = 0
+    draft_ahead: bool = False  # devices draft while each round waits for its answer
 
     def policies(self) -> list[str]:
         return ["adaptive", "cloud-only", "accept-adaptive"] + [f"fixed-{k}" for k in self.fixed_ks]
@@ -49,6 +50,8 @@ class Cell:
     seconds: float
     energy_j: float
     mean_k: float
+    drafting_rounds: int = 0
+    lookahead_hits: int = 0
 
     @property
     def tokens_per_s(self) -> float:
@@ -76,7 +79,8 @@ def run_bench(cfg: BenchConfig) -> list[Cell]:
                     link = make_link(setting, seed, offset_ms=d * 37_000.0 + si * 5_000.0)
                     profile = DEVICE_CLASSES[cls]
                     devices.append(EmulatedDevice(f"{cls}/{setting}/{d}", profile, link,
-                                                  make_policy(policy, profile, cloud), cloud))
+                                                  make_policy(policy, profile, cloud, draft_ahead=cfg.draft_ahead),
+                                                  cloud, draft_ahead=cfg.draft_ahead))
                     cell_of.append((cls, setting))
         run_devices(devices, [prompts[i % len(prompts)] for i in range(len(devices))], DraftProposer(draft),
                     LocalTransport(Verifier(target, draft, name=cfg.target)), cfg.max_new_tokens,
@@ -88,13 +92,15 @@ def run_bench(cfg: BenchConfig) -> list[Cell]:
 def _aggregate(devices, cell_of, policy) -> list[Cell]:
     acc: dict[tuple[str, str], list] = {}
     for dev, key in zip(devices, cell_of):
-        a = acc.setdefault(key, [0, 0.0, 0.0, 0, 0])
+        a = acc.setdefault(key, [0, 0.0, 0.0, 0, 0, 0, 0])
         a[0] += sum(r.tokens for r in dev.records)
         a[1] += sum(r.round_ms for r in dev.records) / 1e3
         a[2] += sum(r.energy_j for r in dev.records)
         a[3] += sum(r.k for r in dev.records)
         a[4] += len(dev.records)
-    return [Cell(c, s, policy, a[0], a[1], a[2], a[3] / max(1, a[4])) for (c, s), a in acc.items()]
+        a[5] += sum(r.k > 0 for r in dev.records)
+        a[6] += sum(r.lookahead_hit for r in dev.records)
+    return [Cell(c, s, policy, a[0], a[1], a[2], a[3] / max(1, a[4]), a[5], a[6]) for (c, s), a in acc.items()]
 
 
 def _geomean(xs: list[float]) -> float:

@@ -9,6 +9,13 @@ Every policy implements `choose(view) -> K` and `observe(k, accepted)`; K = 0 me
 plus, for K > 0, whatever draft prefill could not be hidden in earlier rounds' waiting time (a device
 that has sat out rounds must first feed the tokens the cloud produced meanwhile).
 
+Draft-ahead (a device option): while a round waits for its answer the device drafts d_{K+1} (its guess of
+the cloud's bonus token) and then the next round's tokens. On a lookahead hit (all K accepted and the
+guess right, probability ~ prod of the position alphas up to K+1) the next round starts with those tokens
+already drafted (`RoundView.predrafted`), so the controller counts the expected saving against T_round(K)
+and the pre-draft's energy (spent hit or miss) in J/token; it chooses K and whether to draft ahead at all
+this round together (`ahead_now`), so a tight energy budget buys a longer draft rather than a pre-draft.
+
 subject to the expected energy per generated token staying within the device's budget; alpha is an
 online estimate per (device, target version): Beta posteriors with exponential forgetting, pooled and
 per draft position (acceptance is bursty), so it follows a target that changes under the device. If no K meets the budget it takes the cheapest K.
@@ -32,6 +39,7 @@ class RoundView:
     up_ms_per_byte: float = 0.0  # from the reported uplink rate
     bytes_per_draft_token: float = 1.5  # compact encoding: ids bit-packed (11 bits at a 2048 vocabulary)
     round_overhead_bytes: float = 24.0
+    predrafted: int = 0  # draft-ahead: this round's first tokens are already drafted (after a lookahead hit)
 
     def up_total_ms(self, k: int) -> float:
         return self.up_ms + self.up_ms_per_byte * (self.round_overhead_bytes + self.bytes_per_draft_token * k)
@@ -74,6 +82,13 @@ class AcceptanceEstimator:
             return self.alpha
         return (self.kept[i] + self.strength * self.alpha) / (self.reached[i] + self.strength)
 
+    def p_all(self, n: int) -> float:
+        """Probability that the first n draft positions are all accepted."""
+        p = 1.0
+        for i in range(n):
+            p *= self.position_alpha(i)
+        return p
+
     def expected_tau(self, k: int) -> float:
         total, survive = 1.0, 1.0
         for i in range(k):
@@ -90,6 +105,7 @@ class AcceptanceEstimator:
 @dataclass
 class Policy:
     name: str = "policy"
+    ahead_now: bool = True  # may a device that can draft ahead do so this round (the adaptive controller decides)
 
     def choose(self, view: RoundView) -> int:
         raise NotImplementedError
@@ -134,42 +150,70 @@ class AcceptanceAdaptive(Policy):
 
 class FlexSpecController(Policy):
     def __init__(self, device: DeviceProfile, cloud: CloudProfile, k_max: int = 8,
-                 estimator: AcceptanceEstimator | None = None):
+                 estimator: AcceptanceEstimator | None = None, draft_ahead: bool = False):
         self.name = "adaptive"
-        self.device, self.cloud, self.k_max = device, cloud, k_max
+        self.device, self.cloud, self.k_max, self.draft_ahead = device, cloud, k_max, draft_ahead
         self.estimator = estimator or AcceptanceEstimator()
 
-    def round_ms(self, k: int, view: RoundView) -> float:
-        prefill = view.prefill_ms if k else 0.0
-        return prefill + self.device.draft_ms(k) + view.up_total_ms(k) + self.cloud.verify_ms(k) + view.down_ms
+    def draft_steps(self, k: int, view: RoundView) -> int:
+        """Draft steps this round still has to run (the predrafted ones are done)."""
+        return max(0, k - view.predrafted)
 
-    def round_j(self, k: int, view: RoundView) -> float:
+    def draft_ms(self, k: int, view: RoundView) -> float:
+        if not k:
+            return 0.0
+        prefill = 0.0 if view.predrafted else view.prefill_ms  # a hit's pre-draft already fed the context
+        return prefill + self.device.draft_ms(self.draft_steps(k, view))
+
+    def wait_ms(self, k: int, view: RoundView) -> float:
+        return view.up_total_ms(k) + self.cloud.verify_ms(k) + view.down_ms
+
+    def ahead_steps(self, k: int, view: RoundView, ahead: bool | None = None) -> int:
+        on = self.draft_ahead if ahead is None else ahead
+        return self.device.ahead_steps(k, self.wait_ms(k, view)) if on else 0
+
+    def round_ms(self, k: int, view: RoundView, ahead: bool | None = None) -> float:
+        """Expected critical-path time of a K-token round, less the draft time its pre-draft is expected to
+        save the next round (with `ahead`; default: whenever the device can draft ahead)."""
+        saved_steps = max(0, min(k, self.ahead_steps(k, view, ahead) - 1))
+        saving = self.estimator.p_all(k + 1) * self.device.draft_ms(saved_steps) if saved_steps else 0.0
+        return self.draft_ms(k, view) + self.wait_ms(k, view) - saving
+
+    def round_j(self, k: int, view: RoundView, ahead: bool | None = None) -> float:
         d = self.device
-        return (d.draft_ms(k) * d.compute_w + view.up_total_ms(k) * d.tx_w + view.down_ms * d.rx_w
+        compute_ms = d.draft_ms(self.draft_steps(k, view) + self.ahead_steps(k, view, ahead))
+        return (compute_ms * d.compute_w + view.up_total_ms(k) * d.tx_w + view.down_ms * d.rx_w
                 + self.cloud.verify_ms(k) * d.idle_w) / 1e3
 
-    def plan(self, view: RoundView) -> list[tuple[int, float, float]]:
-        """(K, expected tokens/s, expected J/token) for every K."""
+    def plan(self, view: RoundView) -> list[tuple[int, float, float, bool]]:
+        """(K, expected tokens/s, expected J/token, draft ahead) for every K, with and without drafting
+        ahead when the device can."""
         rows = []
-        for k in range(self.k_max + 1):
-            tau = self.estimator.expected_tau(k)
-            rows.append((k, tau / self.round_ms(k, view) * 1e3, self.round_j(k, view) / tau))
+        for ahead in ((False, True) if self.draft_ahead else (False,)):
+            for k in range(self.k_max + 1):
+                tau = self.estimator.expected_tau(k)
+                rows.append((k, tau / self.round_ms(k, view, ahead) * 1e3, self.round_j(k, view, ahead) / tau,
+                             ahead and k > 0))
         return rows
 
     def choose(self, view: RoundView) -> int:
+        """The fastest (K, draft ahead or not) within the energy budget, else the most frugal; the
+        draft-ahead half of the choice is left in `ahead_now`."""
         rows = self.plan(view)
         feasible = [r for r in rows if r[2] <= self.device.energy_budget_j_per_token]
-        if not feasible:
-            return min(rows, key=lambda r: r[2])[0]
-        return max(feasible, key=lambda r: r[1])[0]
+        best = max(feasible, key=lambda r: r[1]) if feasible else min(rows, key=lambda r: r[2])
+        self.ahead_now = best[3]
+        return best[0]
 
     def observe(self, k: int, accepted: int) -> None:
         self.estimator.update(k, accepted)
 
 
-def make_policy(name: str, device: DeviceProfile, cloud: CloudProfile, k_max: int = 8) -> Policy:
+def make_policy(name: str, device: DeviceProfile, cloud: CloudProfile, k_max: int = 8,
+                draft_ahead: bool = False) -> Policy:
+    """`draft_ahead` tells the adaptive controller that the device drafts ahead (the others ignore it)."""
     if name == "adaptive":
-        return FlexSpecController(device, cloud, k_max)
+        return FlexSpecController(device, cloud, k_max, draft_ahead=draft_ahead)
     if name == "cloud-only":
         return CloudOnly()
     if name == "accept-adaptive":

@@ -25,6 +25,11 @@ class DeviceProfile:
     def draft_ms(self, k: int, prefill_tokens: int = 0) -> float:
         return k * self.draft_ms_per_token + prefill_tokens * self.prefill_ms_per_token
 
+    def ahead_steps(self, k: int, wait_ms: float) -> int:
+        """Draft-ahead: steps drafted while a K-token round waits `wait_ms` for its answer (d_{K+1}, then as
+        many of the next round's tokens as the wait allows, at most K of them)."""
+        return min(k + 1, int(wait_ms // self.draft_ms_per_token)) if k else 0
+
 
 # Sized for a ~1B-parameter draft on each class; budgets are what a vendor might allow an assistant.
 DEVICE_CLASSES: dict[str, DeviceProfile] = {

@@ -8,6 +8,12 @@ the real wire encoding; the emulator only advances each device's own clock per r
 
 and accounts latency, energy (compute + radio), bytes and acceptance per round. Cloud verify time
 comes from a `CloudProfile` (deterministic) rather than this machine's timing.
+
+Draft-ahead (`EmulatedDevice.draft_ahead`): the device drafts during the wait for the answer (up to
+`DeviceProfile.ahead_steps`), and pays that energy hit or miss. On a lookahead hit the next round's first
+tokens are ready (`predrafted`) and cost no draft time. The real draft computes those tokens when the next
+round is proposed, not during the wait: in greedy mode they are the same tokens, in sampling mode the same
+distribution, so only the emulated clock (which is what is measured) moves them into the wait.
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ class RoundRecord:
     server_verify_ms: float = 0.0  # server: the batch's forward passes
     batch_size: int = 0
     attempts: int = 1
+    predrafted: int = 0  # draft-ahead: tokens of this round drafted during the previous round's wait
+    lookahead_hit: bool = False  # draft-ahead: all K accepted and the cloud's token was the draft's guess
 
 
 @dataclass
@@ -65,6 +73,13 @@ class EmulatedDevice:
     records: list[RoundRecord] = field(default_factory=list)
     backlog_tokens: int = 0  # committed tokens not yet in the draft cache (the prompt, at first)
     idle_credit_ms: float = 0.0  # waiting time since the last drafting round, usable for background prefill
+    draft_ahead: bool = False  # draft during the wait for the answer (see the module docstring)
+    predrafted: int = 0  # draft tokens already drafted for the next round (after a lookahead hit)
+    ahead_now: bool = False  # this round drafts ahead (the device can, and its policy chose to)
+
+    def start_session(self, prompt_tokens: int) -> None:
+        """A new session: the draft has seen none of its prompt and has nothing drafted ahead."""
+        self.backlog_tokens, self.idle_credit_ms, self.predrafted = prompt_tokens, 0.0, 0
 
     def critical_prefill_ms(self) -> float:
         """Prefill that cannot hide in waiting time already spent (the draft runs while the cloud works)."""
@@ -75,14 +90,32 @@ class EmulatedDevice:
         obs.report_rate("up", self.link.up.reported_rate_bps(self.clock_ms))
         obs.report_rate("down", self.link.down.reported_rate_bps(self.clock_ms))
         return RoundView(up_ms=obs.delay_ms["up"], down_ms=obs.predict_ms("down", 24),
-                         prefill_ms=self.critical_prefill_ms(), up_ms_per_byte=obs.ms_per_byte("up"))
+                         prefill_ms=self.critical_prefill_ms(), up_ms_per_byte=obs.ms_per_byte("up"),
+                         predrafted=self.predrafted)
 
     def choose_k(self) -> int:
-        return self.policy.choose(self.view())
+        k = self.policy.choose(self.view())
+        self.ahead_now = self.draft_ahead and self.policy.ahead_now and k > 0
+        return k
 
     def draft_latency_ms(self, k: int) -> float:
-        """Drafting on the round's critical path: unhidden prefill plus K draft steps."""
-        return (self.critical_prefill_ms() + self.profile.draft_ms(k)) if k else 0.0
+        """Drafting on the round's critical path: unhidden prefill plus the K draft steps not predrafted."""
+        if not k:
+            return 0.0
+        if self.predrafted:  # the pre-draft fed the context already
+            return self.profile.draft_ms(max(0, k - self.predrafted))
+        return self.critical_prefill_ms() + self.profile.draft_ms(k)
+
+    def _draft_work(self, ev: RoundEvent, wait_ms: float) -> tuple[float, int]:
+        """(ms of draft compute this round, for energy; predrafted tokens for the next round)."""
+        p = self.profile
+        if not ev.k:
+            return 0.0, 0
+        steps = ev.k - min(ev.k, self.predrafted)
+        prefill = 0 if self.predrafted else ev.prefill_tokens
+        ahead = p.ahead_steps(ev.k, wait_ms) if self.ahead_now else 0
+        ready = ahead - 1 if ev.lookahead_hit and ahead else 0
+        return p.draft_ms(steps + ahead, prefill), ready
 
     def finish_round(self, ev: RoundEvent) -> RoundRecord:
         """Emulated time: the link and the `CloudProfile` decide how long the round took."""
@@ -98,22 +131,25 @@ class EmulatedDevice:
                 **extra) -> RoundRecord:
         """Book one finished round (however its times were obtained): observer, policy, energy, draft backlog."""
         p = self.profile
-        compute_ms = p.draft_ms(ev.k, ev.prefill_tokens if ev.k else 0)  # energy: all draft work
+        compute_ms, ready = self._draft_work(ev, up_ms + verify_ms + down_ms)  # energy: all draft work
+        predrafted, self.predrafted = self.predrafted, ready
         self.observer.record("up", ev.bytes_up, up_ms)
         self.observer.record("down", ev.bytes_down, down_ms)
         self.policy.observe(ev.k, ev.accepted)
         energy = (compute_ms * p.compute_w + up_ms * p.tx_w + down_ms * p.rx_w + verify_ms * p.idle_w) / 1e3
         back = t0 + draft_ms + up_ms + verify_ms + down_ms
         self.clock_ms = back
-        if ev.k:  # the cache now misses only the cloud's token (and d_K when all were accepted)
-            self.backlog_tokens, self.idle_credit_ms = 1 + (ev.accepted == ev.k), 0.0
+        if ev.k:  # the cache now misses only the cloud's token (and d_K when all were accepted, unless drafted ahead)
+            self.backlog_tokens = 0 if ready else 1 + (ev.accepted == ev.k and not self.draft_ahead)
+            self.idle_credit_ms = 0.0
         else:
             self.backlog_tokens += 1
             self.idle_credit_ms += back - t0
         alpha = getattr(getattr(self.policy, "estimator", None), "alpha", float("nan"))
         rec = RoundRecord(self.device_id, p.name, self.link.name, self.policy.name, ev.round_index, t0, ev.k,
                           ev.accepted, ev.accepted + 1, draft_ms, up_ms, verify_ms, down_ms, back - t0, energy,
-                          ev.bytes_up, ev.bytes_down, alpha, ev.result.version, **extra)
+                          ev.bytes_up, ev.bytes_down, alpha, ev.result.version, predrafted=predrafted,
+                          lookahead_hit=ev.lookahead_hit, **extra)
         self.records.append(rec)
         return rec
 
@@ -153,10 +189,11 @@ def run_devices(devices: list[EmulatedDevice], prompts: list[list[int]], propose
     if len(devices) != len(prompts):
         raise ValueError(f"{len(devices)} devices but {len(prompts)} prompts")
     for dev, prompt in zip(devices, prompts):
-        dev.backlog_tokens = len(prompt)  # the draft has not seen the prompt yet
+        dev.start_session(len(prompt))
     speculative_generate(
         proposer, transport, prompts, max_new_tokens, choose_k=lambda i, r: devices[i].choose_k(), sampling=sampling,
         session_prefix=session_prefix, on_round=lambda ev: devices[ev.index].finish_round(ev), target=target,
+        draft_ahead=any(d.draft_ahead for d in devices),
     )
     return [summarize(d) for d in devices]
 

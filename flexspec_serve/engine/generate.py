@@ -34,6 +34,7 @@ class RoundEvent:
     bytes_up: int
     bytes_down: int
     result: P.RoundResult
+    lookahead_hit: bool = False  # draft-ahead: all K accepted and the cloud's token was the draft's d_{K+1}
 
 
 def speculative_generate(
@@ -47,8 +48,11 @@ def speculative_generate(
     stop_token: int | None = None,
     on_round: Callable[[RoundEvent], None] | None = None,
     target: str | None = None,
+    draft_ahead: bool = False,
 ) -> list[ClientSession]:
-    """Generate for every prompt; `proposer=None` or K = 0 means cloud-only rounds.
+    """Generate for every prompt; `proposer=None` or K = 0 means cloud-only rounds. `draft_ahead` drafts
+    d_{K+1} too (not sent) and K more tokens past it before the answer is applied; a lookahead hit's next
+    round starts from them (`on_round` is told of hits; the output does not change in greedy mode).
 
     `transport` is a `Transport` or a bare `Verifier` (wrapped in a `LocalTransport`).
     """
@@ -62,15 +66,18 @@ def speculative_generate(
         ks = [0 if proposer is None else max(0, min(pick(i, round_idx), max_new_tokens - len(clients[i].tokens) - 1))
               for i in running]
         prefill = [len(clients[i].edge.tokens) - clients[i].edge.cache.length if proposer else 0 for i in running]
-        proposals = proposer.propose([clients[i].edge for i in running], ks) if proposer else [None] * len(running)
+        proposals = proposer.propose([clients[i].edge for i in running], ks, draft_ahead) if proposer else [None] * len(running)
         drafts = [prop.tokens if prop else [] for prop in proposals]
+        if proposer and draft_ahead:  # what the devices draft while the round is on the air
+            proposer.draft_ahead([clients[i].edge for i in running], ks)
         exchanges = round_trip_resync(transport, [clients[i] for i in running], drafts)
         still = []
         for pos, (i, draft, ex) in enumerate(zip(running, drafts, exchanges)):
             new = clients[i].commit(draft, ex.result, proposer)
             if on_round:
+                hit = proposals[pos] is not None and proposals[pos].hit(ex.result.accepted, ex.result.token)
                 on_round(RoundEvent(i, round_idx, len(draft), ex.result.accepted, prefill[pos], ex.bytes_up,
-                                    ex.bytes_down, ex.result))
+                                    ex.bytes_down, ex.result, hit))
             if len(clients[i].tokens) < max_new_tokens and (stop_token is None or stop_token not in new):
                 still.append(i)
         running, round_idx = still, round_idx + 1

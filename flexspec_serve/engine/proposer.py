@@ -4,6 +4,13 @@ Each edge session keeps its committed tokens, a draft KV cache and its own seede
 `propose` runs K autoregressive draft steps, batched across the sessions given (ragged K allowed, K = 0
 included); `apply` takes the cloud's verdict and rolls the draft cache back to what was accepted.
 
+Draft-ahead: `propose(..., lookahead=True)` drafts one more step, d_{K+1}, the draft's own guess of the
+token the cloud adds when it accepts all K; it is not sent. `draft_ahead` continues from there while the
+round waits for its answer. On a *lookahead hit* (all K accepted and the cloud's token is d_{K+1}) `apply`
+keeps those tokens as the session's `ready` draft and the next `propose` starts from them; on a miss they
+are dropped with the rest of the rejected draft. Either way the drafted tokens are the ones drafting after
+the answer would give (greedy: the same tokens; sampling: the same distribution).
+
 It does not choose K (the controller in `edge/` does) and does not talk to the cloud.
 """
 
@@ -21,6 +28,11 @@ from flexspec_serve.engine.ragged import CachedSequence, decode_max_tokens, run_
 class Proposal:
     tokens: list[int]  # d_1..d_K
     q_token_probs: list[float]  # q_i(d_i), for accounting; the cloud recomputes full q itself
+    lookahead: int | None = None  # d_{K+1}: drafted, not sent (draft-ahead only)
+
+    def hit(self, accepted: int, token: int) -> bool:
+        """Did the cloud accept all K and add exactly the draft's guess d_{K+1}?"""
+        return self.lookahead is not None and accepted == len(self.tokens) and token == self.lookahead
 
 
 @dataclass
@@ -31,6 +43,11 @@ class EdgeSession:
     generator: torch.Generator
     cache: CachedSequence = field(default_factory=CachedSequence)
     prompt_len: int = 0
+    # draft-ahead: the last proposal's draft (d_1..d_K, then d_{K+1} and what was drafted ahead past it),
+    # how many of it were sent (K), and what a lookahead hit left for the next round; (token, q) pairs
+    drafted: list[tuple[int, float]] = field(default_factory=list)
+    sent: int = 0
+    ready: list[tuple[int, float]] = field(default_factory=list)
 
     @property
     def generated(self) -> list[int]:
@@ -49,23 +66,54 @@ class DraftProposer:
         gen = torch.Generator().manual_seed(sampling.seed)
         return EdgeSession(session_id, list(prompt), sampling, gen, prompt_len=len(prompt))
 
+    def steps_needed(self, s: EdgeSession, k: int, lookahead: bool = False) -> int:
+        """Draft forward steps `propose` would run for this session (0: served from its ready tokens)."""
+        return max(0, k + (lookahead and k > 0) - len(s.ready)) if k else 0
+
+    def propose(self, sessions: list[EdgeSession], ks: list[int], lookahead: bool = False) -> list[Proposal]:
+        """K_i draft tokens for each session, one batched draft step per draft position (tokens a lookahead
+        hit left ready come first); with `lookahead`, sessions with K_i > 0 draft one more token, returned
+        as `Proposal.lookahead`."""
+        wants = [k + (lookahead and k > 0) for k in ks]
+        starts = []
+        for s, k, want in zip(sessions, ks, wants):
+            start = s.ready[:want] if k else []
+            if start and len(start) < len(s.ready):  # the cache fed the ready tokens: keep what is used
+                s.cache.truncate(len(s.tokens) + len(start) - 1)
+            s.ready = []
+            starts.append(start)
+        drafted = self._extend(sessions, starts, [w - len(st) for w, st in zip(wants, starts)])
+        proposals = []
+        for s, k, want, out in zip(sessions, ks, wants, drafted):
+            s.drafted, s.sent = out, k
+            proposals.append(Proposal([t for t, _ in out[:k]], [q for _, q in out[:k]],
+                                      out[k][0] if want > k else None))
+        return proposals
+
+    def draft_ahead(self, sessions: list[EdgeSession], ns: list[int]) -> None:
+        """While the round waits: n_i more tokens past d_{K+1} for each session that drafted a lookahead."""
+        go = [i for i, (s, n) in enumerate(zip(sessions, ns)) if len(s.drafted) > s.sent and n > 0]
+        more = self._extend([sessions[i] for i in go], [sessions[i].drafted for i in go], [ns[i] for i in go])
+        for i, out in zip(go, more):
+            sessions[i].drafted = out
+
     @torch.inference_mode()
-    def propose(self, sessions: list[EdgeSession], ks: list[int]) -> list[Proposal]:
-        """K_i draft tokens for each session, one batched draft step per draft position."""
-        proposals = [Proposal([], []) for _ in sessions]
-        for step in range(max(ks, default=0)):
-            active = [i for i, k in enumerate(ks) if k > step]
+    def _extend(self, sessions: list[EdgeSession], starts: list[list[tuple[int, float]]],
+                ns: list[int]) -> list[list[tuple[int, float]]]:
+        """Continue each session's draft `starts[i]` (tokens past the committed ones) by n_i steps, batched;
+        every step feeds whatever the cache has not seen yet (the backlog, then the last draft token)."""
+        outs = [list(st) for st in starts]
+        for step in range(max(ns, default=0)):
+            active = [i for i, n in enumerate(ns) if n > step]
             inputs = []
             for i in active:
                 s = sessions[i]
-                # first step feeds every committed token not yet cached; later steps feed the last draft
-                inputs.append(s.tokens[s.cache.length :] if step == 0 else [proposals[i].tokens[-1]])
+                known = s.tokens + [t for t, _ in outs[i]]
+                inputs.append(known[s.cache.length :])
             logits = run_ragged_by_shape(self.model, [sessions[i].cache for i in active], inputs, self.decode_max)
             for i, lg in zip(active, logits):
-                token, prob = self._choose(lg[-1], sessions[i])
-                proposals[i].tokens.append(token)
-                proposals[i].q_token_probs.append(prob)
-        return proposals
+                outs[i].append(self._choose(lg[-1], sessions[i]))
+        return outs
 
     def _choose(self, logits: torch.Tensor, s: EdgeSession) -> tuple[int, float]:
         if s.sampling.greedy:
@@ -75,12 +123,16 @@ class DraftProposer:
         return token, float(q[token])
 
     def apply(self, s: EdgeSession, draft: list[int], accepted: int, token: int) -> None:
-        """Commit d_1..d_n and the cloud's token; keep the cache only over committed tokens."""
+        """Commit d_1..d_n and the cloud's token; keep the cache only over committed tokens (and, after a
+        lookahead hit, over the tokens drafted ahead, which become the next round's `ready` draft)."""
+        k = len(draft)
+        hit = accepted == k and len(s.drafted) > k and s.drafted[k][0] == token
         keep = len(s.tokens) + accepted
         s.tokens.extend(draft[:accepted])
         s.tokens.append(token)
-        s.cache.truncate(keep)
+        s.ready, s.drafted, s.sent = (s.drafted[k + 1 :] if hit else []), [], 0
+        s.cache.truncate(len(s.tokens) + len(s.ready) - 1 if s.ready else keep)
 
     def resync(self, s: EdgeSession) -> None:
         """Forget the draft cache (it is rebuilt from the committed tokens on the next proposal)."""
-        s.cache = CachedSequence()
+        s.cache, s.ready, s.drafted, s.sent = CachedSequence(), [], [], 0

@@ -9,6 +9,9 @@ Files (under the run's output directory):
   time, version changes marked), `acceptance_by_version.png`, `k_vs_rate.png` (chosen K against the
   uplink rate the device saw), `bytes_energy.png` (bytes and energy per generated token by class).
 
+Draft-ahead figures: `lookahead_hit_rate` (drafting rounds whose cloud token the draft had guessed, all K
+accepted) and `predrafted_round_rate` (drafting rounds that started with tokens drafted during the wait).
+
 Per-token latency of a round is its round time divided by the tokens it produced; decode tokens/s is
 tokens over the time devices spent in rounds (think time excluded), the speed a user of a device sees.
 """
@@ -29,7 +32,8 @@ PLOTS = ("latency_cdf.png", "tokens_per_s.png", "acceptance_by_version.png", "k_
 SUMMARY_FIELDS = ("policy", "devices", "sessions_started", "sessions_completed", "sessions_failed", "sessions_lost",
                   "rounds", "tokens", "fleet_tokens_per_s", "decode_tokens_per_s", "per_token_latency_ms",
                   "round_ms", "acceptance_length", "mean_k", "bytes_up_per_token", "bytes_down_per_token",
-                  "energy_j_per_token", "emulation_lag_ms", "mid_round", "in_session", "retries", "resyncs",
+                  "energy_j_per_token", "lookahead_hit_rate", "predrafted_round_rate", "emulation_lag_ms",
+                  "mid_round", "in_session", "retries", "resyncs",
                   "errors", "device_crashes", "per_class", "per_version", "version_changes")
 
 
@@ -73,6 +77,10 @@ def round_metrics(rounds: list[dict]) -> dict:
         "bytes_up_per_token": round(sum(r["bytes_up"] for r in rounds) / max(1, tokens), 2),
         "bytes_down_per_token": round(sum(r["bytes_down"] for r in rounds) / max(1, tokens), 2),
         "energy_j_per_token": round(sum(r["energy_j"] for r in rounds) / max(1, tokens), 4),
+        # draft-ahead: share of drafting rounds whose answer the draft had guessed, and of those that
+        # started with tokens drafted during the previous wait
+        "lookahead_hit_rate": round(sum(r["lookahead_hit"] for r in drafted) / len(drafted), 3) if drafted else None,
+        "predrafted_round_rate": round(sum(r["predrafted"] > 0 for r in drafted) / len(drafted), 3) if drafted else None,
     }
 
 
@@ -149,15 +157,21 @@ def write_report(out: Path, run: ShardResult, summary: dict, compare: list[dict]
     return [out / n for n in ("summary.json", "rounds.csv", "sessions.jsonl", "report.md")] + written
 
 
+def run_label(s: dict) -> str:
+    """A run's policy, and whether its devices drafted ahead (cloud-only rounds draft nothing)."""
+    return s["policy"] + (" + draft-ahead" if s.get("draft_ahead") and s["policy"] != "cloud-only" else "")
+
+
 def compare_rows(summaries: list[dict]) -> list[dict]:
     """One row per policy; speed-ups against the cloud-only run when there is one."""
     base = next((s for s in summaries if s["policy"] == "cloud-only"), None)
     rows = []
     for s in summaries:
-        row = {"policy": s["policy"], "decode tok/s": s["decode_tokens_per_s"],
+        row = {"policy": run_label(s), "decode tok/s": s["decode_tokens_per_s"],
                "per-token p50 ms": s["per_token_latency_ms"]["p50"], "per-token p99 ms": s["per_token_latency_ms"]["p99"],
                "tau": s["acceptance_length"], "mean K": s["mean_k"], "J/token": s["energy_j_per_token"],
-               "uplink B/token": s["bytes_up_per_token"], "failed sessions": s["sessions_failed"]}
+               "uplink B/token": s["bytes_up_per_token"], "lookahead hits": s.get("lookahead_hit_rate"),
+               "failed sessions": s["sessions_failed"]}
         if base:
             row["vs cloud-only"] = round(s["decode_tokens_per_s"] / base["decode_tokens_per_s"], 2)
         rows.append(row)
@@ -171,7 +185,7 @@ def class_compare_rows(summaries: list[dict]) -> list[dict]:
     rows = []
     for s in summaries:
         for c in s["per_class"]:
-            row = {"device class": c["device_class"], "policy": s["policy"], "decode tok/s": c["decode_tokens_per_s"],
+            row = {"device class": c["device_class"], "policy": run_label(s), "decode tok/s": c["decode_tokens_per_s"],
                    "tau": c["acceptance_length"], "mean K": c["mean_k"]}
             if base_tps.get(c["device_class"]):
                 row["vs cloud-only"] = round(c["decode_tokens_per_s"] / base_tps[c["device_class"]], 2)

@@ -126,7 +126,27 @@ class Shard:
         self.drafter = MicroBatcher(self._propose_batch, spec.draft_batch_wait_ms, 512, "draft")
 
     def _propose_batch(self, items: list[tuple]) -> list:
-        return self.proposer.propose([s for s, _ in items], [k for _, k in items])
+        """One batch of draft work: proposals (kind "propose") and draft-ahead during waits ("ahead")."""
+        out: list = [None] * len(items)
+        for kind in ("propose", "ahead"):
+            idx = [i for i, (_, _, kd) in enumerate(items) if kd == kind]
+            if not idx:
+                continue
+            sessions, ks = [items[i][0] for i in idx], [items[i][1] for i in idx]
+            if kind == "propose":
+                for i, prop in zip(idx, self.proposer.propose(sessions, ks, self.spec.draft_ahead)):
+                    out[i] = prop
+            else:
+                self.proposer.draft_ahead(sessions, ks)
+        return out
+
+    async def _propose(self, client: ClientSession, k: int):
+        """The round's proposal; from tokens drafted ahead alone when they suffice (no batch wait)."""
+        if not k:
+            return None
+        if self.proposer.steps_needed(client.edge, k, self.spec.draft_ahead) == 0:
+            return self.proposer.propose([client.edge], [k], self.spec.draft_ahead)[0]
+        return await self.drafter.submit((client.edge, k, "propose"))
 
     async def run(self) -> ShardResult:
         sampler = asyncio.create_task(self._sample_timeline())
@@ -155,7 +175,8 @@ class Shard:
         profile = DEVICE_CLASSES[plan.device_class]
         cloud = ObservedCloud(self.cloud)
         dev = EmulatedDevice(plan.device_id, profile, make_link(plan.channel, plan.seed, plan.offset_ms),
-                             make_policy(spec.policy, profile, cloud, spec.max_draft_tokens), cloud)
+                             make_policy(spec.policy, profile, cloud, spec.max_draft_tokens, spec.draft_ahead), cloud,
+                             draft_ahead=spec.draft_ahead)
         self.devices.append(dev)
         due, n = rng.uniform(0.0, spec.arrival.start_within_s * 1e3), 0
         while due < spec.duration_s * 1e3:  # no session starts after the arrival window
@@ -173,7 +194,7 @@ class Shard:
         sampling = SamplingParams(spec.temperature, spec.top_p, plan.seed * 1009 + n)
         client = ClientSession.start(f"{plan.device_id}-s{n}", self.prompts[index], sampling, self.proposer,
                                      spec.target)
-        dev.backlog_tokens, dev.idle_credit_ms = len(client.prompt), 0.0
+        dev.start_session(len(client.prompt))
         started, error = self.clock.now_ms(), None
         c.in_session += 1
         c.sessions_started += 1
@@ -201,16 +222,27 @@ class Shard:
         draft_ms = dev.draft_latency_ms(k)
         c.mid_round += 1
         try:
-            draft = (await self.drafter.submit((client.edge, k))).tokens if k else []
+            proposal = await self._propose(client, k)
+            draft = proposal.tokens if proposal else []
             lags = [await clock.sleep_until(t0 + draft_ms)]
-            ex, up_ms, down_ms, attempts = await self._deliver(dev, client, draft, lags, rng)
+            # draft-ahead: the real draft works while the round is on the air (the device's K more tokens)
+            ahead = asyncio.create_task(self.drafter.submit((client.edge, k, "ahead"))) \
+                if dev.ahead_now and proposal is not None and proposal.lookahead is not None else None
+            try:
+                ex, up_ms, down_ms, attempts = await self._deliver(dev, client, draft, lags, rng)
+            finally:
+                if ahead is not None:  # must finish before the answer is applied: if later, the answer is late
+                    answered = clock.now_ms()
+                    await ahead
+                    lags[-1] = max(lags[-1], clock.now_ms() - answered)
         finally:
             c.mid_round -= 1
         back = clock.now_ms()
         result: P.RoundResult = ex.result
         client.commit(draft, result, self.proposer)
         dev.cloud.record(k, back - t0 - draft_ms - up_ms - down_ms)
-        ev = RoundEvent(0, result.seq, k, result.accepted, prefill, ex.bytes_up, ex.bytes_down, result)
+        hit = proposal is not None and proposal.hit(result.accepted, result.token)
+        ev = RoundEvent(0, result.seq, k, result.accepted, prefill, ex.bytes_up, ex.bytes_down, result, hit)
         dev.account(ev, t0, draft_ms, up_ms, back - t0 - draft_ms - up_ms - down_ms, down_ms,
                     session=client.session_id, rate_up_bps=round(dev.observer.rate_bps["up"], 1),
                     lag_ms=round(max(lags), 3), queue_ms=result.timings.queue_ms,

@@ -42,6 +42,9 @@ class FleetSpec(StrictModel):
     mix: list[ClassShare] = Field(min_length=1, description="device classes and their shares (sum to 1)")
     policy: str = Field("adaptive", pattern=POLICY_PATTERN, description="adaptive | cloud-only | accept-adaptive | fixed-K")
     max_draft_tokens: int = Field(8, ge=1, le=16, description="K_max")
+    draft_ahead: bool = Field(False, description="devices draft during the wait for each answer; after a lookahead "
+                              "hit (all K accepted, the cloud's token guessed) the next round's draft is ready. The "
+                              "fleet actor runs that draft work for real, about twice the draft compute per round")
     max_new_tokens: int = Field(64, ge=1, le=4096)
     temperature: float = Field(0.0, ge=0, le=10, description="0 = greedy")
     top_p: float = Field(1.0, gt=0, le=1)
