@@ -245,13 +245,13 @@ def _device(draft_ahead):
 
 
 def test_a_lookahead_hit_hides_the_next_rounds_draft_in_the_wait():
-    """80 ms of wait at 9 ms per draft step: d_{K+1} and the next round's 4 tokens are drafted meanwhile."""
+    """80 ms of wait at 9 ms per draft step: d_{K+1}, then a next round of 4 tokens and its own guess."""
     dev = _device(draft_ahead=True)
     _answered(dev, 4, 4, hit=True)
-    assert dev.predrafted == 4 and dev.view().predrafted == 4
-    assert dev.draft_latency_ms(4) == 0.0 and dev.draft_latency_ms(6) == pytest.approx(2 * 9.0)
-    nxt = _answered(dev, 6, 2, hit=False)
-    assert nxt.predrafted == 4 and nxt.draft_ms == pytest.approx(18.0)
+    assert dev.predrafted == 5 and dev.view().predrafted == 5
+    assert dev.draft_latency_ms(4) == 0.0 and dev.draft_latency_ms(7) == pytest.approx(2 * 9.0)
+    nxt = _answered(dev, 7, 2, hit=False)
+    assert nxt.predrafted == 5 and nxt.draft_ms == pytest.approx(18.0)
     assert dev.predrafted == 0 and dev.draft_latency_ms(4) > 4 * 9.0  # a miss: draft from scratch (+ prefill)
 
 
@@ -260,7 +260,7 @@ def test_drafting_ahead_costs_energy_on_a_miss_and_saves_nothing():
     ahead, idle = _device(draft_ahead=True), _device(draft_ahead=False)
     a, b = _answered(ahead, 4, 1, hit=False), _answered(idle, 4, 1, hit=False)
     assert a.round_ms == b.round_ms and ahead.predrafted == 0
-    assert a.energy_j - b.energy_j == pytest.approx(5 * 9.0 * flagship.compute_w / 1e3)  # d_5 + 4 next tokens
+    assert a.energy_j - b.energy_j == pytest.approx(6 * 9.0 * flagship.compute_w / 1e3)  # d_5 + 5 drafted ahead
     short = _device(draft_ahead=True)  # an answer back within one draft step leaves nothing drafted ahead
     _answered(short, 4, 4, hit=True, wait=(3.0, 2.0, 3.0))
     assert short.predrafted == 0

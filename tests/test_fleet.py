@@ -12,6 +12,7 @@ import yaml
 
 from flexspec_serve import protocol as P
 from flexspec_serve.config import ConfigError, load_yaml
+from flexspec_serve.edge.devices import DEVICE_CLASSES
 from flexspec_serve.engine.generate import speculative_generate
 from flexspec_serve.engine.proposer import DraftProposer
 from flexspec_serve.engine.verifier import Verifier, VerifierLimits
@@ -67,6 +68,23 @@ def test_greedy_fleet_devices_emit_the_targets_greedy_output(family_models, huma
         assert s["tokens"] == ref[s["prompt_index"]], s["session"]
     assert {r["device_class"] for r in res.rounds} == {"flagship-phone", "wearable"}
     assert max(res.lags_ms) < 1000
+
+
+def test_devices_drafting_ahead_still_emit_the_targets_greedy_output(family_models, humaneval_prompts):
+    prompts = [p[-40:] for p in humaneval_prompts[:6]]
+    spec = small_fleet(draft_ahead=True, max_new_tokens=24)
+    res = run_shard(spec, prompts, family_models)
+    assert res.sessions and all(s["completed"] for s in res.sessions) and not res.device_crashes
+    ref = greedy_reference(family_models, prompts, spec.max_new_tokens)
+    for s in res.sessions:
+        assert s["tokens"] == ref[s["prompt_index"]], s["session"]
+    hits = [r for r in res.rounds if r["lookahead_hit"]]
+    assert hits and all(r["accepted"] == r["k"] for r in hits)
+    started_drafted = [r for r in res.rounds if r["predrafted"] and r["k"]]  # drafting rounds right after a hit
+    assert started_drafted
+    for r in started_drafted:  # only the tokens not drafted during the previous wait cost draft time
+        step_ms = DEVICE_CLASSES[r["device_class"]].draft_ms_per_token
+        assert r["draft_ms"] == pytest.approx(step_ms * max(0, r["k"] - r["predrafted"]))
 
 
 def test_lost_answers_are_retried_and_sessions_still_match(family_models, humaneval_prompts):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from flexspec_serve.engine.proposer import ahead_tokens
+
 
 @dataclass(frozen=True)
 class DeviceProfile:
@@ -26,9 +28,9 @@ class DeviceProfile:
         return k * self.draft_ms_per_token + prefill_tokens * self.prefill_ms_per_token
 
     def ahead_steps(self, k: int, wait_ms: float) -> int:
-        """Draft-ahead: steps drafted while a K-token round waits `wait_ms` for its answer (d_{K+1}, then as
-        many of the next round's tokens as the wait allows, at most K of them)."""
-        return min(k + 1, int(wait_ms // self.draft_ms_per_token)) if k else 0
+        """Draft-ahead: steps drafted while a K-token round waits `wait_ms` for its answer: d_{K+1}, then
+        as many of the `ahead_tokens(K)` as the wait allows."""
+        return min(1 + ahead_tokens(k), int(wait_ms // self.draft_ms_per_token)) if k else 0
 
 
 # Sized for a ~1B-parameter draft on each class; budgets are what a vendor might allow an assistant.

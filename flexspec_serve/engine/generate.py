@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from flexspec_serve import protocol as P
 from flexspec_serve.engine.client import ClientSession
-from flexspec_serve.engine.proposer import DraftProposer
+from flexspec_serve.engine.proposer import DraftProposer, ahead_tokens
 from flexspec_serve.engine.sampling import SamplingParams
 from flexspec_serve.transport import Exchange, LocalTransport, RoundFailed
 
@@ -51,7 +51,7 @@ def speculative_generate(
     draft_ahead: bool = False,
 ) -> list[ClientSession]:
     """Generate for every prompt; `proposer=None` or K = 0 means cloud-only rounds. `draft_ahead` drafts
-    d_{K+1} too (not sent) and K more tokens past it before the answer is applied; a lookahead hit's next
+    d_{K+1} too (not sent) and `ahead_tokens(K)` past it before the answer is applied; a lookahead hit's next
     round starts from them (`on_round` is told of hits; the output does not change in greedy mode).
 
     `transport` is a `Transport` or a bare `Verifier` (wrapped in a `LocalTransport`).
@@ -69,13 +69,14 @@ def speculative_generate(
         proposals = proposer.propose([clients[i].edge for i in running], ks, draft_ahead) if proposer else [None] * len(running)
         drafts = [prop.tokens if prop else [] for prop in proposals]
         if proposer and draft_ahead:  # what the devices draft while the round is on the air
-            proposer.draft_ahead([clients[i].edge for i in running], ks)
+            proposer.draft_ahead([clients[i].edge for i in running], [ahead_tokens(k) for k in ks])
         exchanges = round_trip_resync(transport, [clients[i] for i in running], drafts)
         still = []
         for pos, (i, draft, ex) in enumerate(zip(running, drafts, exchanges)):
+            edge = clients[i].edge
+            hit = edge is not None and proposer.lookahead_hit(edge, ex.result.accepted, ex.result.token)
             new = clients[i].commit(draft, ex.result, proposer)
             if on_round:
-                hit = proposals[pos] is not None and proposals[pos].hit(ex.result.accepted, ex.result.token)
                 on_round(RoundEvent(i, round_idx, len(draft), ex.result.accepted, prefill[pos], ex.bytes_up,
                                     ex.bytes_down, ex.result, hit))
             if len(clients[i].tokens) < max_new_tokens and (stop_token is None or stop_token not in new):

@@ -24,15 +24,17 @@ from flexspec_serve.engine import sampling as S
 from flexspec_serve.engine.ragged import CachedSequence, decode_max_tokens, run_ragged_by_shape
 
 
+def ahead_tokens(k: int) -> int:
+    """Tokens drafted ahead past d_{K+1} while a K-token round waits: a next round of the same K and its
+    own guess, so a hit's next round needs no draft step before it is sent."""
+    return k + 1
+
+
 @dataclass
 class Proposal:
     tokens: list[int]  # d_1..d_K
     q_token_probs: list[float]  # q_i(d_i), for accounting; the cloud recomputes full q itself
     lookahead: int | None = None  # d_{K+1}: drafted, not sent (draft-ahead only)
-
-    def hit(self, accepted: int, token: int) -> bool:
-        """Did the cloud accept all K and add exactly the draft's guess d_{K+1}?"""
-        return self.lookahead is not None and accepted == len(self.tokens) and token == self.lookahead
 
 
 @dataclass
@@ -72,30 +74,37 @@ class DraftProposer:
 
     def propose(self, sessions: list[EdgeSession], ks: list[int], lookahead: bool = False) -> list[Proposal]:
         """K_i draft tokens for each session, one batched draft step per draft position (tokens a lookahead
-        hit left ready come first); with `lookahead`, sessions with K_i > 0 draft one more token, returned
-        as `Proposal.lookahead`."""
+        hit left ready come first); with `lookahead`, sessions with K_i > 0 draft one more token. Ready
+        tokens past K_i stay drafted; `Proposal.lookahead` is d_{K+1} when there is one."""
         wants = [k + (lookahead and k > 0) for k in ks]
-        starts = []
-        for s, k, want in zip(sessions, ks, wants):
-            start = s.ready[:want] if k else []
-            if start and len(start) < len(s.ready):  # the cache fed the ready tokens: keep what is used
-                s.cache.truncate(len(s.tokens) + len(start) - 1)
+        starts = [s.ready if k else [] for s, k in zip(sessions, ks)]  # k = 0: apply drops the cache past it
+        for s in sessions:
             s.ready = []
-            starts.append(start)
-        drafted = self._extend(sessions, starts, [w - len(st) for w, st in zip(wants, starts)])
+        drafted = self._extend(sessions, starts, [max(0, w - len(st)) for w, st in zip(wants, starts)])
         proposals = []
-        for s, k, want, out in zip(sessions, ks, wants, drafted):
+        for s, k, out in zip(sessions, ks, drafted):
             s.drafted, s.sent = out, k
             proposals.append(Proposal([t for t, _ in out[:k]], [q for _, q in out[:k]],
-                                      out[k][0] if want > k else None))
+                                      out[k][0] if len(out) > k else None))
         return proposals
 
     def draft_ahead(self, sessions: list[EdgeSession], ns: list[int]) -> None:
-        """While the round waits: n_i more tokens past d_{K+1} for each session that drafted a lookahead."""
-        go = [i for i, (s, n) in enumerate(zip(sessions, ns)) if len(s.drafted) > s.sent and n > 0]
+        """While the round waits: n_i more draft tokens past what each session has drafted (d_{K+1} first)."""
+        go = [i for i, (s, n) in enumerate(zip(sessions, ns)) if s.sent and n > 0]
         more = self._extend([sessions[i] for i in go], [sessions[i].drafted for i in go], [ns[i] for i in go])
         for i, out in zip(go, more):
             sessions[i].drafted = out
+
+    @staticmethod
+    def drafted_past_sent(s: EdgeSession) -> int:
+        """Tokens drafted past the sent K (d_{K+1} first)."""
+        return len(s.drafted) - s.sent
+
+    @staticmethod
+    def lookahead_hit(s: EdgeSession, accepted: int, token: int) -> bool:
+        """The cloud accepted all K sent and added exactly the draft's d_{K+1}."""
+        k = s.sent
+        return k > 0 and accepted == k and len(s.drafted) > k and s.drafted[k][0] == token
 
     @torch.inference_mode()
     def _extend(self, sessions: list[EdgeSession], starts: list[list[tuple[int, float]]],
@@ -126,7 +135,7 @@ class DraftProposer:
         """Commit d_1..d_n and the cloud's token; keep the cache only over committed tokens (and, after a
         lookahead hit, over the tokens drafted ahead, which become the next round's `ready` draft)."""
         k = len(draft)
-        hit = accepted == k and len(s.drafted) > k and s.drafted[k][0] == token
+        hit = k == s.sent and self.lookahead_hit(s, accepted, token)
         keep = len(s.tokens) + accepted
         s.tokens.extend(draft[:accepted])
         s.tokens.append(token)

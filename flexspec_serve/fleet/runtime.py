@@ -36,7 +36,7 @@ from flexspec_serve.edge.devices import DEVICE_CLASSES, CloudProfile
 from flexspec_serve.edge.emulator import EmulatedDevice
 from flexspec_serve.engine.client import ClientSession
 from flexspec_serve.engine.generate import RoundEvent
-from flexspec_serve.engine.proposer import DraftProposer
+from flexspec_serve.engine.proposer import DraftProposer, ahead_tokens
 from flexspec_serve.engine.sampling import SamplingParams
 from flexspec_serve.fleet.spec import DevicePlan, FleetSpec
 from flexspec_serve.transport import AsyncTransport, Exchange, TransportError
@@ -124,6 +124,8 @@ class Shard:
         self.result = ShardResult()
         self.devices: list[EmulatedDevice] = []
         self.drafter = MicroBatcher(self._propose_batch, spec.draft_batch_wait_ms, 512, "draft")
+        # draft-ahead work has a deadline (the answer's downlink): its own worker, no gathering wait
+        self.ahead_drafter = MicroBatcher(self._propose_batch, 0.0, 512, "draft-ahead")
 
     def _propose_batch(self, items: list[tuple]) -> list:
         """One batch of draft work: proposals (kind "propose") and draft-ahead during waits ("ahead")."""
@@ -133,8 +135,8 @@ class Shard:
             if not idx:
                 continue
             sessions, ks = [items[i][0] for i in idx], [items[i][1] for i in idx]
-            if kind == "propose":
-                for i, prop in zip(idx, self.proposer.propose(sessions, ks, self.spec.draft_ahead)):
+            if kind == "propose":  # only the K tokens sent: a device drafts its guess d_{K+1} during the wait
+                for i, prop in zip(idx, self.proposer.propose(sessions, ks)):
                     out[i] = prop
             else:
                 self.proposer.draft_ahead(sessions, ks)
@@ -144,9 +146,28 @@ class Shard:
         """The round's proposal; from tokens drafted ahead alone when they suffice (no batch wait)."""
         if not k:
             return None
-        if self.proposer.steps_needed(client.edge, k, self.spec.draft_ahead) == 0:
-            return self.proposer.propose([client.edge], [k], self.spec.draft_ahead)[0]
+        if self.proposer.steps_needed(client.edge, k) == 0:
+            return self.proposer.propose([client.edge], [k])[0]
         return await self.drafter.submit((client.edge, k, "propose"))
+
+    def _start_guess(self, dev: EmulatedDevice, client: ClientSession, k: int) -> asyncio.Task | None:
+        """Draft-ahead, part 1, as the round goes on the air: the draft's guess d_{K+1} (one step)."""
+        if not (dev.ahead_now and k) or self.proposer.drafted_past_sent(client.edge) > 0:
+            return None
+        return asyncio.create_task(self.ahead_drafter.submit((client.edge, 1, "ahead")))
+
+    async def _after_answer(self, client: ClientSession, k: int, result: P.RoundResult,
+                            guess: asyncio.Task | None) -> bool:
+        """Draft-ahead, part 2, as the answer comes down: on a lookahead hit, the rest of what the device
+        drafted during its wait (computed now because only hits use it; they are the same tokens)."""
+        if guess is not None:
+            await guess
+        if not self.proposer.lookahead_hit(client.edge, result.accepted, result.token):
+            return False
+        more = 1 + ahead_tokens(k) - self.proposer.drafted_past_sent(client.edge)
+        if more > 0:
+            await self.ahead_drafter.submit((client.edge, more, "ahead"))
+        return True
 
     async def run(self) -> ShardResult:
         sampler = asyncio.create_task(self._sample_timeline())
@@ -155,6 +176,7 @@ class Shard:
         finally:
             sampler.cancel()
             self.drafter.close()
+            self.ahead_drafter.close()
         r = self.result
         r.device_crashes = [f"{p.device_id}: {o!r}" for p, o in zip(self.plans, outcomes) if isinstance(o, BaseException)]
         r.rounds = [asdict(rec) for d in self.devices for rec in d.records]
@@ -225,23 +247,19 @@ class Shard:
             proposal = await self._propose(client, k)
             draft = proposal.tokens if proposal else []
             lags = [await clock.sleep_until(t0 + draft_ms)]
-            # draft-ahead: the real draft works while the round is on the air (the device's K more tokens)
-            ahead = asyncio.create_task(self.drafter.submit((client.edge, k, "ahead"))) \
-                if dev.ahead_now and proposal is not None and proposal.lookahead is not None else None
+            guess, after = self._start_guess(dev, client, k), []
+            on_answer = (lambda res: after.append(asyncio.create_task(self._after_answer(client, k, res, guess)))) \
+                if dev.ahead_now and k else None
             try:
-                ex, up_ms, down_ms, attempts = await self._deliver(dev, client, draft, lags, rng)
+                ex, up_ms, down_ms, attempts = await self._deliver(dev, client, draft, lags, rng, on_answer)
             finally:
-                if ahead is not None:  # must finish before the answer is applied: if later, the answer is late
-                    answered = clock.now_ms()
-                    await ahead
-                    lags[-1] = max(lags[-1], clock.now_ms() - answered)
+                hit = await self._settle(after, guess, lags)
         finally:
             c.mid_round -= 1
         back = clock.now_ms()
         result: P.RoundResult = ex.result
         client.commit(draft, result, self.proposer)
         dev.cloud.record(k, back - t0 - draft_ms - up_ms - down_ms)
-        hit = proposal is not None and proposal.hit(result.accepted, result.token)
         ev = RoundEvent(0, result.seq, k, result.accepted, prefill, ex.bytes_up, ex.bytes_down, result, hit)
         dev.account(ev, t0, draft_ms, up_ms, back - t0 - draft_ms - up_ms - down_ms, down_ms,
                     session=client.session_id, rate_up_bps=round(dev.observer.rate_bps["up"], 1),
@@ -252,10 +270,22 @@ class Shard:
         c.rounds += 1
         c.tokens += result.accepted + 1
 
+    async def _settle(self, after: list[asyncio.Task], guess: asyncio.Task | None, lags: list[float]) -> bool:
+        """Draft-ahead work must be done before the answer is applied; if it ends after the answer's due
+        time, the answer counts as that late. Returns whether the round was a lookahead hit."""
+        if not after:
+            if guess is not None:
+                await guess
+            return False
+        answered = self.clock.now_ms()
+        hit = await after[-1]
+        lags[-1] = max(lags[-1], self.clock.now_ms() - answered)
+        return hit
+
     async def _deliver(self, dev: EmulatedDevice, client: ClientSession, draft: list[int], lags: list[float],
-                       rng: random.Random) -> tuple[Exchange, float, float, int]:
+                       rng: random.Random, on_answer=None) -> tuple[Exchange, float, float, int]:
         """Uplink, cloud, downlink, with resync and retries: (exchange with bytes summed, last up_ms,
-        last down_ms, attempts)."""
+        last down_ms, attempts). `on_answer(result)` sees a round's result as the cloud sends it."""
         clock, bytes_up, bytes_down = self.clock, 0, 0
         for attempt in range(MAX_ATTEMPTS):
             msg = client.message(draft)
@@ -272,6 +302,8 @@ class Shard:
                 continue
             answered = clock.now_ms()
             back = dev.link.down.delivery_ms(ex.bytes_down, answered)
+            if on_answer is not None and isinstance(ex.result, P.RoundResult):
+                on_answer(ex.result)
             lags.append(await clock.sleep_until(back))
             bytes_down += ex.bytes_down
             if isinstance(ex.result, P.RoundResult):
