@@ -311,7 +311,11 @@ class Router:
         sampling = {"temperature": req.temperature, "top_p": req.top_p, "seed": req.seed or 0}
         outputs = []
         for i, prompt in enumerate(prompts):
-            ids = tok(prompt, add_special_tokens=False)["input_ids"] or [tok.eos_token_id]
+            try:
+                ids = tok(prompt, add_special_tokens=False)["input_ids"] or [tok.eos_token_id]
+            except (TypeError, ValueError) as err:  # e.g. a lone UTF-16 surrogate: not text the tokenizer takes
+                return error(422, "invalid_request", f"prompt {i} is not valid text: {err}", "prompt",
+                             prompt[:40].encode("utf-8", "backslashreplace").decode())
             sid = f"oai-{time.monotonic_ns()}-{i}"
             try:
                 tokens, reason, failed = await self.handles.get(version).options(session_id=sid).generate.remote(
