@@ -65,7 +65,7 @@ def speculative_generate(
     while running:
         ks = [0 if proposer is None else max(0, min(pick(i, round_idx), max_new_tokens - len(clients[i].tokens) - 1))
               for i in running]
-        prefill = [len(clients[i].edge.tokens) - clients[i].edge.cache.length if proposer else 0 for i in running]
+        prefill = [proposer.backlog(clients[i].edge) if proposer else 0 for i in running]
         proposals = proposer.propose([clients[i].edge for i in running], ks, draft_ahead) if proposer else [None] * len(running)
         drafts = [prop.tokens if prop else [] for prop in proposals]
         if proposer and draft_ahead:  # what the devices draft while the round is on the air

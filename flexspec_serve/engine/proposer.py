@@ -96,6 +96,11 @@ class DraftProposer:
             sessions[i].drafted = out
 
     @staticmethod
+    def backlog(s: EdgeSession) -> int:
+        """Committed tokens the draft cache has not fed yet (0 when it is ahead of them, after a hit)."""
+        return max(0, len(s.tokens) - s.cache.length)
+
+    @staticmethod
     def drafted_past_sent(s: EdgeSession) -> int:
         """Tokens drafted past the sent K (d_{K+1} first)."""
         return len(s.drafted) - s.sent

@@ -240,7 +240,7 @@ class Shard:
         t0 = clock.now_ms()
         dev.clock_ms = t0
         k = max(0, min(dev.choose_k(), self.spec.max_new_tokens - len(client.tokens) - 1))
-        prefill = len(client.edge.tokens) - client.edge.cache.length
+        prefill = self.proposer.backlog(client.edge)
         draft_ms = dev.draft_latency_ms(k)
         c.mid_round += 1
         try:
