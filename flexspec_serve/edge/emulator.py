@@ -11,9 +11,9 @@ comes from a `CloudProfile` (deterministic) rather than this machine's timing.
 
 Draft-ahead (`EmulatedDevice.draft_ahead`): the device drafts during the wait for the answer (up to
 `DeviceProfile.ahead_steps`), and pays that energy hit or miss. On a lookahead hit the next round's first
-tokens are ready (`predrafted`) and cost no draft time. The real draft computes those tokens when the next
-round is proposed, not during the wait: in greedy mode they are the same tokens, in sampling mode the same
-distribution, so only the emulated clock (which is what is measured) moves them into the wait.
+tokens are ready (`predrafted`) and cost no draft time. When this host's draft computes them does not enter
+the figures, only the emulated clock does: the in-process loop drafts them before applying the answer, a
+fleet actor during the round's wait and downlink (greedy: the same tokens; sampling: the same distribution).
 """
 
 from __future__ import annotations
