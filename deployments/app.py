@@ -36,6 +36,7 @@ from deployments.config import (AppConfig, FileRegistry, RegistryState, UnknownT
 from deployments.routing import VersionHandles, route_round, unavailable
 from deployments.openai_api import CompletionRequest, completion_response, models_response
 from deployments.security import ApiKeys, RateLimiter
+from deployments.server import merge_replica_stats
 from deployments.verifier import VerifierDeployment
 from deployments.versions import VersionError, VersionManager
 from flexspec_serve import protocol as P
@@ -52,6 +53,7 @@ CONSISTENT_HASH = RequestRouterConfig(
 
 fastapi_app = FastAPI(title="flexspec-serve", description="edge-cloud speculative decoding router")
 WATCH_PERIOD_S = 1.0
+STATS_PROBES = 16  # stats calls per version, on distinct consistent-hash keys, to reach each of its replicas
 
 
 def _async(fn):
@@ -124,10 +126,20 @@ class Router:
         return self.state
 
     async def _all_stats(self, since: float | None = None) -> dict[str, dict]:
-        state = self.current()
-        replies = await asyncio.gather(*(self.handles.get(v).stats.remote(since) for v in state.versions),
-                                       return_exceptions=True)
-        return {v: r for v, r in zip(state.versions, replies) if isinstance(r, dict)}
+        """Every version's stats merged over its replicas, reached by consistent hashing on probe keys
+        (`STATS_PROBES` keys reach every one of up to 4 replicas with probability > 0.95)."""
+        versions = sorted(self.current().versions)
+        merged = await asyncio.gather(*(self._version_stats(v, since) for v in versions), return_exceptions=True)
+        return {v: m for v, m in zip(versions, merged) if isinstance(m, dict)}
+
+    async def _version_stats(self, version: str, since: float | None) -> dict | None:
+        handle, replies = self.handles.get(version), []
+        for i in range(STATS_PROBES):  # one at a time: a burst of calls on the probe keys can stall the handle
+            try:
+                replies.append(await handle.options(session_id=f"stats-probe-{i}").stats.remote(since))
+            except (RayError, RayServeException):
+                continue
+        return merge_replica_stats(replies) if replies else None
 
     def _ensure_watcher(self) -> None:
         if self._watcher is None or self._watcher.done():

@@ -81,3 +81,38 @@ class VerifierServer:
         embed = self.verifier.target.get_input_embeddings().weight
         if not bool(embed.isfinite().all()):
             raise RuntimeError(f"{self.version}: embedding weights are not finite")
+
+
+SUMMED = ("sessions", "cache_bytes", "cache_hits", "cache_misses", "evictions", "expired", "batches", "errors",
+          "rounds", "draft_tokens", "accepted_tokens", "generated_tokens")
+WINDOW = ("rounds", "draft_tokens", "accepted_tokens", "generated_tokens")
+
+
+def merge_replica_stats(replies: list[dict]) -> dict:
+    """One version's `stats()` over its replicas (each reply names its replica; repeats count once): counters
+    summed, rates recomputed from the sums, `idle_s` the least idle replica's (a version is idle only when
+    every replica is), latency p99 the worst replica's; `replicas` lists the ids merged."""
+    by_replica = {r.get("replica"): r for r in replies}
+    parts = list(by_replica.values())
+    if len(parts) == 1:
+        return {**parts[0], "replicas": [parts[0].get("replica")]}
+    out = {"version": parts[0]["version"], "replicas": sorted(str(k) for k in by_replica),
+           **{k: sum(p.get(k, 0) for p in parts) for k in SUMMED}}
+    lookups = out["cache_hits"] + out["cache_misses"]
+    out["cache_hit_rate"] = round(out["cache_hits"] / lookups, 4) if lookups else None
+    sized = [(p["mean_batch_size"], p["batches"]) for p in parts if p.get("mean_batch_size") is not None]
+    out["mean_batch_size"] = round(sum(m * n for m, n in sized) / max(1, sum(n for _, n in sized)), 3) if sized else None
+    out["max_batch_size_seen"] = max(p.get("max_batch_size_seen", 0) for p in parts)
+    out["idle_s"] = min(p["idle_s"] for p in parts)
+    p99 = [p["latency_p99_ms"] for p in parts if p.get("latency_p99_ms") is not None]
+    out["latency_p99_ms"] = max(p99) if p99 else None
+    out.update(_rates(out))
+    if all("window" in p for p in parts):
+        window = {k: sum(p["window"][k] for p in parts) for k in WINDOW}
+        out["window"] = {**window, **_rates(window)}
+    return out
+
+
+def _rates(c: dict) -> dict:
+    return {"acceptance_length": round(c["generated_tokens"] / c["rounds"], 4) if c["rounds"] else 0.0,
+            "acceptance_rate": round(c["accepted_tokens"] / c["draft_tokens"], 4) if c["draft_tokens"] else 0.0}

@@ -95,3 +95,28 @@ def test_cluster_yaml_agrees_with_the_serve_config():
 def test_bad_app_config_names_the_field():
     with pytest.raises(ConfigError, match="versions.0.num_cpus"):
         parse_model(AppConfig, {"draft_path": "/d", "versions": [{"name": "v1", "path": "/x", "num_cpus": 0}]}, "app")
+
+
+def _replica(rid, **kw):
+    base = {"version": "v1", "replica": rid, "sessions": 2, "cache_bytes": 100, "cache_hits": 9, "cache_misses": 1,
+            "evictions": 0, "expired": 0, "batches": 10, "errors": 0, "rounds": 20, "draft_tokens": 80,
+            "accepted_tokens": 40, "generated_tokens": 60, "mean_batch_size": 2.0, "max_batch_size_seen": 4,
+            "idle_s": 30.0, "latency_p99_ms": 12.0, "window": {"rounds": 5, "draft_tokens": 20, "accepted_tokens": 10,
+                                                              "generated_tokens": 15}}
+    return base | kw
+
+
+def test_version_stats_merge_over_replicas_and_count_each_replica_once():
+    from deployments.server import merge_replica_stats
+
+    a, b = _replica("a"), _replica("b", idle_s=0.2, rounds=10, draft_tokens=20, accepted_tokens=20,
+                                   generated_tokens=30, batches=30, mean_batch_size=4.0, latency_p99_ms=40.0)
+    merged = merge_replica_stats([a, b, a, b, a])  # probe keys reach the same replica more than once
+    assert merged["replicas"] == ["a", "b"]
+    assert merged["rounds"] == 30 and merged["sessions"] == 4 and merged["batches"] == 40
+    assert merged["idle_s"] == 0.2  # one busy replica keeps the version from counting as drained
+    assert merged["acceptance_rate"] == pytest.approx(60 / 100) and merged["acceptance_length"] == pytest.approx(3.0)
+    assert merged["mean_batch_size"] == pytest.approx((2.0 * 10 + 4.0 * 30) / 40)
+    assert merged["latency_p99_ms"] == 40.0 and merged["cache_hit_rate"] == pytest.approx(0.9)
+    assert merged["window"]["rounds"] == 10 and merged["window"]["acceptance_rate"] == pytest.approx(0.5)
+    assert merge_replica_stats([a])["replicas"] == ["a"] and merge_replica_stats([a])["rounds"] == 20

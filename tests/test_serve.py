@@ -92,6 +92,7 @@ def test_concurrent_sessions_are_verified_in_batches(app, family_models, humanev
                          12, 4, session_prefix="batch-", target="v2")
     stats = app["handle"].stats.remote().result()
     assert stats["v2"]["max_batch_size_seen"] > 1, stats["v2"]
+    assert len(stats["v1"]["replicas"]) == 2 and len(stats["v2"]["replicas"]) == 1  # merged over every replica
     report = serve.get_deployment_handle("verifier-v2", "flexspec-v2").record_autoscaling_stats.remote().result()
     assert report["verified_tokens_per_s"] > 0  # the custom metric the autoscaling policy reads
 
