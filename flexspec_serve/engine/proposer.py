@@ -121,13 +121,18 @@ class DraftProposer:
             active = [i for i, n in enumerate(ns) if n > step]
             inputs = []
             for i in active:
-                s = sessions[i]
-                known = s.tokens + [t for t, _ in outs[i]]
-                inputs.append(known[s.cache.length :])
+                inputs.append(self._unfed(sessions[i], outs[i]))
             logits = run_ragged_by_shape(self.model, [sessions[i].cache for i in active], inputs, self.decode_max)
             for i, lg in zip(active, logits):
                 outs[i].append(self._choose(lg[-1], sessions[i]))
         return outs
+
+    @staticmethod
+    def _unfed(s: EdgeSession, drafted: list[tuple[int, float]]) -> list[int]:
+        """The tokens of committed + drafted that the draft cache has not fed (no copy of the context)."""
+        fed, n = s.cache.length, len(s.tokens)
+        head = s.tokens[fed:] if fed < n else []
+        return head + [t for t, _ in drafted[max(0, fed - n):]]
 
     def _choose(self, logits: torch.Tensor, s: EdgeSession) -> tuple[int, float]:
         if s.sampling.greedy:

@@ -125,22 +125,16 @@ class Shard:
         self.devices: list[EmulatedDevice] = []
         self.drafter = MicroBatcher(self._propose_batch, spec.draft_batch_wait_ms, 512, "draft")
         # draft-ahead work has a deadline (the answer's downlink): its own worker, no gathering wait
-        self.ahead_drafter = MicroBatcher(self._propose_batch, 0.0, 512, "draft-ahead")
+        self.ahead_drafter = MicroBatcher(self._ahead_batch, 0.0, 512, "draft-ahead")
 
     def _propose_batch(self, items: list[tuple]) -> list:
-        """One batch of draft work: proposals (kind "propose") and draft-ahead during waits ("ahead")."""
-        out: list = [None] * len(items)
-        for kind in ("propose", "ahead"):
-            idx = [i for i, (_, _, kd) in enumerate(items) if kd == kind]
-            if not idx:
-                continue
-            sessions, ks = [items[i][0] for i in idx], [items[i][1] for i in idx]
-            if kind == "propose":  # only the K tokens sent: a device drafts its guess d_{K+1} during the wait
-                for i, prop in zip(idx, self.proposer.propose(sessions, ks)):
-                    out[i] = prop
-            else:
-                self.proposer.draft_ahead(sessions, ks)
-        return out
+        """Proposals of the K tokens each round sends (a device drafts its guess d_{K+1} during the wait)."""
+        return self.proposer.propose([s for s, _ in items], [k for _, k in items])
+
+    def _ahead_batch(self, items: list[tuple]) -> list:
+        """Draft-ahead during waits: n more tokens for each session."""
+        self.proposer.draft_ahead([s for s, _ in items], [n for _, n in items])
+        return [None] * len(items)
 
     async def _propose(self, client: ClientSession, k: int):
         """The round's proposal; from tokens drafted ahead alone when they suffice (no batch wait)."""
@@ -148,13 +142,13 @@ class Shard:
             return None
         if self.proposer.steps_needed(client.edge, k) == 0:
             return self.proposer.propose([client.edge], [k])[0]
-        return await self.drafter.submit((client.edge, k, "propose"))
+        return await self.drafter.submit((client.edge, k))
 
     def _start_guess(self, dev: EmulatedDevice, client: ClientSession, k: int) -> asyncio.Task | None:
         """Draft-ahead, part 1, as the round goes on the air: the draft's guess d_{K+1} (one step)."""
         if not (dev.ahead_now and k) or self.proposer.drafted_past_sent(client.edge) > 0:
             return None
-        return asyncio.create_task(self.ahead_drafter.submit((client.edge, 1, "ahead")))
+        return asyncio.create_task(self.ahead_drafter.submit((client.edge, 1)))
 
     async def _after_answer(self, client: ClientSession, k: int, result: P.RoundResult,
                             guess: asyncio.Task | None) -> bool:
@@ -166,7 +160,7 @@ class Shard:
             return False
         more = 1 + ahead_tokens(k) - self.proposer.drafted_past_sent(client.edge)
         if more > 0:
-            await self.ahead_drafter.submit((client.edge, more, "ahead"))
+            await self.ahead_drafter.submit((client.edge, more))
         return True
 
     async def run(self) -> ShardResult:
