@@ -60,6 +60,9 @@ class DraftRound(_Wire):
     sampling: Sampling | None = Field(None, description="set on the first round; None = greedy")
     full_context: list[TokenId] | None = Field(None, max_length=MAX_TOKENS_PER_FIELD,
                                                description="every committed token: first round and resync")
+    assume: list[TokenId] | None = Field(None, min_length=1, max_length=MAX_DRAFT_TOKENS_WIRE + 1,
+                                         description="pipelined round: the tokens round seq-1 must have committed "
+                                         "(its drafts and the draft's guess); else condition_not_met")
 
     def to_request(self) -> VerifyRequest:
         s = self.sampling or Sampling()
@@ -68,6 +71,7 @@ class DraftRound(_Wire):
             new_context=tuple(self.new_context),
             full_context=None if self.full_context is None else tuple(self.full_context),
             sampling=SamplingParams(s.temperature, s.top_p, s.seed),
+            assume=None if self.assume is None else tuple(self.assume),
         )
 
 
@@ -117,8 +121,8 @@ class ErrorBody(_Wire):
 # --------------------------------------------------------------------------- compact encoding
 
 _ROUND_FIELDS = ("protocol_version", "session_id", "seq", "target", "new_context", "draft_tokens", "sampling",
-                 "full_context")
-_TOKEN_FIELDS = {"new_context", "draft_tokens", "full_context"}
+                 "full_context", "assume")
+_TOKEN_FIELDS = {"new_context", "draft_tokens", "full_context", "assume"}
 _RESULT_FIELDS = ("protocol_version", "session_id", "seq", "accepted", "token", "bonus", "version", "context_len",
                   "cache_hit", "timings")
 

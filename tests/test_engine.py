@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from flexspec_serve.engine import InvalidRequest, ResyncRequired, SequenceError
+from flexspec_serve.engine.errors import ConditionNotMet
 from flexspec_serve.engine.generate import speculative_generate
 from flexspec_serve.engine.proposer import DraftProposer
 from flexspec_serve.engine.ragged import CachedSequence, run_ragged
@@ -174,7 +175,8 @@ def test_unknown_session_without_context_asks_for_resync(family_models):
 @pytest.mark.parametrize(
     "request_kwargs, field",
     [(dict(draft_tokens=(1, 99_999)), "draft_tokens"), (dict(draft_tokens=(1,) * 17), "draft_tokens"),
-     (dict(full_context=tuple(range(5)) * 200), "context"), (dict(full_context=(-1, 3)), "full_context")],
+     (dict(full_context=tuple(range(5)) * 200), "context"), (dict(full_context=(-1, 3)), "full_context"),
+     (dict(seq=1, full_context=None, assume=(1, 99_999)), "assume"), (dict(assume=(1, 2)), "assume")],
 )
 def test_bad_inputs_raise_errors_naming_the_value(family_models, request_kwargs, field):
     base = dict(session_id="bad", seq=0, full_context=(1, 2, 3))
@@ -321,3 +323,43 @@ def test_tokens_drafted_ahead_are_the_next_rounds_draft_and_the_cache_stays_cons
         for s in (ahead, fresh):
             proposer.apply(s, got.tokens, 1, 5)  # a rejection at position 2
             assert s.cache.length == len(s.tokens) - 1 and not s.ready
+
+
+def test_pipelined_round_is_verified_only_when_its_predecessor_committed_what_it_assumed(family_models,
+                                                                                         humaneval_prompts):
+    target = family_models["v1"]
+    prompt = humaneval_prompts[2]
+    ref = target_greedy(target, prompt, 8)  # the target's own continuation: every draft of it is accepted
+    first = VerifyRequest("p", 0, tuple(ref[:2]), full_context=tuple(prompt))
+    ahead = VerifyRequest("p", 1, tuple(ref[3:5]), assume=tuple(ref[:3]))
+    both = Verifier(target)
+    a, b = both.verify([first, ahead])  # one batch: the predecessor is decided first
+    assert (a.accepted, a.token, b.accepted, b.token) == (2, ref[2], 2, ref[5])
+    assert both.verify([first, ahead]) == [a, b]  # retries of either (answers lost) get the same answers
+    assert both.sessions["p"].tokens == list(prompt) + ref[:6]
+
+    verifier = Verifier(target)
+    with pytest.raises(ConditionNotMet, match="round 0 verified first"):  # arrived before its predecessor
+        raise verifier.verify([ahead])[0]
+    verifier.verify([first])
+    wrong = VerifyRequest("p", 1, tuple(ref[3:5]), assume=tuple(ref[:2]) + ((ref[2] + 1) % 100,))
+    with pytest.raises(ConditionNotMet, match="did not commit"):
+        raise verifier.verify([wrong])[0]
+    assert verifier.sessions["p"].tokens == list(prompt) + ref[:3]  # a refused round changes nothing
+    plain = verifier.verify([VerifyRequest("p", 1, tuple(ref[3:5]))])[0]
+    assert (plain.accepted, plain.token) == (2, ref[5])
+
+
+def test_a_verified_pipelined_round_samples_as_the_same_plain_round_would(family_models, humaneval_prompts):
+    sampling = SamplingParams(0.8, 1.0, 11)
+    prompt = tuple(humaneval_prompts[3])
+    first = VerifyRequest("s", 0, (5, 6, 7), full_context=prompt, sampling=sampling)
+    plain = Verifier(family_models["v2"], family_models["draft"])
+    r0 = plain.verify([first])[0]
+    committed = (5, 6, 7)[: r0.accepted] + (r0.token,)
+    r1 = plain.verify([VerifyRequest("s", 1, (8, 9))])[0]
+    piped = Verifier(family_models["v2"], family_models["draft"])
+    p0, p1 = piped.verify([first, VerifyRequest("s", 1, (8, 9), assume=committed)])
+    decided = lambda o: (o.seq, o.accepted, o.token, o.context_len)  # noqa: E731
+    assert [decided(o) for o in (p0, p1)] == [decided(o) for o in (r0, r1)]
+    assert piped.sessions["s"].tokens == plain.sessions["s"].tokens

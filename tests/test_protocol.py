@@ -26,6 +26,7 @@ def test_token_packing_round_trips(tokens):
     draft_tokens=st.lists(st.integers(0, 151_000), max_size=16),
     sampling=st.none() | st.builds(Sampling, temperature=st.floats(0, 10), top_p=st.floats(0.01, 1), seed=st.integers(0, 2**62)),
     full_context=st.none() | st.lists(st.integers(0, 151_000), min_size=1, max_size=50),
+    assume=st.none() | st.lists(st.integers(0, 151_000), min_size=1, max_size=17),
 ))
 def test_both_encodings_round_trip(round_):
     assert decode_round(encode_round(round_)) == round_
@@ -58,6 +59,7 @@ def test_result_round_trips_compact():
 @pytest.mark.parametrize("patch, field", [
     ({"protocol_version": 2}, "protocol_version"), ({"seq": -1}, "seq"), ({"draft_tokens": [-3]}, "draft_tokens.0"),
     ({"draft_tokens": list(range(65))}, "draft_tokens"), ({"session_id": "a b"}, "session_id"), ({"extra": 1}, "extra"),
+    ({"assume": []}, "assume"),
 ])
 def test_invalid_rounds_name_the_field(patch, field):
     with pytest.raises(ProtocolError) as info:

@@ -6,7 +6,8 @@ Written once and shared by the batched in-process loop (`generate.py`) and the a
 - the first round, and any round after the server asked for a resync, carries the full committed context
   and the sampling settings (the server rebuilds the session from them; results are identical);
 - after the first answer the session names the version that served it (pinning survives router restarts);
-- an answer commits d_1..d_n plus the recovered or bonus token and advances the sequence number.
+- an answer commits d_1..d_n plus the recovered or bonus token and advances the sequence number;
+- a pipelined round (the next one, sent before this one's answer) names what this one must commit.
 
 No I/O, no timing and no choice of K here.
 """
@@ -48,15 +49,27 @@ class ClientSession:
     def committed(self) -> list[int]:
         return self.prompt + self.tokens
 
-    def message(self, draft: list[int]) -> P.DraftRound:
-        """The wire message for this round's draft d_1..d_K (K may be 0)."""
+    def message(self, draft: list[int], assume: list[int] | None = None) -> P.DraftRound:
+        """The wire message for this round's draft d_1..d_K (K may be 0). `assume`: the round was sent
+        pipelined with it (a resend carries it too, so the cloud recognises a round it already verified);
+        dropped when the message carries the full context."""
         full = self.needs_context
         s = self.sampling
         return P.DraftRound(
             session_id=self.session_id, seq=self.seq, target=self.version or self.target, draft_tokens=draft,
             full_context=self.committed if full else None,
             sampling=P.Sampling(temperature=s.temperature, top_p=s.top_p, seed=s.seed) if full else None,
+            assume=None if full else assume,
         )
+
+    def pipelined_message(self, assume: list[int], draft: list[int]) -> P.DraftRound | None:
+        """The next round (seq + 1), sent before this one's answer: verified only if this round commits exactly
+        `assume` (its drafts and the draft's guess of the cloud's token). None while the session cannot
+        pipeline (before the first answer names its version, or while it must resend its context)."""
+        if self.needs_context or self.version is None or not draft:
+            return None
+        return P.DraftRound(session_id=self.session_id, seq=self.seq + 1, target=self.version, draft_tokens=draft,
+                            assume=assume)
 
     def commit(self, draft: list[int], result: P.RoundResult, proposer: DraftProposer | None = None) -> list[int]:
         """Apply the cloud's verdict; returns the tokens this round added (accepted drafts + one)."""

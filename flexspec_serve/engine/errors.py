@@ -41,6 +41,14 @@ class SequenceError(ResyncRequired):
     code = "bad_sequence"
 
 
+class ConditionNotMet(EngineError):
+    """A pipelined round whose assumption does not hold: its predecessor did not commit the tokens it assumed
+    (a miss, or the predecessor is not verified yet). Nothing changed; an expected outcome, not a fault."""
+
+    code = "condition_not_met"
+    http_status = 409
+
+
 class RoundFailed(EngineError):
     """Deciding this round failed inside the engine (a bug, not the client's doing). The session is dropped
     (its next round resyncs from the client's context) and the round's batch-mates are unaffected."""

@@ -8,7 +8,8 @@ Draft-ahead: `propose(..., lookahead=True)` drafts one more step, d_{K+1}, the d
 token the cloud adds when it accepts all K; it is not sent. `draft_ahead` continues from there while the
 round waits for its answer. On a *lookahead hit* (all K accepted and the cloud's token is d_{K+1}) `apply`
 keeps those tokens as the session's `ready` draft and the next `propose` starts from them; on a miss they
-are dropped with the rest of the rejected draft. Either way the drafted tokens are the ones drafting after
+are dropped with the rest of the rejected draft. A client that already sent the first of them as a
+pipelined round (see `engine.verifier`) marks them sent with `promote`. Either way the drafted tokens are the ones drafting after
 the answer would give (greedy: the same tokens; sampling: the same distribution).
 
 It does not choose K (the controller in `edge/` does) and does not talk to the cloud.
@@ -151,6 +152,14 @@ class DraftProposer:
         s.tokens.append(token)
         s.ready, s.drafted, s.sent = (s.drafted[k + 1 :] if hit else []), [], 0
         s.cache.truncate(len(s.tokens) + len(s.ready) - 1 if s.ready else keep)
+
+    @staticmethod
+    def promote(s: EdgeSession, k: int) -> None:
+        """After a lookahead hit: the first k ready tokens were already sent as a pipelined round, so they are
+        the session's in-flight draft now (as if `propose` had just drafted them)."""
+        if k > len(s.ready):
+            raise ValueError(f"{s.session_id}: {k} tokens sent ahead but only {len(s.ready)} ready")
+        s.drafted, s.sent, s.ready = s.ready, k, []
 
     def resync(self, s: EdgeSession) -> None:
         """Forget the draft cache (it is rebuilt from the committed tokens on the next proposal)."""

@@ -4,8 +4,15 @@ The verifier keeps, per session, the committed tokens and a target KV cache (plu
 sampling mode, where it recomputes q with its own copy of the frozen draft, so the uplink carries only
 token ids). Sessions live in an LRU store bounded by count and by KV bytes; a session it no longer
 holds answers `ResyncRequired` until the client resends its full context. Rounds are idempotent by
-sequence number, and each round's random numbers come from a generator seeded by (session seed, seq),
-so retries, resyncs and batching never change a result.
+sequence number (the last two rounds' answers are kept, so a retry of round s still finds its answer after
+a pipelined round s + 1 was verified), and each round's random numbers come from a generator seeded by
+(session seed, seq), so retries, resyncs and batching never change a result.
+
+Pipelined rounds (`VerifyRequest.assume`): a client may send round s+1 before round s is answered, assuming
+round s commits exactly `assume` (all its drafts and the draft's guess of the cloud's token). Round s+1 is
+verified only if that is what round s committed; otherwise it answers `ConditionNotMet` and changes nothing
+(it is also refused when round s has not been verified yet: the client then resends it).
+A verified pipelined round is an ordinary round on the true context, so outputs stay lossless.
 
 It does not batch across time (the caller hands it a batch) and knows nothing of Serve or the network.
 """
@@ -21,8 +28,8 @@ from dataclasses import dataclass, field
 import torch
 
 from flexspec_serve.engine import sampling as S
-from flexspec_serve.engine.errors import (ContextTooLong, EngineError, InvalidRequest, ResyncRequired, RoundFailed,
-                                          SequenceError)
+from flexspec_serve.engine.errors import (ConditionNotMet, ContextTooLong, EngineError, InvalidRequest, ResyncRequired,
+                                          RoundFailed, SequenceError)
 from flexspec_serve.engine.ragged import CachedSequence, decode_max_tokens, run_ragged, shape_groups
 from flexspec_serve.engine.stats import AcceptanceStats
 
@@ -37,6 +44,7 @@ class VerifyRequest:
     new_context: tuple[int, ...] = ()
     full_context: tuple[int, ...] | None = None  # set on a session's first round and on resync
     sampling: S.SamplingParams = S.SamplingParams()
+    assume: tuple[int, ...] | None = None  # pipelined: what round seq - 1 must have committed
 
 
 @dataclass(frozen=True)
@@ -59,8 +67,8 @@ class _Session:
     seed: int
     target: CachedSequence = field(default_factory=CachedSequence)
     draft: CachedSequence = field(default_factory=CachedSequence)
-    last_key: tuple | None = None
     last_outcome: RoundOutcome | None = None
+    answered: dict[tuple, RoundOutcome] = field(default_factory=dict)  # the last two rounds' outcomes, by key
     stats: AcceptanceStats = field(default_factory=AcceptanceStats)
     created_at: float = 0.0  # wall time of its first round (0 for sessions rebuilt by a resync)
     last_used: float = 0.0  # clock time of its last round (idle sessions expire after session_ttl_s)
@@ -169,11 +177,13 @@ class Verifier:
     def _prepare(self, req: VerifyRequest) -> tuple[_Session, bool] | RoundOutcome:
         self._validate(req)
         session = self.sessions.get(req.session_id)
-        if session is not None and session.last_key == _round_key(req):
+        if session is not None and _round_key(req) in session.answered:
             session.last_used = self.clock()
             self.sessions.move_to_end(req.session_id)
-            return session.last_outcome  # the same round again: same answer, applied once
+            return session.answered[_round_key(req)]  # the same round again: same answer, applied once
         hit = req.full_context is None
+        if req.assume is not None:
+            self._check_assumption(req, session)
         if req.full_context is not None:
             seed = _session_seed(req.session_id, req.sampling.seed)
             session = _Session(tokens=list(req.full_context), sampling=req.sampling, seed=seed,
@@ -195,14 +205,30 @@ class Verifier:
         self.sessions.move_to_end(req.session_id)
         return session, hit
 
+    def _check_assumption(self, req: VerifyRequest, session: _Session | None) -> None:
+        """A pipelined round goes ahead only if round seq - 1 committed exactly what it assumes."""
+        last = session.last_outcome if session is not None else None
+        if last is None or last.seq != req.seq - 1:
+            got = "no round" if last is None else f"round {last.seq}"
+            raise ConditionNotMet(f"session {req.session_id!r}: pipelined round {req.seq} needs round "
+                                  f"{req.seq - 1} verified first ({got} is)")
+        n = len(req.assume)
+        if last.accepted + 1 != n or tuple(session.tokens[-n:]) != req.assume:
+            raise ConditionNotMet(f"session {req.session_id!r}: round {last.seq} did not commit the "
+                                  f"{n} tokens pipelined round {req.seq} assumed")
+
     def _validate(self, req: VerifyRequest) -> None:
         k = len(req.draft_tokens)
         if k > self.limits.max_draft_tokens:
             raise InvalidRequest("draft_tokens", k, f"K must be at most {self.limits.max_draft_tokens}")
-        for name in ("draft_tokens", "new_context", "full_context"):
+        for name in ("draft_tokens", "new_context", "full_context", "assume"):
             for t in getattr(req, name) or ():
                 if not 0 <= t < self.vocab_size:
                     raise InvalidRequest(name, t, f"token id outside the vocabulary [0, {self.vocab_size})")
+        if req.assume is not None and (req.full_context is not None or req.new_context or not req.assume
+                                       or req.seq == 0):
+            raise InvalidRequest("assume", list(req.assume), "a pipelined round follows a verified round: "
+                                 "seq > 0, at least one assumed token, no full_context or new_context")
         if req.full_context is not None and not req.full_context and not req.new_context:
             raise InvalidRequest("full_context", [], "a session needs at least one context token")
         if not req.sampling.greedy and k and self.draft is None:
@@ -246,8 +272,10 @@ class Verifier:
         self.stats.record(k, n)
         outcome = RoundOutcome(req.session_id, req.seq, n, token, n == k, len(session.tokens),
                                round(verify_ms, 3), batch_size, hit)
-        session.last_key = _round_key(req)
         session.last_outcome = outcome
+        # keep round s's answer beside this one's: its retry may come after pipelined round s + 1 was verified
+        session.answered = {key: o for key, o in session.answered.items() if o.seq == req.seq - 1}
+        session.answered[_round_key(req)] = outcome
         nbytes = session.nbytes()
         self._total_bytes += nbytes - self._nbytes.get(req.session_id, 0)
         self._nbytes[req.session_id] = nbytes
@@ -267,7 +295,7 @@ class Verifier:
 
 def _round_key(req: VerifyRequest) -> tuple:
     """What makes a retried round the same round (answered from the stored outcome, applied once)."""
-    return (req.seq, req.draft_tokens, req.new_context, req.full_context is not None)
+    return (req.seq, req.draft_tokens, req.new_context, req.full_context is not None, req.assume)
 
 
 def _session_seed(session_id: str, seed: int) -> int:
