@@ -51,17 +51,29 @@ def test_rician_line_of_sight_fades_less_than_rayleigh():
 def test_mahimahi_repeated_timestamps_are_several_packets(tmp_path):
     path = tmp_path / "t.up"
     path.write_text("1\n1\n1\n5\n")
-    ch = TraceChannel.from_file(path, one_way_delay_ms=0)
-    assert ch.delivery_ms(3 * 1500, 0) == 1  # three packets in millisecond 1
-    assert ch.delivery_ms(4 * 1500, 0) == 5
+    channel = lambda: TraceChannel.from_file(path, one_way_delay_ms=0)  # noqa: E731 (a fresh, idle link each)
+    assert channel().delivery_ms(3 * 1500, 0) == 1  # three packets in millisecond 1
+    assert channel().delivery_ms(4 * 1500, 0) == 5
 
 
 def test_mahimahi_trace_loops(tmp_path):
     path = tmp_path / "t.up"
     path.write_text("2\n10\n")
-    ch = TraceChannel.from_file(path, one_way_delay_ms=0)
-    assert ch.delivery_ms(100, 11) == 12  # next loop: 10 + 2
-    assert ch.delivery_ms(3 * 1500, 0) == 12  # 2, 10, then 12
+    channel = lambda: TraceChannel.from_file(path, one_way_delay_ms=0)  # noqa: E731
+    assert channel().delivery_ms(100, 11) == 12  # next loop: 10 + 2
+    assert channel().delivery_ms(3 * 1500, 0) == 12  # 2, 10, then 12
+
+
+def test_a_links_messages_queue_behind_each_other(tmp_path):
+    path = tmp_path / "t.up"
+    path.write_text("1\n1\n5\n9\n")
+    ch = TraceChannel.from_file(path, one_way_delay_ms=3)
+    assert [ch.delivery_ms(100, 0) for _ in range(4)] == [4, 4, 8, 12]  # two opportunities at 1 ms, then 5, 9
+    assert ch.delivery_ms(100, 10) == 13  # a message sent after the queue drained: the next loop's 1 ms
+    fading = STATISTICAL_SETTINGS["fading"]
+    alone, queued = StatisticalChannel(fading, 2), StatisticalChannel(fading, 2)
+    first = queued.delivery_ms(20_000, 0.0)
+    assert queued.delivery_ms(20_000, 0.0) > first == alone.delivery_ms(20_000, 0.0)
 
 
 @pytest.mark.parametrize("n_bytes, start, expected", [(1, 0, 1), (1500, 0, 1), (1501, 0, 2), (15_000, 3, 13)])

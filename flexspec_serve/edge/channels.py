@@ -7,7 +7,9 @@
   lines = several packets that millisecond, looping at the end).
 
 What the device can *observe* is kept apart (`LinkObserver`): it only sees its own past transfers.
-Channels are deterministic for a seed; time never goes backwards for a channel's state.
+Channels are deterministic for a seed; time never goes backwards for a channel's state. Each direction
+carries one device's messages in order: a message never uses capacity an earlier one took (two rounds on
+the air at once, when a device pipelines, queue behind each other).
 """
 
 from __future__ import annotations
@@ -70,21 +72,23 @@ class TraceChannel:
         self.stamps = stamps_ms
         self.period_ms = int(stamps_ms[-1])  # mahimahi loops the trace after its last timestamp
         self.delay_ms, self.offset_ms, self.name = one_way_delay_ms, offset_ms, name
+        self._next_free = 0  # the first opportunity (counted over loops) no earlier message took
 
     @classmethod
     def from_file(cls, path: str | Path, **kw) -> TraceChannel:
         return cls(load_trace(path), name=Path(path).name, **kw)
 
     def delivery_ms(self, nbytes: int, t_ms: float) -> float:
-        """Time the last byte arrives: the ceil(N/1500)-th opportunity at or after t, plus the one-way delay."""
-        packets = max(1, math.ceil(nbytes / MTU_BYTES))
-        t = t_ms + self.offset_ms
-        loops, within = divmod(t, self.period_ms)
-        first = int(np.searchsorted(self.stamps, math.ceil(within), side="left"))
-        last = first + packets - 1  # index into the looped trace
-        extra_loops, idx = divmod(last, len(self.stamps))
-        done = (loops + extra_loops) * self.period_ms + self.stamps[idx]
-        return float(done - self.offset_ms + self.delay_ms)
+        """Time the last byte arrives: the ceil(N/1500)-th free opportunity at or after t, plus the one-way
+        delay."""
+        packets, n = max(1, math.ceil(nbytes / MTU_BYTES)), len(self.stamps)
+        loops, within = divmod(t_ms + self.offset_ms, self.period_ms)
+        first = max(int(loops) * n + int(np.searchsorted(self.stamps, math.ceil(within), side="left")),
+                    self._next_free)  # index into the looped trace
+        last = first + packets - 1
+        self._next_free = last + 1
+        done_loops, idx = divmod(last, n)
+        return float(done_loops * self.period_ms + self.stamps[idx] - self.offset_ms + self.delay_ms)
 
     def mean_rate_bps(self) -> float:
         return len(self.stamps) * MTU_BYTES * 8 / (self.period_ms / 1e3)
@@ -145,6 +149,7 @@ class StatisticalChannel:
         self._first = 0
         self._h = self._draw_scatter()
         self._in_outage, self._outage_left = False, 0
+        self._busy_until = 0.0  # the last message's transmission ends then
 
     def _draw_scatter(self) -> complex:
         return complex(self.rng.normal(), self.rng.normal()) / math.sqrt(2)
@@ -189,13 +194,14 @@ class StatisticalChannel:
         return self._rates[block - self._first]
 
     def delivery_ms(self, nbytes: int, t_ms: float) -> float:
-        bits_left, t = nbytes * 8.0, t_ms
+        bits_left, t = nbytes * 8.0, max(t_ms, self._busy_until)
         while True:
             block = int(t // self.s.block_ms)
             end = (block + 1) * self.s.block_ms
             rate = self._block_rate(block)
             if rate * (end - t) >= bits_left:
-                return t + bits_left / rate + self.s.one_way_delay_ms
+                self._busy_until = t + bits_left / rate
+                return self._busy_until + self.s.one_way_delay_ms
             bits_left -= rate * (end - t)
             t = end
 
