@@ -305,3 +305,52 @@ def test_controller_drafts_ahead_only_when_the_energy_budget_allows_it():
     assert ahead and k > 0
     k, ahead, j = chosen(0.12)  # drafting ahead would cost ~0.07 J per token more: the budget buys K instead
     assert not ahead and k > 0 and j <= 0.12
+
+
+def test_controller_that_pipelines_expects_a_hit_to_cost_only_its_draft_steps_and_drafts_shorter():
+    est = lambda: AcceptanceEstimator(prior_a=660, prior_b=340)  # noqa: E731
+    midrange = DEVICE_CLASSES["midrange-phone"]
+    ahead = FlexSpecController(midrange, CLOUD, k_max=8, estimator=est(), draft_ahead=True)
+    piped = FlexSpecController(midrange, CLOUD, k_max=8, estimator=est(), pipeline=True)
+    v = view(50, 50)
+    for k in range(1, 9):
+        hit = piped.estimator.p_all(k + 1)
+        fresh = piped.draft_ms(k, v) + piped.wait_ms(k, v)
+        assert piped.round_ms(k, v) == pytest.approx(hit * min(fresh, (1 + k) * 22.0) + (1 - hit) * fresh)
+        assert piped.round_ms(k, v) < ahead.round_ms(k, v)
+        assert piped.round_ms(k, v, ahead=False) == ahead.round_ms(k, v, ahead=False)  # not drafting ahead: plain
+    assert piped.draft_ahead and piped.choose(v) < ahead.choose(v)  # short rounds hit more often and chain
+    quick = piped.round_ms(2, v)
+    for _ in range(30):  # the pipelined answers come 40 ms after their draft steps: hits save less
+        piped.observe_pipelined(2, 3 * 22.0 + 40.0)
+    assert piped.pipe_extra_ms == pytest.approx(40.0, rel=0.01)
+    assert piped.round_ms(2, v) == pytest.approx(quick + piped.estimator.p_all(3) * piped.pipe_extra_ms)
+
+
+def test_emulated_pipelining_sends_after_a_hit_without_waiting_and_takes_less_time(family_models, humaneval_prompts):
+    from flexspec_serve.edge.emulator import EmulatedDevice, run_devices
+    from flexspec_serve.engine.proposer import DraftProposer
+    from flexspec_serve.engine.verifier import Verifier
+
+    def run(**mode):
+        devices = [EmulatedDevice(f"d{i}", DEVICE_CLASSES[c], make_link("TMobile-LTE-short", i, i * 7000.0),
+                                  FixedK(k=2), CLOUD, **mode) for i, c in enumerate(["flagship-phone", "midrange-phone"])]
+        summaries = run_devices(devices, [p[-64:] for p in humaneval_prompts[4:6]],
+                                DraftProposer(family_models["draft"]), Verifier(family_models["v1"]), max_new_tokens=40)
+        return devices, summaries
+
+    ahead, ahead_sum = run(draft_ahead=True)
+    piped, piped_sum = run(pipeline=True)
+    assert [s.tokens for s in piped_sum] == [s.tokens for s in ahead_sum]  # the same rounds and acceptance
+    refused = [(r, b) for dev, a in zip(piped, ahead) for r, b in zip(dev.records, a.records) if r.refused_next]
+    assert refused and all(not r.lookahead_hit for r, _ in refused)  # a miss with a round sent behind it
+    for r, b in refused:  # that round's traffic and radio energy are booked on the miss
+        assert r.bytes_up == 2 * b.bytes_up and r.bytes_down == 2 * b.bytes_down and r.energy_j > b.energy_j
+    for dev, a in zip(piped, ahead):
+        recs = dev.records
+        assert [(r.k, r.accepted, r.lookahead_hit) for r in recs] == [(r.k, r.accepted, r.lookahead_hit) for r in a.records]
+        sent = [r for r in recs if r.pipelined]
+        assert sent and all(recs[i - 1].lookahead_hit for i, r in enumerate(recs) if r.pipelined)
+        for r in sent:  # no draft on its path; from the previous answer to its own, less than a whole trip
+            assert r.k > 0 and r.draft_ms == 0 and 0 <= r.round_ms < r.up_ms + r.verify_ms + r.down_ms
+        assert sum(r.round_ms for r in recs) < sum(r.round_ms for r in a.records)

@@ -87,6 +87,27 @@ def test_devices_drafting_ahead_still_emit_the_targets_greedy_output(family_mode
         assert r["draft_ms"] == pytest.approx(step_ms * max(0, r["k"] - r["predrafted"]))
 
 
+@pytest.mark.parametrize("path", ["clean", "flaky", "evicting"])
+def test_pipelining_devices_still_emit_the_targets_greedy_output(family_models, humaneval_prompts, path):
+    prompts = [p[-40:] for p in humaneval_prompts[:6]]
+    spec = small_fleet(pipeline=True, max_new_tokens=24, devices=8 if path != "clean" else 12)
+    verifier = Verifier(family_models["v1"], family_models["draft"], name="v1",
+                        limits=VerifierLimits(max_sessions=2 if path == "evicting" else 4096))
+    transport = FlakyTransport(AsyncLocalTransport(verifier)) if path == "flaky" else None
+    res = run_shard(spec, prompts, family_models, transport=transport, verifier=verifier)
+    assert res.sessions and all(s["completed"] for s in res.sessions) and not res.device_crashes, \
+        [s["error"] for s in res.sessions if not s["completed"]]
+    ref = greedy_reference(family_models, prompts, spec.max_new_tokens)
+    for s in res.sessions:
+        assert s["tokens"] == ref[s["prompt_index"]], s["session"]
+    rounds = {(r["session"], r["round"]): r for r in res.rounds}
+    piped = [r for r in res.rounds if r["pipelined"]]
+    assert piped or path == "evicting"
+    for r in piped:  # sent during a hit's wait; took less than its own trip, which overlapped that round
+        assert rounds[(r["session"], r["round"] - 1)]["lookahead_hit"]
+        assert r["draft_ms"] == 0 and r["round_ms"] < r["up_ms"] + r["verify_ms"] + r["down_ms"] + r["lag_ms"]
+
+
 def test_lost_answers_are_retried_and_sessions_still_match(family_models, humaneval_prompts):
     prompts = [p[-40:] for p in humaneval_prompts[:4]]
     spec = small_fleet(devices=6)

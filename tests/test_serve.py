@@ -242,14 +242,16 @@ def test_admin_api_writes_the_registry_and_it_survives_a_router_restart(app):
     assert httpx.delete(f"{url}/admin/aliases/beta", headers=auth, timeout=30).status_code == 200
 
 
+@pytest.mark.parametrize("pipeline", [False, True])
 def test_fleet_of_20_devices_over_2_actors_finishes_clean_and_greedy_matches_the_target(
-        app, tiny_family, family_models, humaneval_prompts, tmp_path):
+        app, tiny_family, family_models, humaneval_prompts, tmp_path, pipeline):
     from deployments.loadtest import run_report
     from flexspec_serve.fleet.report import PLOTS, SUMMARY_FIELDS
     from flexspec_serve.fleet.spec import FleetSpec
 
     prompts = [p[-40:] for p in humaneval_prompts[:8]]
     spec = FleetSpec(devices=20, actors=2, actor_num_cpus=0.2, max_new_tokens=12, duration_s=4, target="stable",
+                     pipeline=pipeline,
                      mix=[{"device_class": "flagship-phone", "share": 0.5, "channel": "TMobile-LTE-short"},
                           {"device_class": "midrange-phone", "share": 0.5, "channel": "fading"}],
                      arrival={"start_within_s": 1, "think_time_s": 0.5, "sessions_per_device": 2})
@@ -262,6 +264,7 @@ def test_fleet_of_20_devices_over_2_actors_finishes_clean_and_greedy_matches_the
     assert len(sessions) == 40 and all(s["version"] == "v1" for s in sessions)
     assert all(s["tokens"] == ref[s["prompt_index"]] for s in sessions)
     assert all((tmp_path / name).exists() for name in ("summary.json", "rounds.csv", "report.md", *PLOTS))
+    assert (summary["pipelined_round_rate"] > 0) == pipeline  # rounds sent before their predecessor's answer
 
 
 def test_fleet_over_http_reaches_the_router_like_a_remote_device(app, tiny_family, humaneval_prompts, tmp_path):

@@ -36,6 +36,7 @@ class BenchConfig:
     prompt_tokens: int = 192  # prompts are cut to their last N tokens
     seed: int = 0
     draft_ahead: bool = False  # devices draft while each round waits for its answer
+    pipeline: bool = False  # ... and send the round drafted ahead before the answer (implies draft_ahead)
 
     def policies(self) -> list[str]:
         return ["adaptive", "cloud-only", "accept-adaptive"] + [f"fixed-{k}" for k in self.fixed_ks]
@@ -79,8 +80,9 @@ def run_bench(cfg: BenchConfig) -> list[Cell]:
                     link = make_link(setting, seed, offset_ms=d * 37_000.0 + si * 5_000.0)
                     profile = DEVICE_CLASSES[cls]
                     devices.append(EmulatedDevice(f"{cls}/{setting}/{d}", profile, link,
-                                                  make_policy(policy, profile, cloud, draft_ahead=cfg.draft_ahead),
-                                                  cloud, draft_ahead=cfg.draft_ahead))
+                                                  make_policy(policy, profile, cloud, draft_ahead=cfg.draft_ahead,
+                                                              pipeline=cfg.pipeline),
+                                                  cloud, draft_ahead=cfg.draft_ahead, pipeline=cfg.pipeline))
                     cell_of.append((cls, setting))
         run_devices(devices, [prompts[i % len(prompts)] for i in range(len(devices))], DraftProposer(draft),
                     LocalTransport(Verifier(target, draft, name=cfg.target)), cfg.max_new_tokens,

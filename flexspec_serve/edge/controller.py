@@ -16,7 +16,14 @@ already drafted (`RoundView.predrafted`), so the controller counts the expected 
 and the pre-draft's energy (spent hit or miss) in J/token; it chooses K and whether to draft ahead at all
 this round together (`ahead_now`), so a tight energy budget buys a longer draft rather than a pre-draft.
 
-subject to the expected energy per generated token staying within the device's budget; alpha is an
+Pipelining (a device option on top of draft-ahead): the device sends the next round as soon as it has
+drafted it, before this round's answer; the cloud verifies it only if this round was a lookahead hit. After
+a hit the next answer then comes (1 + K) draft steps after this one instead of a whole round later, so the
+expected time per round is  h ((1 + K) t_draft + e) + (1 - h) T_round(K),  h = P(lookahead hit | K), where e is
+how much later than that the pipelined answers were seen to come (the cloud verifies the two rounds one
+after the other; learned online, 0 at first).
+
+Everything above is chosen subject to the expected energy per generated token staying within the device's budget; alpha is an
 online estimate per (device, target version): Beta posteriors with exponential forgetting, pooled and
 per draft position (acceptance is bursty), so it follows a target that changes under the device. If no K meets the budget it takes the cheapest K.
 """
@@ -113,6 +120,9 @@ class Policy:
     def observe(self, k: int, accepted: int) -> None:
         pass
 
+    def observe_pipelined(self, k: int, round_ms: float) -> None:
+        """A pipelined K-token round's answer came `round_ms` after the previous round's."""
+
 
 @dataclass
 class FixedK(Policy):
@@ -150,9 +160,11 @@ class AcceptanceAdaptive(Policy):
 
 class FlexSpecController(Policy):
     def __init__(self, device: DeviceProfile, cloud: CloudProfile, k_max: int = 8,
-                 estimator: AcceptanceEstimator | None = None, draft_ahead: bool = False):
+                 estimator: AcceptanceEstimator | None = None, draft_ahead: bool = False, pipeline: bool = False):
         self.name = "adaptive"
-        self.device, self.cloud, self.k_max, self.draft_ahead = device, cloud, k_max, draft_ahead
+        self.device, self.cloud, self.k_max = device, cloud, k_max
+        self.draft_ahead, self.pipeline = draft_ahead or pipeline, pipeline
+        self.pipe_extra_ms = 0.0  # e: a pipelined answer's delay past its draft steps (EMA)
         self.estimator = estimator or AcceptanceEstimator()
 
     def draft_steps(self, k: int, view: RoundView) -> int:
@@ -174,7 +186,13 @@ class FlexSpecController(Policy):
 
     def round_ms(self, k: int, view: RoundView, ahead: bool | None = None) -> float:
         """Expected critical-path time of a K-token round, less the draft time its pre-draft is expected to
-        save the next round (with `ahead`; default: whenever the device can draft ahead)."""
+        save the next round (with `ahead`; default: whenever the device can draft ahead). A pipelining
+        device's next answer follows a hit by the 1 + K steps that drafted that round."""
+        on = self.draft_ahead if ahead is None else ahead
+        if self.pipeline and on and k:
+            hit = self.estimator.p_all(k + 1)
+            fresh = self.draft_ms(k, view) + self.wait_ms(k, view)
+            return hit * min(fresh, self.device.draft_ms(1 + k) + self.pipe_extra_ms) + (1 - hit) * fresh
         saved_steps = max(0, min(k, self.ahead_steps(k, view, ahead) - 1))
         saving = self.estimator.p_all(k + 1) * self.device.draft_ms(saved_steps) if saved_steps else 0.0
         return self.draft_ms(k, view) + self.wait_ms(k, view) - saving
@@ -208,12 +226,16 @@ class FlexSpecController(Policy):
     def observe(self, k: int, accepted: int) -> None:
         self.estimator.update(k, accepted)
 
+    def observe_pipelined(self, k: int, round_ms: float, smoothing: float = 0.2) -> None:
+        extra = max(0.0, round_ms - self.device.draft_ms(1 + k))
+        self.pipe_extra_ms += smoothing * (extra - self.pipe_extra_ms)
+
 
 def make_policy(name: str, device: DeviceProfile, cloud: CloudProfile, k_max: int = 8,
-                draft_ahead: bool = False) -> Policy:
-    """`draft_ahead` tells the adaptive controller that the device drafts ahead (the others ignore it)."""
+                draft_ahead: bool = False, pipeline: bool = False) -> Policy:
+    """`draft_ahead` / `pipeline` tell the adaptive controller what the device does (the others ignore them)."""
     if name == "adaptive":
-        return FlexSpecController(device, cloud, k_max, draft_ahead=draft_ahead)
+        return FlexSpecController(device, cloud, k_max, draft_ahead=draft_ahead, pipeline=pipeline)
     if name == "cloud-only":
         return CloudOnly()
     if name == "accept-adaptive":

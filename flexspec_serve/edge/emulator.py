@@ -14,6 +14,11 @@ Draft-ahead (`EmulatedDevice.draft_ahead`): the device drafts during the wait fo
 tokens are ready (`predrafted`) and cost no draft time. When this host's draft computes them does not enter
 the figures, only the emulated clock does: the in-process loop drafts them before applying the answer, a
 fleet actor during the round's wait and downlink (greedy: the same tokens; sampling: the same distribution).
+
+Pipelining (`EmulatedDevice.pipeline`, on top of draft-ahead): after a lookahead hit whose next round the
+device had drafted before the answer came, that round was already sent then, with the same K: it left
+1 + K draft steps after its predecessor, and the cloud verified it after its predecessor. The in-process
+loop still verifies it after the answer (the same tokens); only the emulated clock differs.
 """
 
 from __future__ import annotations
@@ -59,6 +64,9 @@ class RoundRecord:
     attempts: int = 1
     predrafted: int = 0  # draft-ahead: tokens of this round drafted during the previous round's wait
     lookahead_hit: bool = False  # draft-ahead: all K accepted and the cloud's token was the draft's guess
+    pipelined: bool = False  # sent before the previous round's answer (its round_ms: from that answer to its own)
+    refused_next: bool = False  # a miss: the round pipelined behind it was sent anyway, and refused (its bytes
+    # and radio energy are booked here)
 
 
 @dataclass
@@ -76,10 +84,16 @@ class EmulatedDevice:
     draft_ahead: bool = False  # draft during the wait for the answer (see the module docstring)
     predrafted: int = 0  # draft tokens already drafted for the next round (after a lookahead hit)
     ahead_now: bool = False  # this round drafts ahead (the device can, and its policy chose to)
+    pipeline: bool = False  # send the round drafted ahead before the answer (see the module docstring)
+    piped_sent_ms: float | None = None  # when the next round went out, if it was pipelined
+    last_k: int = 0
+    last_sent_ms: float = 0.0  # the last round's send time, and when the cloud finished verifying it
+    last_verified_ms: float = 0.0
 
     def start_session(self, prompt_tokens: int) -> None:
         """A new session: the draft has seen none of its prompt and has nothing drafted ahead."""
         self.backlog_tokens, self.idle_credit_ms, self.predrafted = prompt_tokens, 0.0, 0
+        self.piped_sent_ms = None
 
     def critical_prefill_ms(self) -> float:
         """Prefill that cannot hide in waiting time already spent (the draft runs while the cloud works)."""
@@ -94,8 +108,10 @@ class EmulatedDevice:
                          predrafted=self.predrafted)
 
     def choose_k(self) -> int:
+        if self.piped_sent_ms is not None:
+            return self.last_k  # the round is on the air already
         k = self.policy.choose(self.view())
-        self.ahead_now = self.draft_ahead and self.policy.ahead_now and k > 0
+        self.ahead_now = (self.draft_ahead or self.pipeline) and self.policy.ahead_now and k > 0
         return k
 
     def draft_latency_ms(self, k: int) -> float:
@@ -119,17 +135,41 @@ class EmulatedDevice:
 
     def finish_round(self, ev: RoundEvent) -> RoundRecord:
         """Emulated time: the link and the `CloudProfile` decide how long the round took."""
-        t0 = self.clock_ms
-        draft_ms = self.draft_latency_ms(ev.k)
-        sent = t0 + draft_ms
+        t0, piped, self.piped_sent_ms = self.clock_ms, self.piped_sent_ms if ev.k else None, None  # (K = 0: the
+        # session's last token, which a device sends as a plain round)
+        draft_ms = 0.0 if piped is not None else self.draft_latency_ms(ev.k)
+        sent = piped if piped is not None else t0 + draft_ms
         arrived = self.link.up.delivery_ms(ev.bytes_up, sent)
-        verify_ms = self.cloud.verify_ms(ev.k)
-        back = self.link.down.delivery_ms(ev.bytes_down, arrived + verify_ms)
-        return self.account(ev, t0, draft_ms, arrived - sent, verify_ms, back - arrived - verify_ms)
+        start = max(arrived, self.last_verified_ms) if piped is not None else arrived  # after its predecessor
+        done = start + self.cloud.verify_ms(ev.k)
+        back = max(t0, self.link.down.delivery_ms(ev.bytes_down, done))
+        rec = self.account(ev, t0, draft_ms, arrived - sent, done - arrived, back - done,
+                           back_ms=back if piped is not None else None, pipelined=piped is not None)
+        self.last_k, self.last_sent_ms, self.last_verified_ms = ev.k, sent, done
+        nxt = sent + self.profile.draft_ms(1 + ev.k)  # d_{K+1}, then the next round's K tokens
+        if not (self.pipeline and self.ahead_now and ev.k and nxt < back):
+            return rec  # not pipelining, or the answer came first (plain draft-ahead)
+        if ev.lookahead_hit and self.predrafted >= ev.k:
+            self.piped_sent_ms = nxt
+        else:  # the round sent behind a miss: the cloud refuses it (about this round's size both ways)
+            arrived_next = self.link.up.delivery_ms(ev.bytes_up, nxt)
+            refused = self.link.down.delivery_ms(ev.bytes_down, max(arrived_next, done))
+            self.book_refused(rec, ev.bytes_up, ev.bytes_down, arrived_next - nxt, refused - max(arrived_next, done))
+        return rec
+
+    def book_refused(self, rec: RoundRecord, bytes_up: int, bytes_down: int, up_ms: float, down_ms: float) -> None:
+        """A pipelined round sent behind `rec`'s round, refused because that round missed: its traffic and
+        radio energy count against `rec`."""
+        p = self.profile
+        rec.refused_next = True
+        rec.bytes_up += bytes_up
+        rec.bytes_down += bytes_down
+        rec.energy_j += (up_ms * p.tx_w + down_ms * p.rx_w) / 1e3
 
     def account(self, ev: RoundEvent, t0: float, draft_ms: float, up_ms: float, verify_ms: float, down_ms: float,
-                **extra) -> RoundRecord:
-        """Book one finished round (however its times were obtained): observer, policy, energy, draft backlog."""
+                back_ms: float | None = None, **extra) -> RoundRecord:
+        """Book one finished round (however its times were obtained): observer, policy, energy, draft backlog.
+        `back_ms`: when its answer came, for a round whose parts overlapped the one before it (pipelined)."""
         p = self.profile
         compute_ms, ready = self._draft_work(ev, up_ms + verify_ms + down_ms)  # energy: all draft work
         predrafted, self.predrafted = self.predrafted, ready
@@ -137,8 +177,10 @@ class EmulatedDevice:
         self.observer.record("down", ev.bytes_down, down_ms)
         self.policy.observe(ev.k, ev.accepted)
         energy = (compute_ms * p.compute_w + up_ms * p.tx_w + down_ms * p.rx_w + verify_ms * p.idle_w) / 1e3
-        back = t0 + draft_ms + up_ms + verify_ms + down_ms
+        back = t0 + draft_ms + up_ms + verify_ms + down_ms if back_ms is None else back_ms
         self.clock_ms = back
+        if extra.get("pipelined"):
+            self.policy.observe_pipelined(ev.k, back - t0)
         if ev.k:  # the cache now misses only the cloud's token (and d_K when all were accepted, unless drafted ahead)
             self.backlog_tokens = 0 if ready else 1 + (ev.accepted == ev.k and not self.draft_ahead)
             self.idle_credit_ms = 0.0
@@ -193,7 +235,7 @@ def run_devices(devices: list[EmulatedDevice], prompts: list[list[int]], propose
     speculative_generate(
         proposer, transport, prompts, max_new_tokens, choose_k=lambda i, r: devices[i].choose_k(), sampling=sampling,
         session_prefix=session_prefix, on_round=lambda ev: devices[ev.index].finish_round(ev), target=target,
-        draft_ahead=any(d.draft_ahead for d in devices),
+        draft_ahead=any(d.draft_ahead or d.pipeline for d in devices),
     )
     return [summarize(d) for d in devices]
 

@@ -10,7 +10,9 @@ Files (under the run's output directory):
   uplink rate the device saw), `bytes_energy.png` (bytes and energy per generated token by class).
 
 Draft-ahead figures: `lookahead_hit_rate` (drafting rounds whose cloud token the draft had guessed, all K
-accepted) and `predrafted_round_rate` (drafting rounds that started with tokens drafted during the wait).
+accepted) and `predrafted_round_rate` (drafting rounds that started with tokens drafted during the wait);
+pipelining adds `pipelined_round_rate` (drafting rounds sent before the previous answer and verified; such
+a round's round time runs from that answer to its own, so round times still add up to a session's time).
 
 Per-token latency of a round is its round time divided by the tokens it produced; decode tokens/s is
 tokens over the time devices spent in rounds (think time excluded), the speed a user of a device sees.
@@ -32,7 +34,8 @@ PLOTS = ("latency_cdf.png", "tokens_per_s.png", "acceptance_by_version.png", "k_
 SUMMARY_FIELDS = ("policy", "devices", "sessions_started", "sessions_completed", "sessions_failed", "sessions_lost",
                   "rounds", "tokens", "fleet_tokens_per_s", "decode_tokens_per_s", "per_token_latency_ms",
                   "round_ms", "acceptance_length", "mean_k", "bytes_up_per_token", "bytes_down_per_token",
-                  "energy_j_per_token", "lookahead_hit_rate", "predrafted_round_rate", "emulation_lag_ms",
+                  "energy_j_per_token", "lookahead_hit_rate", "predrafted_round_rate", "pipelined_round_rate",
+                  "emulation_lag_ms",
                   "mid_round", "in_session", "retries", "resyncs",
                   "errors", "device_crashes", "per_class", "per_version", "version_changes")
 
@@ -81,6 +84,9 @@ def round_metrics(rounds: list[dict]) -> dict:
         # started with tokens drafted during the previous wait
         "lookahead_hit_rate": round(sum(r["lookahead_hit"] for r in drafted) / len(drafted), 3) if drafted else None,
         "predrafted_round_rate": round(sum(r["predrafted"] > 0 for r in drafted) / len(drafted), 3) if drafted else None,
+        # pipelining: share of drafting rounds sent before the previous round's answer (and verified)
+        "pipelined_round_rate": round(sum(r.get("pipelined", False) for r in drafted) / len(drafted), 3)
+        if drafted else None,
     }
 
 
@@ -158,8 +164,10 @@ def write_report(out: Path, run: ShardResult, summary: dict, compare: list[dict]
 
 
 def run_label(s: dict) -> str:
-    """A run's policy, and whether its devices drafted ahead (cloud-only rounds draft nothing)."""
-    return s["policy"] + (" + draft-ahead" if s.get("draft_ahead") and s["policy"] != "cloud-only" else "")
+    """A run's policy, and whether its devices drafted ahead or pipelined (cloud-only rounds draft nothing)."""
+    if s["policy"] == "cloud-only":
+        return s["policy"]
+    return s["policy"] + (" + pipelined" if s.get("pipeline") else " + draft-ahead" if s.get("draft_ahead") else "")
 
 
 def compare_rows(summaries: list[dict]) -> list[dict]:
@@ -171,6 +179,7 @@ def compare_rows(summaries: list[dict]) -> list[dict]:
                "per-token p50 ms": s["per_token_latency_ms"]["p50"], "per-token p99 ms": s["per_token_latency_ms"]["p99"],
                "tau": s["acceptance_length"], "mean K": s["mean_k"], "J/token": s["energy_j_per_token"],
                "uplink B/token": s["bytes_up_per_token"], "lookahead hits": s.get("lookahead_hit_rate"),
+               "pipelined rounds": s.get("pipelined_round_rate"),
                "failed sessions": s["sessions_failed"]}
         if base:
             row["vs cloud-only"] = round(s["decode_tokens_per_s"] / base["decode_tokens_per_s"], 2)

@@ -13,6 +13,12 @@ Waits happen in wall time (`FleetClock`, shared by every actor of a run through 
 each due time actually fires is the *emulation lag*, recorded per event: while it stays small, every
 device's clock is faithful to its profile even though all devices share a few host cores.
 
+Pipelining (`FleetSpec.pipeline`): while a round waits, the device drafts d_{K+1} and the next round's K
+tokens, and sends that round when its own draft time says they are drafted, unless the answer came first;
+the round carries what it assumes its predecessor commits. After a lookahead hit it is already on the air
+(`Flight`); after a miss the cloud refuses it and its traffic is booked on the miss. At most two rounds of
+a device are on the air at once.
+
 Failures: a `resync_required` answer resends the round with the full context; an overloaded answer waits
 for its Retry-After; a broken path (`TransportError`) retries with capped exponential backoff and full
 jitter. A session that still cannot finish is reported as failed, never dropped silently.
@@ -33,13 +39,14 @@ from flexspec_serve.batching import MicroBatcher
 from flexspec_serve.edge.channels import make_link
 from flexspec_serve.edge.controller import make_policy
 from flexspec_serve.edge.devices import DEVICE_CLASSES, CloudProfile
-from flexspec_serve.edge.emulator import EmulatedDevice
+from flexspec_serve.edge.emulator import EmulatedDevice, RoundRecord
 from flexspec_serve.engine.client import ClientSession
+from flexspec_serve.engine.errors import ConditionNotMet
 from flexspec_serve.engine.generate import RoundEvent
 from flexspec_serve.engine.proposer import DraftProposer, ahead_tokens
 from flexspec_serve.engine.sampling import SamplingParams
 from flexspec_serve.fleet.spec import DevicePlan, FleetSpec
-from flexspec_serve.transport import AsyncTransport, Exchange, TransportError
+from flexspec_serve.transport import AsyncTransport, TransportError
 
 RETRYABLE_CODES = frozenset({"overloaded", "rate_limited", "unavailable"})
 MAX_ATTEMPTS = 8
@@ -111,6 +118,41 @@ class ShardResult:
     device_crashes: list[str] = field(default_factory=list)  # a bug, not a service error: never expected
 
 
+@dataclass
+class Delivery:
+    """One round's trip: the answer (a result, or the error a pipelined round got), bytes over all attempts,
+    and the last attempt's uplink, cloud and downlink times and when its answer reached the device."""
+
+    result: P.RoundResult | P.ErrorBody
+    bytes_up: int
+    bytes_down: int
+    up_ms: float
+    cloud_ms: float
+    down_ms: float
+    attempts: int
+    back_ms: float
+
+
+@dataclass
+class Flight:
+    """A round on the air: K, its draft, where it starts on the device's critical path (`t0`: when drafting
+    began, or for a pipelined round the previous answer), its critical draft time, the prefill it fed,
+    the lags of its events, draft-ahead tasks, when it was sent, and the task that delivers its answer."""
+
+    k: int
+    draft: list[int]
+    t0: float
+    draft_ms: float
+    prefill: int
+    lags: list[float] = field(default_factory=list)
+    guess: asyncio.Task | None = None
+    after: list[asyncio.Task] = field(default_factory=list)
+    sent: float = 0.0
+    pipelined: bool = False
+    assume: list[int] | None = None  # a pipelined round: what the round before it had to commit
+    task: asyncio.Task | None = None
+
+
 class Shard:
     """The devices of one fleet actor, run against one transport."""
 
@@ -126,6 +168,7 @@ class Shard:
         self.drafter = MicroBatcher(self._propose_batch, spec.draft_batch_wait_ms, 512, "draft")
         # draft-ahead work has a deadline (the answer's downlink): its own worker, no gathering wait
         self.ahead_drafter = MicroBatcher(self._ahead_batch, 0.0, 512, "draft-ahead")
+        self._orphans: set[asyncio.Task] = set()  # pipelined rounds discarded while on the air
 
     def _propose_batch(self, items: list[tuple]) -> list:
         """Proposals of the K tokens each round sends (a device drafts its guess d_{K+1} during the wait)."""
@@ -167,6 +210,7 @@ class Shard:
         sampler = asyncio.create_task(self._sample_timeline())
         try:
             outcomes = await asyncio.gather(*(self._device(p) for p in self.plans), return_exceptions=True)
+            await asyncio.gather(*self._orphans, return_exceptions=True)
         finally:
             sampler.cancel()
             self.drafter.close()
@@ -191,8 +235,8 @@ class Shard:
         profile = DEVICE_CLASSES[plan.device_class]
         cloud = ObservedCloud(self.cloud)
         dev = EmulatedDevice(plan.device_id, profile, make_link(plan.channel, plan.seed, plan.offset_ms),
-                             make_policy(spec.policy, profile, cloud, spec.max_draft_tokens, spec.draft_ahead), cloud,
-                             draft_ahead=spec.draft_ahead)
+                             make_policy(spec.policy, profile, cloud, spec.max_draft_tokens, spec.draft_ahead,
+                                         spec.pipeline), cloud, draft_ahead=spec.draft_ahead or spec.pipeline)
         self.devices.append(dev)
         due, n = rng.uniform(0.0, spec.arrival.start_within_s * 1e3), 0
         while due < spec.duration_s * 1e3:  # no session starts after the arrival window
@@ -215,8 +259,9 @@ class Shard:
         c.in_session += 1
         c.sessions_started += 1
         try:
+            flight = None
             while len(client.tokens) < spec.max_new_tokens:
-                await self._round(dev, client, rng)
+                flight = await self._round(dev, client, rng, flight)
         except SessionFailed as err:
             error = str(err)
         finally:
@@ -229,40 +274,132 @@ class Shard:
             "resyncs": client.resyncs, "rounds": client.stats.rounds, "started_ms": round(started, 1),
             "finished_ms": round(self.clock.now_ms(), 1), "tokens": client.tokens[: spec.max_new_tokens]})
 
-    async def _round(self, dev: EmulatedDevice, client: ClientSession, rng: random.Random) -> None:
-        c, clock = self.counters, self.clock
-        t0 = clock.now_ms()
-        dev.clock_ms = t0
-        k = max(0, min(dev.choose_k(), self.spec.max_new_tokens - len(client.tokens) - 1))
-        prefill = self.proposer.backlog(client.edge)
-        draft_ms = dev.draft_latency_ms(k)
+    async def _round(self, dev: EmulatedDevice, client: ClientSession, rng: random.Random,
+                     head: Flight | None) -> Flight | None:
+        """One round: drafted and sent now, or already on the air (`head`, pipelined during the last round's
+        wait). Returns the round this one's wait pipelined when it goes on (after a lookahead hit)."""
+        c, proposer, nxt = self.counters, self.proposer, None
         c.mid_round += 1
         try:
-            proposal = await self._propose(client, k)
-            draft = proposal.tokens if proposal else []
-            lags = [await clock.sleep_until(t0 + draft_ms)]
-            guess, after = self._start_guess(dev, client, k), []
-            on_answer = (lambda res: after.append(asyncio.create_task(self._after_answer(client, k, res, guess)))) \
-                if dev.ahead_now and k else None
+            if head is None:
+                k = max(0, min(dev.choose_k(), self.spec.max_new_tokens - len(client.tokens) - 1))
+                head = await self._launch(dev, client, rng, k)
             try:
-                ex, up_ms, down_ms, attempts = await self._deliver(dev, client, draft, lags, rng, on_answer)
+                if self.spec.pipeline:
+                    nxt = await self._pipeline(dev, client, head)
+                d = await self._answer(dev, client, head, rng)
             finally:
-                hit = await self._settle(after, guess, lags)
+                hit = await self._settle(head.after, head.guess, head.lags)
+            if self.spec.pipeline:
+                hit = proposer.lookahead_hit(client.edge, d.result.accepted, d.result.token)
+        except BaseException:
+            self._discard(nxt)
+            raise
         finally:
             c.mid_round -= 1
-        back = clock.now_ms()
-        result: P.RoundResult = ex.result
-        client.commit(draft, result, self.proposer)
-        dev.cloud.record(k, back - t0 - draft_ms - up_ms - down_ms)
-        ev = RoundEvent(0, result.seq, k, result.accepted, prefill, ex.bytes_up, ex.bytes_down, result, hit)
-        dev.account(ev, t0, draft_ms, up_ms, back - t0 - draft_ms - up_ms - down_ms, down_ms,
-                    session=client.session_id, rate_up_bps=round(dev.observer.rate_bps["up"], 1),
-                    lag_ms=round(max(lags), 3), queue_ms=result.timings.queue_ms,
-                    server_verify_ms=result.timings.verify_ms, batch_size=result.timings.batch_size,
-                    attempts=attempts)
-        self.result.lags_ms.extend(lags)
-        c.rounds += 1
-        c.tokens += result.accepted + 1
+        back = self.clock.now_ms()
+        client.commit(head.draft, d.result, proposer)
+        rec = self._account(dev, client, head, d, hit, back)
+        if nxt is not None and not hit:
+            self._discard(nxt, dev, rec)  # its assumption failed: the cloud refuses it, nobody waits for that
+            nxt = None
+        if nxt is not None:
+            proposer.promote(client.edge, nxt.k)
+            nxt.t0 = back
+        return nxt
+
+    async def _launch(self, dev: EmulatedDevice, client: ClientSession, rng: random.Random, k: int) -> Flight:
+        """Draft K tokens (due after the device's own draft time) and put the round on the air."""
+        clock = self.clock
+        t0 = clock.now_ms()
+        dev.clock_ms = t0
+        f = Flight(k, [], t0, dev.draft_latency_ms(k), self.proposer.backlog(client.edge))
+        proposal = await self._propose(client, k)
+        f.draft = proposal.tokens if proposal else []
+        f.lags.append(await clock.sleep_until(t0 + f.draft_ms))
+        f.sent = clock.now_ms()
+        on_answer = None
+        if not self.spec.pipeline:
+            f.guess = self._start_guess(dev, client, k)
+            if dev.ahead_now and k:
+                on_answer = lambda res: f.after.append(  # noqa: E731
+                    asyncio.create_task(self._after_answer(client, k, res, f.guess)))
+        f.task = asyncio.create_task(self._deliver(dev, client, f.draft, f.lags, rng, on_answer))
+        return f
+
+    async def _pipeline(self, dev: EmulatedDevice, client: ClientSession, head: Flight) -> Flight | None:
+        """Pipelining: while `head` waits, draft the guess d_{K+1} and the next round, and send that round
+        when the device would have drafted it (never before the round ahead of `head` was answered), unless
+        the answer comes back first. The cloud verifies it only if `head` commits what it assumes."""
+        k, edge = head.k, client.edge
+        k_next = min(k, self.spec.max_new_tokens - len(client.tokens) - (k + 1) - 1)
+        if not (k and dev.ahead_now) or k_next <= 0:
+            return None
+        await self.ahead_drafter.submit((edge, 1 + k_next))
+        drafted = [t for t, _ in edge.drafted]
+        msg = client.pipelined_message(head.draft + drafted[k : k + 1], drafted[k + 1 : k + 1 + k_next])
+        if msg is None or head.task.done():
+            return None
+        timer = asyncio.create_task(self.clock.sleep_until(max(head.sent + dev.profile.draft_ms(1 + k_next),
+                                                               head.t0)))
+        await asyncio.wait({timer, head.task}, return_when=asyncio.FIRST_COMPLETED)
+        if head.task.done():  # the answer came first: plain draft-ahead, its tokens are ready on a hit
+            timer.cancel()
+            return None
+        f = Flight(k_next, msg.draft_tokens, 0.0, 0.0, 0, lags=[timer.result()], sent=self.clock.now_ms(),
+                   pipelined=True, assume=msg.assume)
+        f.task = asyncio.create_task(self._deliver_once(dev, msg, f.lags))
+        return f
+
+    async def _answer(self, dev: EmulatedDevice, client: ClientSession, head: Flight, rng: random.Random) -> Delivery:
+        """The head round's answer. A pipelined round that got no result (it arrived before its predecessor
+        was decided, or the path failed) is resent, still with its assumption: the predecessor was a hit, so
+        it now holds, and if the cloud had verified the round after all the resend gets that answer."""
+        d = await head.task
+        if head.pipelined:  # its answer may have come while this device was drafting: that late, at least
+            head.lags[-1] = max(head.lags[-1], self.clock.now_ms() - d.back_ms)
+        if isinstance(d.result, P.RoundResult):
+            return d
+        self.counters.retries += 1
+        head.pipelined = False
+        again = await self._deliver(dev, client, head.draft, head.lags, rng, assume=head.assume)
+        again.bytes_up, again.bytes_down = again.bytes_up + d.bytes_up, again.bytes_down + d.bytes_down
+        return again
+
+    def _discard(self, f: Flight | None, dev: EmulatedDevice | None = None, rec: RoundRecord | None = None) -> None:
+        """A pipelined round nobody needs: let its exchange finish (cancelling could cut a batch short), and
+        book its traffic on the record of the round whose miss refused it."""
+        if f is None or f.task is None:
+            return
+        self._orphans.add(f.task)
+        f.task.add_done_callback(self._orphans.discard)
+        if rec is None:
+            return
+
+        def book(task: asyncio.Task) -> None:
+            if not task.cancelled() and task.exception() is None:
+                d = task.result()
+                dev.book_refused(rec, d.bytes_up, d.bytes_down, d.up_ms, d.down_ms)
+
+        f.task.add_done_callback(book)
+
+    def _account(self, dev: EmulatedDevice, client: ClientSession, f: Flight, d: Delivery, hit: bool,
+                 back: float) -> RoundRecord:
+        result: P.RoundResult = d.result
+        # a plain round's parts add up to its time (the cloud's share takes any lag); a pipelined round's
+        # overlap the round before it: it took from that answer to its own
+        cloud_ms = d.cloud_ms if f.pipelined else back - f.t0 - f.draft_ms - d.up_ms - d.down_ms
+        dev.cloud.record(f.k, cloud_ms)
+        ev = RoundEvent(0, result.seq, f.k, result.accepted, f.prefill, d.bytes_up, d.bytes_down, result, hit)
+        rec = dev.account(ev, f.t0, f.draft_ms, d.up_ms, cloud_ms, d.down_ms, back_ms=back if f.pipelined else None,
+                          session=client.session_id, rate_up_bps=round(dev.observer.rate_bps["up"], 1),
+                          lag_ms=round(max(f.lags), 3), queue_ms=result.timings.queue_ms,
+                          server_verify_ms=result.timings.verify_ms, batch_size=result.timings.batch_size,
+                          attempts=d.attempts, pipelined=f.pipelined)
+        self.result.lags_ms.extend(f.lags)
+        self.counters.rounds += 1
+        self.counters.tokens += result.accepted + 1
+        return rec
 
     async def _settle(self, after: list[asyncio.Task], guess: asyncio.Task | None, lags: list[float]) -> bool:
         """Draft-ahead work must be done before the answer is applied; if it ends after the answer's due
@@ -276,13 +413,31 @@ class Shard:
         lags[-1] = max(lags[-1], self.clock.now_ms() - answered)
         return hit
 
+    async def _deliver_once(self, dev: EmulatedDevice, msg: P.DraftRound, lags: list[float]) -> Delivery:
+        """A pipelined round: uplink, one exchange, downlink; no retries (on any error it is resent plain)."""
+        clock = self.clock
+        nbytes = len(P.encode_round(msg))
+        sent = clock.now_ms()
+        arrive = dev.link.up.delivery_ms(nbytes, sent)
+        lags.append(await clock.sleep_until(arrive))
+        try:
+            ex = await self.transport.send(msg)
+        except TransportError as err:
+            return Delivery(P.ErrorBody.of("unavailable", str(err)), nbytes, 0, arrive - sent, 0.0, 0.0, 1,
+                            clock.now_ms())
+        answered = clock.now_ms()
+        back = dev.link.down.delivery_ms(ex.bytes_down, answered)
+        lags.append(await clock.sleep_until(back))
+        return Delivery(ex.result, nbytes, ex.bytes_down, arrive - sent, answered - arrive, back - answered, 1, back)
+
     async def _deliver(self, dev: EmulatedDevice, client: ClientSession, draft: list[int], lags: list[float],
-                       rng: random.Random, on_answer=None) -> tuple[Exchange, float, float, int]:
-        """Uplink, cloud, downlink, with resync and retries: (exchange with bytes summed, last up_ms,
-        last down_ms, attempts). `on_answer(result)` sees a round's result as the cloud sends it."""
+                       rng: random.Random, on_answer=None, assume: list[int] | None = None) -> Delivery:
+        """Uplink, cloud, downlink, with resync and retries (bytes summed over attempts; times of the last).
+        `on_answer(result)` sees a round's result as the cloud sends it. `assume`: a pipelined round's
+        resend (dropped if the cloud refuses it, e.g. after losing the session; then resync as usual)."""
         clock, bytes_up, bytes_down = self.clock, 0, 0
         for attempt in range(MAX_ATTEMPTS):
-            msg = client.message(draft)
+            msg = client.message(draft, assume)
             nbytes = len(P.encode_round(msg))
             sent = clock.now_ms()
             arrive = dev.link.up.delivery_ms(nbytes, sent)
@@ -301,9 +456,13 @@ class Shard:
             lags.append(await clock.sleep_until(back))
             bytes_down += ex.bytes_down
             if isinstance(ex.result, P.RoundResult):
-                return Exchange(ex.result, bytes_up, bytes_down), arrive - sent, back - answered, attempt + 1
+                return Delivery(ex.result, bytes_up, bytes_down, arrive - sent, answered - arrive, back - answered,
+                                attempt + 1, back)
             if client.on_error(ex.result):  # the server lost the session: resend with the full context
                 self.counters.resyncs += 1
+                continue
+            if assume is not None and ex.result.error.code == ConditionNotMet.code:
+                assume = None  # e.g. the session is gone: as a plain round it gets resync_required
                 continue
             if ex.result.error.code not in RETRYABLE_CODES:
                 raise SessionFailed(f"{ex.result.error.code}: {ex.result.error.message}")

@@ -45,6 +45,9 @@ class FleetSpec(StrictModel):
     draft_ahead: bool = Field(False, description="devices draft during the wait for each answer; after a lookahead "
                               "hit (all K accepted, the cloud's token guessed) the next round's draft is ready. The "
                               "fleet actor runs that draft work for real, about twice the draft compute per round")
+    pipeline: bool = Field(False, description="devices send the round they draft ahead as soon as it is drafted, "
+                           "before the current round's answer; the cloud verifies it only after a lookahead hit "
+                           "(implies draft_ahead; the fleet actor then drafts ahead on every round)")
     max_new_tokens: int = Field(64, ge=1, le=4096)
     temperature: float = Field(0.0, ge=0, le=10, description="0 = greedy")
     top_p: float = Field(1.0, gt=0, le=1)
