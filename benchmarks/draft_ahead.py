@@ -1,8 +1,9 @@
-"""Draft-ahead in emulated time (`python -m benchmarks.draft_ahead [--profile default]`).
+"""Draft-ahead and pipelining in emulated time (`python -m benchmarks.draft_ahead [--profile default]`).
 
-The same devices, prompts, traces and seeds run twice through the in-process emulator (real frozen draft,
-real target, real wire encoding; device, link and cloud times from their models, so this host's CPU does
-not enter the figures): once waiting idle for each answer, once drafting ahead during the wait. Per
+The same devices, prompts, traces and seeds run three times through the in-process emulator (real frozen
+draft, real target, real wire encoding; device, link and cloud times from their models, so this host's CPU
+does not enter the figures): once waiting idle for each answer, once drafting ahead during the wait, once
+also sending the round drafted ahead before the answer (pipelined). Per
 device class and cellular trace: decode tokens/s of the adaptive controller and of fixed K = 4 both ways,
 cloud-only, the lookahead hit rate and the energy per token.
 
@@ -25,23 +26,24 @@ from flexspec_serve.reports import machine, md_table
 CLASSES = ("flagship-phone", "midrange-phone")
 
 
-def rows(idle: list[Cell], ahead: list[Cell]) -> list[dict]:
-    by = {(c.device_class, c.setting, c.policy, False): c for c in idle}
-    by |= {(c.device_class, c.setting, c.policy, True): c for c in ahead}
+MODES = ("idle", "draft-ahead", "pipelined")
+
+
+def rows(runs: dict[str, list[Cell]]) -> list[dict]:
+    by = {(c.device_class, c.setting, c.policy, mode): c for mode, cells in runs.items() for c in cells}
     out = []
-    for cls, setting in sorted({(c.device_class, c.setting) for c in idle}):
-        base = by[(cls, setting, "cloud-only", False)].tokens_per_s
+    for cls, setting in sorted({(c.device_class, c.setting) for c in runs["idle"]}):
+        base = by[(cls, setting, "cloud-only", "idle")].tokens_per_s
         for policy in ("adaptive", "fixed-4"):
-            a, b = by[(cls, setting, policy, False)], by[(cls, setting, policy, True)]
+            a, b, p = (by[(cls, setting, policy, mode)] for mode in MODES)
             out.append({
                 "device class": cls, "trace": setting, "policy": policy,
-                "tok/s idle": round(a.tokens_per_s, 2), "tok/s draft-ahead": round(b.tokens_per_s, 2),
-                "gain": round(b.tokens_per_s / a.tokens_per_s, 3),
-                "vs cloud-only idle": round(a.tokens_per_s / base, 2),
-                "vs cloud-only draft-ahead": round(b.tokens_per_s / base, 2),
-                "lookahead hits": round(b.lookahead_hits / max(1, b.drafting_rounds), 3),
-                "mean K idle / ahead": f"{a.mean_k:.2f} / {b.mean_k:.2f}",
-                "J/token idle / ahead": f"{a.j_per_token:.4f} / {b.j_per_token:.4f}",
+                **{f"tok/s {mode}": round(c.tokens_per_s, 2) for mode, c in zip(MODES, (a, b, p))},
+                **{f"vs cloud-only {mode}": round(c.tokens_per_s / base, 2) for mode, c in zip(MODES, (a, b, p))},
+                "lookahead hits ahead / piped": f"{b.lookahead_hits / max(1, b.drafting_rounds):.3f} / "
+                                                f"{p.lookahead_hits / max(1, p.drafting_rounds):.3f}",
+                "mean K idle / ahead / piped": f"{a.mean_k:.2f} / {b.mean_k:.2f} / {p.mean_k:.2f}",
+                "J/token idle / ahead / piped": f"{a.j_per_token:.4f} / {b.j_per_token:.4f} / {p.j_per_token:.4f}",
             })
     return out
 
@@ -61,23 +63,26 @@ def main() -> None:
     family = paths.family_dir(args.profile)
     traces = tuple(trace_names())
     cfg = dict(family=family, classes=CLASSES, settings=traces, fixed_ks=(4,), devices_per_cell=args.devices_per_cell)
-    idle, ahead = run_bench(BenchConfig(**cfg)), run_bench(BenchConfig(**cfg, draft_ahead=True))
-    lte_idle, lte_ahead = ([c for c in cells if "LTE" in c.setting] for cells in (idle, ahead))
-    base = pooled(lte_idle, "cloud-only")
-    summary = [{"policy": f"{p}{' + draft-ahead' if run is lte_ahead else ''}",
-                "LTE decode tok/s (pooled)": round(pooled(run, p), 2),
-                "vs cloud-only": round(pooled(run, p) / base, 2)}
-               for p in ("adaptive", "fixed-4") for run in (lte_idle, lte_ahead)]
+    runs = {"idle": run_bench(BenchConfig(**cfg)), "draft-ahead": run_bench(BenchConfig(**cfg, draft_ahead=True)),
+            "pipelined": run_bench(BenchConfig(**cfg, pipeline=True))}
+    lte = {mode: [c for c in cells if "LTE" in c.setting] for mode, cells in runs.items()}
+    base = pooled(lte["idle"], "cloud-only")
+    summary = [{"policy": p + ("" if mode == "idle" else f" + {mode}"),
+                "LTE decode tok/s (pooled)": round(pooled(lte[mode], p), 2),
+                "vs cloud-only": round(pooled(lte[mode], p) / base, 2)}
+               for p in ("adaptive", "fixed-4") for mode in MODES]
     lines = [
-        "# Draft-ahead: drafting while the round is on the air (emulated time)\n",
+        "# Draft-ahead and pipelining: drafting, and sending, while the round is on the air (emulated time)\n",
         f"Command: `python -m benchmarks.draft_ahead --profile {args.profile}`  \n"
         f"machine: {machine()}; family {args.profile}, frozen draft against v1; {args.devices_per_cell} devices "
-        f"per cell x 48 new tokens, greedy; the same devices, traces and seeds both ways\n",
+        f"per cell x 48 new tokens, greedy; the same devices, traces and seeds every way\n",
         "## LTE traces, pooled over both phone classes\n", md_table(summary),
-        "## Per device class and trace\n", md_table(rows(idle, ahead)),
-        "`gain`: draft-ahead tokens/s over idle waiting for the same policy. `lookahead hits`: drafting rounds "
-        "whose answer accepted all K and added the draft's own guess d_{K+1}; the next round then starts with "
-        "the tokens drafted during the wait. Energy counts the draft-ahead work on every round, hit or miss.",
+        "## Per device class and trace\n", md_table(rows(runs)),
+        "`lookahead hits`: drafting rounds whose answer accepted all K and added the draft's own guess d_{K+1}; "
+        "the next round then starts with the tokens drafted during the wait. `pipelined`: that next round "
+        "was sent as soon as it was drafted, before the answer, and verified after it (the cloud here costs a "
+        "round only its `CloudProfile` verify time). Energy counts the draft-ahead work on every round, hit or "
+        "miss.",
     ]
     text = "\n".join(lines) + "\n"
     (args.out / "draft_ahead.md").write_text(text)

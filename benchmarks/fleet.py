@@ -4,7 +4,7 @@
    percentiles, how many devices were in a session and mid-round at once, failures.
 2. Speculative vs cloud-only on the LTE traces: the same fleet, seeds and prompts replayed with the
    adaptive controller, fixed K = 4 and cloud-only, and the adaptive controller on devices that draft
-   ahead; decode tokens/s per policy and the ratio.
+   ahead, and on devices that pipeline; decode tokens/s per policy and the ratio.
 
 Writes docs/results/fleet.md (and the two load-test reports under docs/results/fleet/).
 """
@@ -35,13 +35,14 @@ def scale_spec(args, think: float) -> FleetSpec:
         arrival={"start_within_s": think, "think_time_s": think}, duration_s=args.duration)
 
 
-LTE_RUNS = (("adaptive", False), ("adaptive", True), ("fixed-4", False), ("cloud-only", False))
+LTE_RUNS = (("adaptive", ""), ("adaptive", "ahead"), ("adaptive", "pipeline"), ("fixed-4", ""),
+            ("cloud-only", ""))
 
 
-def lte_spec(args, policy: str, draft_ahead: bool) -> FleetSpec:
+def lte_spec(args, policy: str, mode: str) -> FleetSpec:
     return FleetSpec(
         name="lte", devices=args.lte_devices, actors=2, actor_num_cpus=0.2, max_new_tokens=48, target="stable",
-        policy=policy, draft_ahead=draft_ahead, mix=[{"device_class": "flagship-phone", "share": 0.5, "channel": LTE[0]},
+        policy=policy, draft_ahead=mode == "ahead", pipeline=mode == "pipeline", mix=[{"device_class": "flagship-phone", "share": 0.5, "channel": LTE[0]},
                             {"device_class": "midrange-phone", "share": 0.5, "channel": LTE[1]}],
         arrival={"start_within_s": 6, "think_time_s": 6}, duration_s=args.lte_duration)
 
@@ -69,10 +70,10 @@ def main() -> None:
     prompts = fleet_prompts(scale_spec(args, 1.0), family / "draft")
     runs = [run_report(spec, prompts, draft, args.out / "fleet" / f"scale-think{spec.arrival.think_time_s:g}",
                        command="python -m benchmarks.fleet") for spec in scales]
-    summaries = [run_report(lte_spec(args, p, ahead), prompts, draft,
-                            args.out / "fleet" / f"lte-{p}{'-ahead' if ahead else ''}",
+    summaries = [run_report(lte_spec(args, p, mode), prompts, draft,
+                            args.out / "fleet" / "-".join(filter(None, ("lte", p, mode))),
                             command="python -m benchmarks.fleet")
-                 for p, ahead in (LTE_RUNS if "lte" in args.parts else ())]
+                 for p, mode in (LTE_RUNS if "lte" in args.parts else ())]
     lines = [
         "# Fleet benchmark (local Ray + Serve, CPU)\n",
         f"Command: `python -m benchmarks.fleet --profile {args.profile} --devices {args.devices}`  \n"
