@@ -286,13 +286,13 @@ def test_draft_ahead_keeps_greedy_output_and_guesses_the_next_draft_token(family
                                                                          reference_greedy):
     proposer = DraftProposer(family_models["draft"])
     prompts = humaneval_prompts[:6]
-    ahead = proposer.propose([proposer.start(str(i), p, SamplingParams()) for i, p in enumerate(prompts)],
-                             [3, 0, 1, 4, 2, 5], lookahead=True)
+    sessions = [proposer.start(str(i), p, SamplingParams()) for i, p in enumerate(prompts)]
+    ahead = proposer.propose(sessions, [3, 0, 1, 4, 2, 5], lookahead=True)
     longer = proposer.propose([proposer.start(str(i), p, SamplingParams()) for i, p in enumerate(prompts)],
                               [4, 0, 2, 5, 3, 6])
-    for a, b in zip(ahead, longer):
-        assert a.tokens + ([a.lookahead] if a.tokens else []) == b.tokens  # d_{K+1} drafted, not sent
-    assert ahead[1].lookahead is None  # a cloud-only round guesses nothing
+    for s, a, b in zip(sessions, ahead, longer):
+        assert a.tokens + ([proposer.guess(s)] if a.tokens else []) == b.tokens  # d_{K+1} drafted, not sent
+    assert proposer.guess(sessions[1]) is None  # a cloud-only round guesses nothing
     hits = []
     results = speculative_generate(proposer, Verifier(family_models["v1"], family_models["draft"]),
                                    humaneval_prompts[:20], MAX_NEW, lambda i, r: (i + r) % 6, draft_ahead=True,
@@ -308,17 +308,18 @@ def test_tokens_drafted_ahead_are_the_next_rounds_draft_and_the_cache_stays_cons
     ahead, fresh = (proposer.start("a", humaneval_prompts[3], SamplingParams()),
                     proposer.start("b", humaneval_prompts[3], SamplingParams()))
     prop = proposer.propose([ahead], [3], lookahead=True)[0]
+    guess = proposer.guess(ahead)
     proposer.draft_ahead([ahead], [5])
-    assert [t for t, _ in ahead.drafted][3] == prop.lookahead and len(ahead.drafted) == 3 + 1 + 5
-    proposer.apply(ahead, prop.tokens, 3, prop.lookahead)  # the cloud took all three and guessed d_4: a hit
+    assert [t for t, _ in ahead.drafted][3] == guess and len(ahead.drafted) == 3 + 1 + 5
+    proposer.apply(ahead, prop.tokens, 3, guess)  # the cloud took all three and guessed d_4: a hit
     after_hit = proposer.propose([proposer.start("c", ahead.tokens, SamplingParams())], [5])[0]
     assert [t for t, _ in ahead.ready] == after_hit.tokens
     assert ahead.cache.length == len(ahead.tokens) + 4  # the ready tokens but the last are fed
-    assert proposer.steps_needed(ahead, 4, lookahead=True) == 0 and proposer.steps_needed(ahead, 7, True) == 3
+    assert proposer.steps_needed(ahead, 5) == 0 and proposer.steps_needed(ahead, 8) == 3
     fresh.tokens = list(ahead.tokens)
     for k in (2, 7, 4):  # fewer than ready, more than ready, then after a miss
         got, want = proposer.propose([ahead], [k], lookahead=True)[0], proposer.propose([fresh], [k], True)[0]
-        assert (got.tokens, got.lookahead) == (want.tokens, want.lookahead)
+        assert (got.tokens, proposer.guess(ahead)) == (want.tokens, proposer.guess(fresh))
         proposer.draft_ahead([ahead], [k])
         for s in (ahead, fresh):
             proposer.apply(s, got.tokens, 1, 5)  # a rejection at position 2

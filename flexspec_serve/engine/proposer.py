@@ -35,7 +35,6 @@ def ahead_tokens(k: int) -> int:
 class Proposal:
     tokens: list[int]  # d_1..d_K
     q_token_probs: list[float]  # q_i(d_i), for accounting; the cloud recomputes full q itself
-    lookahead: int | None = None  # d_{K+1}: drafted, not sent (draft-ahead only)
 
 
 @dataclass
@@ -69,14 +68,15 @@ class DraftProposer:
         gen = torch.Generator().manual_seed(sampling.seed)
         return EdgeSession(session_id, list(prompt), sampling, gen, prompt_len=len(prompt))
 
-    def steps_needed(self, s: EdgeSession, k: int, lookahead: bool = False) -> int:
-        """Draft forward steps `propose` would run for this session (0: served from its ready tokens)."""
-        return max(0, k + (lookahead and k > 0) - len(s.ready)) if k else 0
+    @staticmethod
+    def steps_needed(s: EdgeSession, k: int) -> int:
+        """Draft forward steps `propose` would run for K tokens (0: served from the session's ready tokens)."""
+        return max(0, k - len(s.ready))
 
     def propose(self, sessions: list[EdgeSession], ks: list[int], lookahead: bool = False) -> list[Proposal]:
         """K_i draft tokens for each session, one batched draft step per draft position (tokens a lookahead
         hit left ready come first); with `lookahead`, sessions with K_i > 0 draft one more token. Ready
-        tokens past K_i stay drafted; `Proposal.lookahead` is d_{K+1} when there is one."""
+        tokens past K_i stay drafted; `guess` is d_{K+1} when there is one."""
         wants = [k + (lookahead and k > 0) for k in ks]
         starts = [s.ready if k else [] for s, k in zip(sessions, ks)]  # k = 0: apply drops the cache past it
         for s in sessions:
@@ -85,8 +85,7 @@ class DraftProposer:
         proposals = []
         for s, k, out in zip(sessions, ks, drafted):
             s.drafted, s.sent = out, k
-            proposals.append(Proposal([t for t, _ in out[:k]], [q for _, q in out[:k]],
-                                      out[k][0] if len(out) > k else None))
+            proposals.append(Proposal([t for t, _ in out[:k]], [q for _, q in out[:k]]))
         return proposals
 
     def draft_ahead(self, sessions: list[EdgeSession], ns: list[int]) -> None:
@@ -107,10 +106,15 @@ class DraftProposer:
         return len(s.drafted) - s.sent
 
     @staticmethod
+    def guess(s: EdgeSession) -> int | None:
+        """d_{K+1}: the draft's guess of the token the cloud adds to the round in flight (None: not drafted)."""
+        return s.drafted[s.sent][0] if s.sent and len(s.drafted) > s.sent else None
+
+    @staticmethod
     def lookahead_hit(s: EdgeSession, accepted: int, token: int) -> bool:
         """The cloud accepted all K sent and added exactly the draft's d_{K+1}."""
-        k = s.sent
-        return k > 0 and accepted == k and len(s.drafted) > k and s.drafted[k][0] == token
+        guess = DraftProposer.guess(s)
+        return guess is not None and accepted == s.sent and guess == token
 
     @torch.inference_mode()
     def _extend(self, sessions: list[EdgeSession], starts: list[list[tuple[int, float]]],

@@ -336,8 +336,8 @@ class Shard:
         if not (k and dev.ahead_now) or k_next <= 0:
             return None
         await self.ahead_drafter.submit((edge, 1 + k_next))
-        drafted = [t for t, _ in edge.drafted]
-        msg = client.pipelined_message(head.draft + drafted[k : k + 1], drafted[k + 1 : k + 1 + k_next])
+        msg = client.pipelined_message(head.draft + [self.proposer.guess(edge)],
+                                       [t for t, _ in edge.drafted[k + 1 : k + 1 + k_next]])
         if msg is None or head.task.done():
             return None
         timer = asyncio.create_task(self.clock.sleep_until(max(head.sent + dev.profile.draft_ms(1 + k_next),
