@@ -402,11 +402,13 @@ def test_hot_swap_under_a_running_fleet_loses_nothing(app, tiny_family, family_m
                     max_acceptance_drop=0.6, timeout_s=90)
     trigger = SwapTrigger(app["url"], ADMIN_TOKEN, plan, start_at_s=1)
     # the canary judges sessions that start after it does: arrivals must go on well past the add and the gate
-    # devices route for themselves (direct transport): the swap must reach them through registry snapshots
-    summary = run_report(swap_fleet(duration_s=35, transport="direct"), prompts, str(tiny_family / "draft"), tmp_path,
-                         on_tick=trigger, show_progress=False)
+    # devices route for themselves (direct transport): the swap must reach them through registry snapshots;
+    # they pipeline: two rounds of a session can be on the air as the alias moves (pinning keeps both on its version)
+    summary = run_report(swap_fleet(duration_s=35, transport="direct", pipeline=True), prompts,
+                         str(tiny_family / "draft"), tmp_path, on_tick=trigger, show_progress=False)
     assert trigger.script.outcome == "promoted", trigger.script.events
     assert summary["sessions_failed"] == 0 and summary["sessions_lost"] == 0 and not summary["device_crashes"]
+    assert summary["pipelined_round_rate"] > 0
     labels = [m["label"] for m in summary["version_changes"]]
     assert "promoted v3" in labels and "deleted v1" in labels
     sessions = [json.loads(line) for line in (tmp_path / "sessions.jsonl").read_text().splitlines()]
