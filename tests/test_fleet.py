@@ -108,6 +108,20 @@ def test_pipelining_devices_still_emit_the_targets_greedy_output(family_models, 
         assert r["draft_ms"] == 0 and r["round_ms"] < r["up_ms"] + r["verify_ms"] + r["down_ms"] + r["lag_ms"]
 
 
+def test_pipelining_devices_sampling_finish_and_the_cloud_decides_their_pipelined_rounds(family_models,
+                                                                                          humaneval_prompts):
+    prompts = [p[-40:] for p in humaneval_prompts[:6]]
+    spec = small_fleet(pipeline=True, max_new_tokens=24, temperature=0.8)
+    verifier = Verifier(family_models["v1"], family_models["draft"], name="v1")
+    res = run_shard(spec, prompts, family_models, verifier=verifier)
+    assert res.sessions and all(s["completed"] for s in res.sessions) and not res.device_crashes
+    assert all(len(s["tokens"]) == 24 for s in res.sessions)
+    piped = [r for r in res.rounds if r["pipelined"]]
+    assert piped and all(r["accepted"] <= r["k"] for r in piped)
+    decided = sum(verifier.session_stats(s["session"]).rounds for s in res.sessions)
+    assert decided == len(res.rounds)  # every round the cloud decided was used; refused ones were not decided
+
+
 def test_lost_answers_are_retried_and_sessions_still_match(family_models, humaneval_prompts):
     prompts = [p[-40:] for p in humaneval_prompts[:4]]
     spec = small_fleet(devices=6)
