@@ -168,6 +168,11 @@ def test_report_files_have_the_documented_fields(family_models, humaneval_prompt
     assert {"device", "device_class", "k", "accepted", "round_ms", "rate_up_bps", "lag_ms", "version"} <= set(header)
     assert json.loads((tmp_path / "summary.json").read_text())["rounds"] == len(run.rounds)
     assert "Policies on the same fleet" in (tmp_path / "report.md").read_text()
+    by_kind = summary["emulation_lag_ms"]["by_kind"]  # which part of the emulation falls behind
+    assert {"session_start", "draft", "uplink", "downlink"} <= set(by_kind)
+    assert by_kind["session_start"]["events"] == summary["sessions_started"]
+    assert by_kind["uplink"]["events"] == by_kind["downlink"]["events"] == len(run.rounds)  # one trip per round
+    assert sum(v["events"] for v in by_kind.values()) == summary["emulation_lag_ms"]["events"]
 
 
 @pytest.mark.parametrize("patch, field", [

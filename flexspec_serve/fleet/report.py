@@ -47,6 +47,8 @@ def merge(shards: list[ShardResult]) -> ShardResult:
         out.rounds += s.rounds
         out.sessions += s.sessions
         out.lags_ms += s.lags_ms
+        for kind, lags in s.lags_by_kind.items():
+            out.lags_by_kind.setdefault(kind, []).extend(lags)
         out.sessions_started += s.sessions_started
         out.device_crashes += s.device_crashes
         for row in s.timeline:
@@ -123,7 +125,9 @@ def summarize(run: ShardResult, meta: dict, events: list[dict] | None = None) ->
         "sessions_lost": started - len(sessions),  # started but never reported back
         **m, "fleet_tokens_per_s": round(m["tokens"] / span_s, 2) if span_s else 0.0,
         "round_ms": _pct([r["round_ms"] for r in rounds]),
-        "emulation_lag_ms": {**_pct(run.lags_ms), "events": len(run.lags_ms)},
+        "emulation_lag_ms": {**_pct(run.lags_ms), "events": len(run.lags_ms),
+                             "by_kind": {kind: {**_pct(lags, (99,)), "events": len(lags)}
+                                         for kind, lags in run.lags_by_kind.items() if lags}},
         "mid_round": {"mean": round(float(np.mean([t["mid_round"] for t in timeline])), 1) if timeline else 0,
                       "max": max((t["mid_round"] for t in timeline), default=0)},
         "in_session": {"mean": round(float(np.mean([t["in_session"] for t in timeline])), 1) if timeline else 0,
@@ -202,6 +206,10 @@ def class_compare_rows(summaries: list[dict]) -> list[dict]:
     return sorted(rows, key=lambda r: r["device class"])
 
 
+def _by_kind(lag: dict) -> str:
+    return ", ".join(f"{kind} {v['p99']} ms" for kind, v in lag.get("by_kind", {}).items()) or "none"
+
+
 def markdown(s: dict, compare: list[dict] | None, plot_names: list[str]) -> str:
     lag, lat = s["emulation_lag_ms"], s["per_token_latency_ms"]
     lines = [
@@ -214,7 +222,8 @@ def markdown(s: dict, compare: list[dict] | None, plot_names: list[str]) -> str:
         f"| {s['sessions_started']} | {s['sessions_completed']} | {s['sessions_failed']} | {s['sessions_lost']} | "
         f"{s['rounds']} | {s['tokens']} | {s['fleet_tokens_per_s']} | {s['decode_tokens_per_s']} | {lat['p50']} / "
         f"{lat['p99']} | {s['acceptance_length']} | {s['mean_k']} | {s['energy_j_per_token']} | {s['bytes_up_per_token']} |\n",
-        f"Emulation lag over {lag['events']} events: p50 {lag['p50']} ms, p99 {lag['p99']} ms, max {lag['max']} ms. "
+        f"Emulation lag over {lag['events']} events: p50 {lag['p50']} ms, p99 {lag['p99']} ms, max {lag['max']} ms "
+        f"(p99 by kind: {_by_kind(lag)}). "
         f"Devices mid-round at once: mean {s['mid_round']['mean']}, max {s['mid_round']['max']}; in a session: mean "
         f"{s['in_session']['mean']}, max {s['in_session']['max']}. Draft batch (per actor): {s['draft_mean_batch']}; "
         f"verify batch seen by rounds: {s['server_mean_batch']}. Retries {s['retries']}, resyncs {s['resyncs']}, "

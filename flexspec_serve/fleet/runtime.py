@@ -57,21 +57,32 @@ class SessionFailed(Exception):
     pass
 
 
+LAG_KINDS = ("session_start", "draft", "uplink", "downlink", "pipelined_send", "answer_applied")
+
+
 class FleetClock:
-    """Milliseconds since the run's start epoch (wall time, so every actor of a run agrees)."""
+    """Milliseconds since the run's start epoch (wall time, so every actor of a run agrees). Keeps every
+    lag by the kind of event (`LAG_KINDS`), to tell which part of the emulation falls behind."""
 
     def __init__(self, start_epoch_s: float):
         self.start = start_epoch_s
+        self.by_kind: dict[str, list[float]] = {kind: [] for kind in LAG_KINDS}
 
     def now_ms(self) -> float:
         return (time.time() - self.start) * 1e3
 
-    async def sleep_until(self, due_ms: float) -> float:
+    async def sleep_until(self, due_ms: float, kind: str) -> float:
         """Wait for an emulated event; returns how late it fired (the emulation lag, ms)."""
         delay = due_ms - self.now_ms()
         if delay > 0:
             await asyncio.sleep(delay / 1e3)
-        return max(0.0, self.now_ms() - due_ms)
+        return self.late(due_ms, kind)
+
+    def late(self, due_ms: float, kind: str) -> float:
+        """How late it is for something due at `due_ms` (booked under `kind`)."""
+        lag = max(0.0, self.now_ms() - due_ms)
+        self.by_kind[kind].append(lag)
+        return lag
 
 
 class ObservedCloud:
@@ -112,6 +123,7 @@ class ShardResult:
     rounds: list[dict] = field(default_factory=list)  # one RoundRecord per round
     sessions: list[dict] = field(default_factory=list)  # one per session, with its generated tokens
     lags_ms: list[float] = field(default_factory=list)  # every emulated event's lateness
+    lags_by_kind: dict[str, list[float]] = field(default_factory=dict)  # the same (and orphans'), by event kind
     timeline: list[dict] = field(default_factory=list)  # sampled once a second
     draft_mean_batch: float = 0.0
     sessions_started: int = 0
@@ -218,6 +230,7 @@ class Shard:
         r = self.result
         r.device_crashes = [f"{p.device_id}: {o!r}" for p, o in zip(self.plans, outcomes) if isinstance(o, BaseException)]
         r.rounds = [asdict(rec) for d in self.devices for rec in d.records]
+        r.lags_by_kind = self.clock.by_kind
         r.draft_mean_batch = round(self.drafter.mean_batch_size, 3)
         r.sessions_started = self.counters.sessions_started
         return r
@@ -242,7 +255,7 @@ class Shard:
         while due < spec.duration_s * 1e3:  # no session starts after the arrival window
             if spec.arrival.sessions_per_device and n >= spec.arrival.sessions_per_device:
                 return
-            self.result.lags_ms.append(await self.clock.sleep_until(due))
+            self.result.lags_ms.append(await self.clock.sleep_until(due, "session_start"))
             await self._session(dev, plan, n, rng)
             n += 1
             think = rng.expovariate(1.0 / spec.arrival.think_time_s) if spec.arrival.think_time_s else 0.0
@@ -316,7 +329,7 @@ class Shard:
         f = Flight(k, [], t0, dev.draft_latency_ms(k), self.proposer.backlog(client.edge))
         proposal = await self._propose(client, k)
         f.draft = proposal.tokens if proposal else []
-        f.lags.append(await clock.sleep_until(t0 + f.draft_ms))
+        f.lags.append(await clock.sleep_until(t0 + f.draft_ms, "draft"))
         f.sent = clock.now_ms()
         on_answer = None
         if not self.spec.pipeline:
@@ -341,7 +354,7 @@ class Shard:
         if msg is None or head.task.done():
             return None
         timer = asyncio.create_task(self.clock.sleep_until(max(head.sent + dev.profile.draft_ms(1 + k_next),
-                                                               head.t0)))
+                                                               head.t0), "pipelined_send"))
         await asyncio.wait({timer, head.task}, return_when=asyncio.FIRST_COMPLETED)
         if head.task.done():  # the answer came first: plain draft-ahead, its tokens are ready on a hit
             timer.cancel()
@@ -357,7 +370,7 @@ class Shard:
         it now holds, and if the cloud had verified the round after all the resend gets that answer."""
         d = await head.task
         if head.pipelined:  # its answer may have come while this device was drafting: that late, at least
-            head.lags[-1] = max(head.lags[-1], self.clock.now_ms() - d.back_ms)
+            head.lags[-1] = max(head.lags[-1], self.clock.late(d.back_ms, "answer_applied"))
         if isinstance(d.result, P.RoundResult):
             return d
         self.counters.retries += 1
@@ -410,7 +423,7 @@ class Shard:
             return False
         answered = self.clock.now_ms()
         hit = await after[-1]
-        lags[-1] = max(lags[-1], self.clock.now_ms() - answered)
+        lags[-1] = max(lags[-1], self.clock.late(answered, "answer_applied"))
         return hit
 
     async def _deliver_once(self, dev: EmulatedDevice, msg: P.DraftRound, lags: list[float]) -> Delivery:
@@ -419,7 +432,7 @@ class Shard:
         nbytes = len(P.encode_round(msg))
         sent = clock.now_ms()
         arrive = dev.link.up.delivery_ms(nbytes, sent)
-        lags.append(await clock.sleep_until(arrive))
+        lags.append(await clock.sleep_until(arrive, "uplink"))
         try:
             ex = await self.transport.send(msg)
         except TransportError as err:
@@ -427,7 +440,7 @@ class Shard:
                             clock.now_ms())
         answered = clock.now_ms()
         back = dev.link.down.delivery_ms(ex.bytes_down, answered)
-        lags.append(await clock.sleep_until(back))
+        lags.append(await clock.sleep_until(back, "downlink"))
         return Delivery(ex.result, nbytes, ex.bytes_down, arrive - sent, answered - arrive, back - answered, 1, back)
 
     async def _deliver(self, dev: EmulatedDevice, client: ClientSession, draft: list[int], lags: list[float],
@@ -441,7 +454,7 @@ class Shard:
             nbytes = len(P.encode_round(msg))
             sent = clock.now_ms()
             arrive = dev.link.up.delivery_ms(nbytes, sent)
-            lags.append(await clock.sleep_until(arrive))
+            lags.append(await clock.sleep_until(arrive, "uplink"))
             bytes_up += nbytes
             try:
                 ex = await self.transport.send(msg)
@@ -453,7 +466,7 @@ class Shard:
             back = dev.link.down.delivery_ms(ex.bytes_down, answered)
             if on_answer is not None and isinstance(ex.result, P.RoundResult):
                 on_answer(ex.result)
-            lags.append(await clock.sleep_until(back))
+            lags.append(await clock.sleep_until(back, "downlink"))
             bytes_down += ex.bytes_down
             if isinstance(ex.result, P.RoundResult):
                 return Delivery(ex.result, bytes_up, bytes_down, arrive - sent, answered - arrive, back - answered,
