@@ -302,6 +302,17 @@ def test_draft_ahead_keeps_greedy_output_and_guesses_the_next_draft_token(family
     assert all(ev.accepted == ev.k for ev in hits if ev.lookahead_hit)
 
 
+def test_a_short_draft_is_handed_over_before_the_longest_in_its_batch_is_done(family_models, humaneval_prompts):
+    proposer = DraftProposer(family_models["draft"])
+    sessions = [proposer.start(str(i), p, SamplingParams()) for i, p in enumerate(humaneval_prompts[:4])]
+    seen = []
+    proposals = proposer.propose(sessions, [5, 1, 0, 3], on_done=lambda i, p: seen.append((i, p)))
+    assert [i for i, _ in seen] == [2, 1, 3, 0]  # K = 0 at once, then each after its own K-th step
+    assert [p for _, p in sorted(seen, key=lambda x: x[0])] == proposals
+    fresh = [proposer.start(str(i), p, SamplingParams()) for i, p in enumerate(humaneval_prompts[:4])]
+    assert [p.tokens for p in proposer.propose(fresh, [5, 1, 0, 3])] == [p.tokens for p in proposals]
+
+
 def test_tokens_drafted_ahead_are_the_next_rounds_draft_and_the_cache_stays_consistent(family_models,
                                                                                         humaneval_prompts):
     proposer = DraftProposer(family_models["draft"])

@@ -17,6 +17,7 @@ It does not choose K (the controller in `edge/` does) and does not talk to the c
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -73,19 +74,27 @@ class DraftProposer:
         """Draft forward steps `propose` would run for K tokens (0: served from the session's ready tokens)."""
         return max(0, k - len(s.ready))
 
-    def propose(self, sessions: list[EdgeSession], ks: list[int], lookahead: bool = False) -> list[Proposal]:
+    def propose(self, sessions: list[EdgeSession], ks: list[int], lookahead: bool = False,
+                on_done: Callable[[int, Proposal], None] | None = None) -> list[Proposal]:
         """K_i draft tokens for each session, one batched draft step per draft position (tokens a lookahead
         hit left ready come first); with `lookahead`, sessions with K_i > 0 draft one more token. Ready
-        tokens past K_i stay drafted; `guess` is d_{K+1} when there is one."""
+        tokens past K_i stay drafted; `guess` is d_{K+1} when there is one. `on_done(i, proposal)` is
+        called (on this thread) as soon as session i is drafted, while longer drafts go on; that session
+        is not touched again by this call."""
         wants = [k + (lookahead and k > 0) for k in ks]
         starts = [s.ready if k else [] for s, k in zip(sessions, ks)]  # k = 0: apply drops the cache past it
         for s in sessions:
             s.ready = []
-        drafted = self._extend(sessions, starts, [max(0, w - len(st)) for w, st in zip(wants, starts)])
-        proposals = []
-        for s, k, out in zip(sessions, ks, drafted):
+        proposals: list[Proposal | None] = [None] * len(sessions)
+
+        def finish(i: int, out: list[tuple[int, float]]) -> None:
+            s, k = sessions[i], ks[i]
             s.drafted, s.sent = out, k
-            proposals.append(Proposal([t for t, _ in out[:k]], [q for _, q in out[:k]]))
+            proposals[i] = Proposal([t for t, _ in out[:k]], [q for _, q in out[:k]])
+            if on_done is not None:
+                on_done(i, proposals[i])
+
+        self._extend(sessions, starts, [max(0, w - len(st)) for w, st in zip(wants, starts)], finish)
         return proposals
 
     def draft_ahead(self, sessions: list[EdgeSession], ns: list[int]) -> None:
@@ -117,19 +126,22 @@ class DraftProposer:
         return guess is not None and accepted == s.sent and guess == token
 
     @torch.inference_mode()
-    def _extend(self, sessions: list[EdgeSession], starts: list[list[tuple[int, float]]],
-                ns: list[int]) -> list[list[tuple[int, float]]]:
+    def _extend(self, sessions: list[EdgeSession], starts: list[list[tuple[int, float]]], ns: list[int],
+                done: Callable[[int, list[tuple[int, float]]], None] | None = None) -> list[list[tuple[int, float]]]:
         """Continue each session's draft `starts[i]` (tokens past the committed ones) by n_i steps, batched;
-        every step feeds whatever the cache has not seen yet (the backlog, then the last draft token)."""
+        every step feeds whatever the cache has not seen yet (the backlog, then the last draft token).
+        `done(i, out_i)` as each session gets its n_i steps."""
         outs = [list(st) for st in starts]
+        for i in (i for i, n in enumerate(ns) if n <= 0 and done is not None):
+            done(i, outs[i])
         for step in range(max(ns, default=0)):
             active = [i for i, n in enumerate(ns) if n > step]
-            inputs = []
-            for i in active:
-                inputs.append(self._unfed(sessions[i], outs[i]))
+            inputs = [self._unfed(sessions[i], outs[i]) for i in active]
             logits = run_ragged_by_shape(self.model, [sessions[i].cache for i in active], inputs, self.decode_max)
             for i, lg in zip(active, logits):
                 outs[i].append(self._choose(lg[-1], sessions[i]))
+                if ns[i] == step + 1 and done is not None:
+                    done(i, outs[i])
         return outs
 
     @staticmethod

@@ -43,7 +43,7 @@ from flexspec_serve.edge.emulator import EmulatedDevice, RoundRecord
 from flexspec_serve.engine.client import ClientSession
 from flexspec_serve.engine.errors import ConditionNotMet
 from flexspec_serve.engine.generate import RoundEvent
-from flexspec_serve.engine.proposer import DraftProposer, ahead_tokens
+from flexspec_serve.engine.proposer import DraftProposer, Proposal, ahead_tokens
 from flexspec_serve.engine.sampling import SamplingParams
 from flexspec_serve.fleet.spec import DevicePlan, FleetSpec
 from flexspec_serve.transport import AsyncTransport, TransportError
@@ -51,10 +51,26 @@ from flexspec_serve.transport import AsyncTransport, TransportError
 RETRYABLE_CODES = frozenset({"overloaded", "rate_limited", "unavailable"})
 MAX_ATTEMPTS = 8
 BACKOFF_BASE_MS, BACKOFF_CAP_MS = 50.0, 2000.0
+DRAFT_GATHER_SHARE = 0.25  # of a round's emulated draft time, at most, spent gathering a draft batch
 
 
 class SessionFailed(Exception):
     pass
+
+
+def _resolve(fut: asyncio.Future, value) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _fail_if_unanswered(fut: asyncio.Future, batch: asyncio.Future) -> None:
+    """A batch that ended (failed, cancelled) without answering `fut` passes that on."""
+    if fut.done():
+        return
+    if batch.cancelled():
+        fut.cancel()
+    else:
+        fut.set_exception(batch.exception() or RuntimeError("the draft batch ended without this proposal"))
 
 
 LAG_KINDS = ("session_start", "draft", "uplink", "downlink", "pipelined_send", "answer_applied")
@@ -183,21 +199,34 @@ class Shard:
         self._orphans: set[asyncio.Task] = set()  # pipelined rounds discarded while on the air
 
     def _propose_batch(self, items: list[tuple]) -> list:
-        """Proposals of the K tokens each round sends (a device drafts its guess d_{K+1} during the wait)."""
-        return self.proposer.propose([s for s, _ in items], [k for _, k in items])
+        """Proposals of the K tokens each round sends (a device drafts its guess d_{K+1} during the wait).
+        Each device's future is answered as soon as its own K are drafted: a short draft does not wait for
+        the longest one in its batch (its emulated draft time is short too)."""
+
+        def done(i: int, proposal: Proposal) -> None:
+            fut: asyncio.Future = items[i][2]
+            fut.get_loop().call_soon_threadsafe(_resolve, fut, proposal)
+
+        self.proposer.propose([s for s, _, _ in items], [k for _, k, _ in items], on_done=done)
+        return [None] * len(items)
 
     def _ahead_batch(self, items: list[tuple]) -> list:
         """Draft-ahead during waits: n more tokens for each session."""
         self.proposer.draft_ahead([s for s, _ in items], [n for _, n in items])
         return [None] * len(items)
 
-    async def _propose(self, client: ClientSession, k: int):
-        """The round's proposal; from tokens drafted ahead alone when they suffice (no batch wait)."""
+    async def _propose(self, client: ClientSession, k: int, draft_ms: float):
+        """The round's proposal; from tokens drafted ahead alone when they suffice (no batch wait). Its batch
+        gathers at most a quarter of the device's own draft time: the rest is for computing it."""
         if not k:
             return None
         if self.proposer.steps_needed(client.edge, k) == 0:
             return self.proposer.propose([client.edge], [k])[0]
-        return await self.drafter.submit((client.edge, k))
+        proposal = asyncio.get_running_loop().create_future()
+        wait_ms = min(self.spec.draft_batch_wait_ms, DRAFT_GATHER_SHARE * draft_ms)
+        batch = asyncio.ensure_future(self.drafter.submit((client.edge, k, proposal), wait_ms))
+        batch.add_done_callback(lambda b: _fail_if_unanswered(proposal, b))
+        return await proposal
 
     def _start_guess(self, dev: EmulatedDevice, client: ClientSession, k: int) -> asyncio.Task | None:
         """Draft-ahead, part 1, as the round goes on the air: the draft's guess d_{K+1} (one step)."""
@@ -327,7 +356,7 @@ class Shard:
         t0 = clock.now_ms()
         dev.clock_ms = t0
         f = Flight(k, [], t0, dev.draft_latency_ms(k), self.proposer.backlog(client.edge))
-        proposal = await self._propose(client, k)
+        proposal = await self._propose(client, k, f.draft_ms)
         f.draft = proposal.tokens if proposal else []
         f.lags.append(await clock.sleep_until(t0 + f.draft_ms, "draft"))
         f.sent = clock.now_ms()

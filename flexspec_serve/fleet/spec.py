@@ -65,7 +65,7 @@ class FleetSpec(StrictModel):
     api_key_file: str | None = Field(None, description="file holding this fleet's API key for the http transport "
                                                        "(one line); else $FLEXSPEC_API_KEY. Keys never go in here")
     draft_batch_wait_ms: float = Field(8.0, ge=0, le=100, description="gather draft steps of an actor's devices "
-                                       "(hidden in the devices' own draft time: a step takes >= 3 ms on every class)")
+                                       "for at most this long, and at most a quarter of the round's own draft time")
     trace_offset_spread_s: float = Field(600.0, ge=0, description="devices start at random offsets in a trace")
     seed: int = Field(0, ge=0)
 
