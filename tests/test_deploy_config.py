@@ -120,3 +120,18 @@ def test_version_stats_merge_over_replicas_and_count_each_replica_once():
     assert merged["latency_p99_ms"] == 40.0 and merged["cache_hit_rate"] == pytest.approx(0.9)
     assert merged["window"]["rounds"] == 10 and merged["window"]["acceptance_rate"] == pytest.approx(0.5)
     assert merge_replica_stats([a])["replicas"] == ["a"] and merge_replica_stats([a])["rounds"] == 20
+
+
+def test_loadtest_flags_override_the_fleet_file(tmp_path):
+    import argparse
+
+    from deployments.loadtest import load_spec, register
+
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text(yaml.safe_dump({"devices": 30, "mix": [{"device_class": "wearable", "share": 1.0}]}))
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    spec = load_spec(parser.parse_args(["loadtest", "--fleet", str(fleet), "--pipeline", "--devices", "7"]))
+    assert spec.pipeline and not spec.draft_ahead and spec.devices == 7
+    spec = load_spec(parser.parse_args(["loadtest", "--fleet", str(fleet), "--draft-ahead"]))
+    assert spec.draft_ahead and not spec.pipeline and spec.devices == 30
