@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import json
+from array import array
 from collections import defaultdict
 from pathlib import Path
 
@@ -48,7 +49,7 @@ def merge(shards: list[ShardResult]) -> ShardResult:
         out.sessions += s.sessions
         out.lags_ms += s.lags_ms
         for kind, lags in s.lags_by_kind.items():
-            out.lags_by_kind.setdefault(kind, []).extend(lags)
+            out.lags_by_kind.setdefault(kind, array("d")).extend(lags)
         out.sessions_started += s.sessions_started
         out.device_crashes += s.device_crashes
         for row in s.timeline:
