@@ -11,7 +11,7 @@ import torch
 
 from deployments.config import VersionSpec
 from flexspec_serve import protocol as P
-from flexspec_serve.engine.errors import EngineError, ResyncRequired
+from flexspec_serve.engine.errors import ConditionNotMet, EngineError, ResyncRequired
 from flexspec_serve.engine.verifier import Verifier, VerifierLimits
 from flexspec_serve.zoo.loading import check_tokenizers_match, load_causal_lm, load_tokenizer
 
@@ -46,7 +46,8 @@ class VerifierServer:
         done = time.perf_counter()
         for i, o in enumerate(outcomes):
             if isinstance(o, EngineError):
-                self.errors += not isinstance(o, ResyncRequired)  # a resync is the protocol working, not a failure
+                # a resync or a refused pipelined round is the protocol working, not a failure
+                self.errors += not isinstance(o, (ResyncRequired, ConditionNotMet))
                 out.append((o.http_status, P.ErrorBody.of(o.code, str(o), getattr(o, "field", None),
                                                          getattr(o, "value", None))))
             else:

@@ -135,3 +135,24 @@ def test_loadtest_flags_override_the_fleet_file(tmp_path):
     assert spec.pipeline and not spec.draft_ahead and spec.devices == 7
     spec = load_spec(parser.parse_args(["loadtest", "--fleet", str(fleet), "--draft-ahead"]))
     assert spec.draft_ahead and not spec.pipeline and spec.devices == 30
+
+
+def test_a_refused_pipelined_round_is_not_a_replica_error(tiny_family):
+    """The canary watcher rolls a version back on its error rate: pipelining devices must not trip it."""
+    import torch
+
+    from deployments.server import VerifierServer
+    from flexspec_serve import protocol as P
+
+    threads = torch.get_num_threads()
+    try:
+        server = VerifierServer(VersionSpec(name="v1", path=str(tiny_family / "v1")), str(tiny_family / "draft"))
+    finally:
+        torch.set_num_threads(threads)
+    (first,) = server.verify_rounds([P.DraftRound(session_id="s", seq=0, full_context=[5, 6, 7], draft_tokens=[8])])
+    wrong = [8, (first.token + 1) % 100]  # never what round 0 committed
+    (refused,) = server.verify_rounds([P.DraftRound(session_id="s", seq=1, draft_tokens=[9], assume=wrong)])
+    assert refused[0] == 409 and refused[1].error.code == "condition_not_met"
+    (bad,) = server.verify_rounds([P.DraftRound(session_id="s", seq=1, draft_tokens=[10**6])])
+    assert bad[1].error.code == "invalid_request"
+    assert server.stats()["errors"] == 1  # the bad round only
