@@ -67,11 +67,14 @@ class _Session:
     seed: int
     target: CachedSequence = field(default_factory=CachedSequence)
     draft: CachedSequence = field(default_factory=CachedSequence)
-    last_outcome: RoundOutcome | None = None
     answered: dict[tuple, RoundOutcome] = field(default_factory=dict)  # the last two rounds' outcomes, by key
     stats: AcceptanceStats = field(default_factory=AcceptanceStats)
     created_at: float = 0.0  # wall time of its first round (0 for sessions rebuilt by a resync)
     last_used: float = 0.0  # clock time of its last round (idle sessions expire after session_ttl_s)
+
+    @property
+    def last_outcome(self) -> RoundOutcome | None:
+        return max(self.answered.values(), key=lambda o: o.seq, default=None)
 
     def nbytes(self) -> int:
         return self.target.nbytes() + self.draft.nbytes()
@@ -272,7 +275,6 @@ class Verifier:
         self.stats.record(k, n)
         outcome = RoundOutcome(req.session_id, req.seq, n, token, n == k, len(session.tokens),
                                round(verify_ms, 3), batch_size, hit)
-        session.last_outcome = outcome
         # keep round s's answer beside this one's: its retry may come after pipelined round s + 1 was verified
         session.answered = {key: o for key, o in session.answered.items() if o.seq == req.seq - 1}
         session.answered[_round_key(req)] = outcome

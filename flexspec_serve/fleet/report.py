@@ -47,7 +47,6 @@ def merge(shards: list[ShardResult]) -> ShardResult:
     for s in shards:
         out.rounds += s.rounds
         out.sessions += s.sessions
-        out.lags_ms += s.lags_ms
         for kind, lags in s.lags_by_kind.items():
             out.lags_by_kind.setdefault(kind, array("d")).extend(lags)
         out.sessions_started += s.sessions_started
@@ -126,7 +125,7 @@ def summarize(run: ShardResult, meta: dict, events: list[dict] | None = None) ->
         "sessions_lost": started - len(sessions),  # started but never reported back
         **m, "fleet_tokens_per_s": round(m["tokens"] / span_s, 2) if span_s else 0.0,
         "round_ms": _pct([r["round_ms"] for r in rounds]),
-        "emulation_lag_ms": {**_pct(run.lags_ms), "events": len(run.lags_ms),
+        "emulation_lag_ms": {**_pct(lags := run.lags_ms), "events": len(lags),
                              "by_kind": {kind: {**_pct(lags, (99,)), "events": len(lags)}
                                          for kind, lags in run.lags_by_kind.items() if lags}},
         "mid_round": {"mean": round(float(np.mean([t["mid_round"] for t in timeline])), 1) if timeline else 0,

@@ -139,12 +139,16 @@ class LiveCounters:
 class ShardResult:
     rounds: list[dict] = field(default_factory=list)  # one RoundRecord per round
     sessions: list[dict] = field(default_factory=list)  # one per session, with its generated tokens
-    lags_ms: list[float] = field(default_factory=list)  # every emulated event's lateness
-    lags_by_kind: dict[str, array] = field(default_factory=dict)  # the same (and orphans'), by event kind
+    lags_by_kind: dict[str, array] = field(default_factory=dict)  # every emulated event's lateness, by kind
     timeline: list[dict] = field(default_factory=list)  # sampled once a second
     draft_mean_batch: float = 0.0
     sessions_started: int = 0
     device_crashes: list[str] = field(default_factory=list)  # a bug, not a service error: never expected
+
+    @property
+    def lags_ms(self) -> list[float]:
+        """Every emulated event's lateness (all kinds)."""
+        return [lag for lags in self.lags_by_kind.values() for lag in lags]
 
 
 @dataclass
@@ -285,7 +289,7 @@ class Shard:
         while due < spec.duration_s * 1e3:  # no session starts after the arrival window
             if spec.arrival.sessions_per_device and n >= spec.arrival.sessions_per_device:
                 return
-            self.result.lags_ms.append(await self.clock.sleep_until(due, "session_start"))
+            await self.clock.sleep_until(due, "session_start")
             await self._session(dev, plan, n, rng)
             n += 1
             think = rng.expovariate(1.0 / spec.arrival.think_time_s) if spec.arrival.think_time_s else 0.0
@@ -391,7 +395,7 @@ class Shard:
             return None
         f = Flight(k_next, msg.draft_tokens, 0.0, 0.0, 0, lags=[timer.result()], sent=self.clock.now_ms(),
                    pipelined=True, assume=msg.assume)
-        f.task = asyncio.create_task(self._deliver_once(dev, msg, f.lags))
+        f.task = asyncio.create_task(self._trip(dev, msg, f.lags))
         return f
 
     async def _answer(self, dev: EmulatedDevice, client: ClientSession, head: Flight, rng: random.Random) -> Delivery:
@@ -439,7 +443,6 @@ class Shard:
                           lag_ms=round(max(f.lags), 3), queue_ms=result.timings.queue_ms,
                           server_verify_ms=result.timings.verify_ms, batch_size=result.timings.batch_size,
                           attempts=d.attempts, pipelined=f.pipelined)
-        self.result.lags_ms.extend(f.lags)
         self.counters.rounds += 1
         self.counters.tokens += result.accepted + 1
         return rec
@@ -456,8 +459,10 @@ class Shard:
         lags[-1] = max(lags[-1], self.clock.late(answered, "answer_applied"))
         return hit
 
-    async def _deliver_once(self, dev: EmulatedDevice, msg: P.DraftRound, lags: list[float]) -> Delivery:
-        """A pipelined round: uplink, one exchange, downlink; no retries (on any error it is resent plain)."""
+    async def _trip(self, dev: EmulatedDevice, msg: P.DraftRound, lags: list[float], on_answer=None) -> Delivery:
+        """One attempt: uplink, exchange, downlink. A broken path answers `unavailable` (no downlink).
+        `on_answer(result)` sees a round's result as the cloud sends it. A pipelined round takes one trip
+        (on any error it is resent after its predecessor's hit); `_deliver` retries."""
         clock = self.clock
         nbytes = len(P.encode_round(msg))
         sent = clock.now_ms()
@@ -470,46 +475,33 @@ class Shard:
                             clock.now_ms())
         answered = clock.now_ms()
         back = dev.link.down.delivery_ms(ex.bytes_down, answered)
+        if on_answer is not None and isinstance(ex.result, P.RoundResult):
+            on_answer(ex.result)
         lags.append(await clock.sleep_until(back, "downlink"))
         return Delivery(ex.result, nbytes, ex.bytes_down, arrive - sent, answered - arrive, back - answered, 1, back)
 
     async def _deliver(self, dev: EmulatedDevice, client: ClientSession, draft: list[int], lags: list[float],
                        rng: random.Random, on_answer=None, assume: list[int] | None = None) -> Delivery:
-        """Uplink, cloud, downlink, with resync and retries (bytes summed over attempts; times of the last).
-        `on_answer(result)` sees a round's result as the cloud sends it. `assume`: a pipelined round's
-        resend (dropped if the cloud refuses it, e.g. after losing the session; then resync as usual)."""
-        clock, bytes_up, bytes_down = self.clock, 0, 0
+        """Trips with resync and retries (bytes summed over attempts; times of the last). `assume`: a
+        pipelined round's resend (dropped if the cloud refuses it, e.g. after losing the session; then resync
+        as usual)."""
+        bytes_up = bytes_down = 0
         for attempt in range(MAX_ATTEMPTS):
-            msg = client.message(draft, assume)
-            nbytes = len(P.encode_round(msg))
-            sent = clock.now_ms()
-            arrive = dev.link.up.delivery_ms(nbytes, sent)
-            lags.append(await clock.sleep_until(arrive, "uplink"))
-            bytes_up += nbytes
-            try:
-                ex = await self.transport.send(msg)
-            except TransportError:
-                self.counters.retries += 1
-                await asyncio.sleep(backoff_ms(attempt, rng) / 1e3)
-                continue
-            answered = clock.now_ms()
-            back = dev.link.down.delivery_ms(ex.bytes_down, answered)
-            if on_answer is not None and isinstance(ex.result, P.RoundResult):
-                on_answer(ex.result)
-            lags.append(await clock.sleep_until(back, "downlink"))
-            bytes_down += ex.bytes_down
-            if isinstance(ex.result, P.RoundResult):
-                return Delivery(ex.result, bytes_up, bytes_down, arrive - sent, answered - arrive, back - answered,
-                                attempt + 1, back)
-            if client.on_error(ex.result):  # the server lost the session: resend with the full context
+            d = await self._trip(dev, client.message(draft, assume), lags, on_answer)
+            bytes_up, bytes_down = bytes_up + d.bytes_up, bytes_down + d.bytes_down
+            if isinstance(d.result, P.RoundResult):
+                d.bytes_up, d.bytes_down, d.attempts = bytes_up, bytes_down, attempt + 1
+                return d
+            error = d.result.error
+            if client.on_error(d.result):  # the server lost the session: resend with the full context
                 self.counters.resyncs += 1
                 continue
-            if assume is not None and ex.result.error.code == ConditionNotMet.code:
+            if assume is not None and error.code == ConditionNotMet.code:
                 assume = None  # e.g. the session is gone: as a plain round it gets resync_required
                 continue
-            if ex.result.error.code not in RETRYABLE_CODES:
-                raise SessionFailed(f"{ex.result.error.code}: {ex.result.error.message}")
+            if error.code not in RETRYABLE_CODES:
+                raise SessionFailed(f"{error.code}: {error.message}")
             self.counters.retries += 1
-            wait_s = ex.result.error.retry_after_s
+            wait_s = error.retry_after_s
             await asyncio.sleep(wait_s if wait_s is not None else backoff_ms(attempt, rng) / 1e3)
         raise SessionFailed(f"round {client.seq} of {client.session_id} failed {MAX_ATTEMPTS} times")
