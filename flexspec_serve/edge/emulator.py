@@ -87,8 +87,7 @@ class EmulatedDevice:
     pipeline: bool = False  # send the round drafted ahead before the answer (see the module docstring)
     piped_sent_ms: float | None = None  # when the next round went out, if it was pipelined
     last_k: int = 0
-    last_sent_ms: float = 0.0  # the last round's send time, and when the cloud finished verifying it
-    last_verified_ms: float = 0.0
+    last_verified_ms: float = 0.0  # when the cloud finished verifying the last round
 
     def start_session(self, prompt_tokens: int) -> None:
         """A new session: the draft has seen none of its prompt and has nothing drafted ahead."""
@@ -145,7 +144,7 @@ class EmulatedDevice:
         back = max(t0, self.link.down.delivery_ms(ev.bytes_down, done))
         rec = self.account(ev, t0, draft_ms, arrived - sent, done - arrived, back - done,
                            back_ms=back if piped is not None else None, pipelined=piped is not None)
-        self.last_k, self.last_sent_ms, self.last_verified_ms = ev.k, sent, done
+        self.last_k, self.last_verified_ms = ev.k, done
         nxt = sent + self.profile.draft_ms(1 + ev.k)  # d_{K+1}, then the next round's K tokens
         if not (self.pipeline and self.ahead_now and ev.k and nxt < back):
             return rec  # not pipelining, or the answer came first (plain draft-ahead)
