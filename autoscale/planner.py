@@ -4,7 +4,11 @@ Demand. For every device of the fleet spec, the FlexSpec controller picks K on t
 mean rate (prior acceptance `alpha`); that gives its round time T_r (draft + uplink + server + downlink)
 and tokens per round tau. A session of `max_new_tokens` takes T_s = max_new / tau rounds of T_r; with
 think time Z between sessions a device is in a session a fraction T_s / (T_s + Z) of the time, sending
-1 / T_r rounds/s meanwhile. Summed over devices (and split by the target's weights): rounds/s per version.
+1 / T_r rounds/s meanwhile. A pipelining device also sends the round it drafted ahead behind every round
+whose answer comes after that draft; behind a miss (probability 1 - P(lookahead hit)) the cloud refuses it,
+which is one more round for the server to answer (a round's serving overhead and batch slot, no verified
+positions). Summed over devices
+(and split by the target's weights): rounds/s per version.
 
 Supply. A replica verifying a batch of b rounds takes c(b) (measured: `engine.costs.cost_profile`) plus a
 per-round serving overhead o (router, handles, encoding; measured by `benchmarks.serve`). A round waits
@@ -33,6 +37,7 @@ class Demand:
     verified_tokens_per_s: float  # K + 1 positions per round
     mean_k: float
     devices_in_session: float
+    refused_rounds_per_s: float = 0.0  # pipelined rounds sent behind misses (included in rounds_per_s)
 
 
 @dataclass(frozen=True)
@@ -52,13 +57,13 @@ def device_demand(spec: FleetSpec, alpha: float, server_ms: float, sample: int =
     plans = spec.plans()
     step = max(1, len(plans) // sample)
     picked = plans[::step]
-    rounds = tokens = ks = in_session = 0.0
+    rounds = tokens = ks = in_session = refused = 0.0
     for p in picked:
         profile, cloud = DEVICE_CLASSES[p.device_class], CloudProfile(server_ms, 0.0)
-        policy = make_policy(spec.policy, profile, cloud, spec.max_draft_tokens, spec.draft_ahead)
+        policy = make_policy(spec.policy, profile, cloud, spec.max_draft_tokens, spec.ahead)
         estimator = AcceptanceEstimator(prior_a=alpha * 20, prior_b=(1 - alpha) * 20)
         # the round-time model of the adaptive controller, whatever policy picks K (draft-ahead included)
-        model = FlexSpecController(profile, cloud, spec.max_draft_tokens, estimator, spec.draft_ahead)
+        model = FlexSpecController(profile, cloud, spec.max_draft_tokens, estimator, spec.ahead)
         if isinstance(policy, FlexSpecController):
             policy.estimator = estimator
         view = mean_view(make_link(p.channel, p.seed, p.offset_ms))
@@ -67,12 +72,15 @@ def device_demand(spec: FleetSpec, alpha: float, server_ms: float, sample: int =
         t_round_s = model.round_ms(k, view) / 1e3
         t_session_s = spec.max_new_tokens / tau * t_round_s
         duty = t_session_s / (t_session_s + spec.arrival.think_time_s)
-        rounds += duty / t_round_s
+        piped = spec.ahead.sends and k and model.device.draft_ms(1 + k) < model.wait_ms(k, view)
+        refused_per_round = (1.0 - estimator.p_all(k + 1)) if piped else 0.0
+        rounds += duty * (1.0 + refused_per_round) / t_round_s
+        refused += duty * refused_per_round / t_round_s
         tokens += duty * (k + 1) / t_round_s
         ks += k
         in_session += duty
     scale = len(plans) / len(picked)
-    return Demand(rounds * scale, tokens * scale, ks / len(picked), in_session * scale)
+    return Demand(rounds * scale, tokens * scale, ks / len(picked), in_session * scale, refused * scale)
 
 
 def mean_view(link) -> RoundView:

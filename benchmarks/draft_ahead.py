@@ -19,6 +19,7 @@ import logging
 from pathlib import Path
 
 from flexspec_serve import paths
+from flexspec_serve.ahead import Ahead
 from flexspec_serve.edge.bench import BenchConfig, Cell, run_bench
 from flexspec_serve.edge.channels import trace_names
 from flexspec_serve.reports import machine, md_table
@@ -26,7 +27,7 @@ from flexspec_serve.reports import machine, md_table
 CLASSES = ("flagship-phone", "midrange-phone")
 
 
-MODES = ("idle", "draft-ahead", "pipelined")
+MODES = {"idle": Ahead.OFF, "draft-ahead": Ahead.DRAFT, "pipelined": Ahead.PIPELINE}  # column label: mode
 
 
 def rows(runs: dict[str, list[Cell]]) -> list[dict]:
@@ -63,8 +64,7 @@ def main() -> None:
     family = paths.family_dir(args.profile)
     traces = tuple(trace_names())
     cfg = dict(family=family, classes=CLASSES, settings=traces, fixed_ks=(4,), devices_per_cell=args.devices_per_cell)
-    runs = {"idle": run_bench(BenchConfig(**cfg)), "draft-ahead": run_bench(BenchConfig(**cfg, draft_ahead=True)),
-            "pipelined": run_bench(BenchConfig(**cfg, pipeline=True))}
+    runs = {mode: run_bench(BenchConfig(**cfg, ahead=ahead)) for mode, ahead in MODES.items()}
     lte = {mode: [c for c in cells if "LTE" in c.setting] for mode, cells in runs.items()}
     base = pooled(lte["idle"], "cloud-only")
     summary = [{"policy": p + ("" if mode == "idle" else f" + {mode}"),

@@ -19,9 +19,10 @@ from pathlib import Path
 from deployments.cli import family_app_config, start_local_app
 from deployments.loadtest import fleet_prompts, run_report
 from flexspec_serve import paths
+from flexspec_serve.ahead import Ahead
 from flexspec_serve.fleet.report import class_compare_rows, compare_rows
-from flexspec_serve.reports import machine, md_table
 from flexspec_serve.fleet.spec import FleetSpec
+from flexspec_serve.reports import machine, md_table
 
 LTE = ("TMobile-LTE-short", "ATT-LTE-driving")
 
@@ -35,15 +36,16 @@ def scale_spec(args, think: float) -> FleetSpec:
         arrival={"start_within_s": think, "think_time_s": think}, duration_s=args.duration)
 
 
-LTE_RUNS = (("adaptive", ""), ("adaptive", "ahead"), ("adaptive", "pipeline"), ("fixed-4", ""),
-            ("cloud-only", ""))
+LTE_RUNS = (("adaptive", Ahead.OFF), ("adaptive", Ahead.DRAFT), ("adaptive", Ahead.PIPELINE), ("fixed-4", Ahead.OFF),
+            ("cloud-only", Ahead.OFF))
+RUN_DIR_SUFFIX = {Ahead.OFF: "", Ahead.DRAFT: "ahead", Ahead.PIPELINE: "pipeline"}
 
 
-def lte_spec(args, policy: str, mode: str) -> FleetSpec:
+def lte_spec(args, policy: str, ahead: Ahead) -> FleetSpec:
     return FleetSpec(
         name="lte", devices=args.lte_devices, actors=2, actor_num_cpus=0.2, max_new_tokens=48, target="stable",
-        policy=policy, draft_ahead=mode == "ahead", pipeline=mode == "pipeline", mix=[{"device_class": "flagship-phone", "share": 0.5, "channel": LTE[0]},
-                            {"device_class": "midrange-phone", "share": 0.5, "channel": LTE[1]}],
+        policy=policy, ahead=ahead, mix=[{"device_class": "flagship-phone", "share": 0.5, "channel": LTE[0]},
+                                         {"device_class": "midrange-phone", "share": 0.5, "channel": LTE[1]}],
         arrival={"start_within_s": 6, "think_time_s": 6}, duration_s=args.lte_duration)
 
 
@@ -70,10 +72,10 @@ def main() -> None:
     prompts = fleet_prompts(scale_spec(args, 1.0), family / "draft")
     runs = [run_report(spec, prompts, draft, args.out / "fleet" / f"scale-think{spec.arrival.think_time_s:g}",
                        command="python -m benchmarks.fleet") for spec in scales]
-    summaries = [run_report(lte_spec(args, p, mode), prompts, draft,
-                            args.out / "fleet" / "-".join(filter(None, ("lte", p, mode))),
+    summaries = [run_report(lte_spec(args, p, ahead), prompts, draft,
+                            args.out / "fleet" / "-".join(filter(None, ("lte", p, RUN_DIR_SUFFIX[ahead]))),
                             command="python -m benchmarks.fleet")
-                 for p, mode in (LTE_RUNS if "lte" in args.parts else ())]
+                 for p, ahead in (LTE_RUNS if "lte" in args.parts else ())]
     lines = [
         "# Fleet benchmark (local Ray + Serve, CPU)\n",
         f"Command: `python -m benchmarks.fleet --profile {args.profile} --devices {args.devices}`  \n"

@@ -7,13 +7,14 @@ otherwise it joins `--address` (default `auto`: the Ray that `flexspec serve up`
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from flexspec_serve.ahead import Ahead
 
 log = logging.getLogger("flexspec.loadtest")
 
@@ -25,11 +26,9 @@ def register(sub) -> None:
     p.add_argument("--duration", type=float, help="override the fleet's duration (s of session arrivals)")
     p.add_argument("--policy", help="override the fleet's policy (adaptive | fixed-K | cloud-only | accept-adaptive)")
     p.add_argument("--transport", choices=["handle", "direct", "http"], help="override the fleet's transport")
-    p.add_argument("--draft-ahead", action=argparse.BooleanOptionalAction, default=None,
-                   help="override the fleet's draft_ahead (devices draft while each round waits for its answer)")
-    p.add_argument("--pipeline", action=argparse.BooleanOptionalAction, default=None,
-                   help="override the fleet's pipeline (devices send the round they drafted ahead before the "
-                   "current round's answer; the cloud verifies it only after a lookahead hit)")
+    p.add_argument("--ahead", choices=[a.value for a in Ahead],
+                   help="override the fleet's ahead: what devices do while a round waits (off; draft: draft-ahead; "
+                   "pipeline: also send the round drafted ahead before the answer, verified only after a hit)")
     p.add_argument("--compare", nargs="*", metavar="POLICY",
                    help="also replay the fleet with these policies (default: fixed-4 cloud-only)")
     p.add_argument("--out", type=Path, default=Path("loadtest-out"), help="report directory")
@@ -46,8 +45,7 @@ def load_spec(args):
 
     spec = load_yaml(FleetSpec, args.fleet)
     patch = {k: v for k, v in {"devices": args.devices, "duration_s": args.duration, "policy": args.policy,
-                               "transport": args.transport, "draft_ahead": args.draft_ahead,
-                               "pipeline": args.pipeline}.items() if v is not None}
+                               "transport": args.transport, "ahead": args.ahead}.items() if v is not None}
     return FleetSpec.model_validate({**spec.model_dump(), **patch}) if patch else spec
 
 
@@ -148,8 +146,7 @@ def run_report(spec, prompts, draft_path: str, out: Path, compare: list[str] | N
 
     def one(s, tick):
         run, wall_s, events = run_fleet(s, prompts, draft_path, api_key, tick, show_progress)
-        meta = {"fleet": s.name, "policy": s.policy, "draft_ahead": s.draft_ahead, "pipeline": s.pipeline,
-                "devices": s.devices,
+        meta = {"fleet": s.name, "policy": s.policy, "ahead": s.ahead.value, "devices": s.devices,
                 "actors": len(s.shards()),
                 "transport": s.transport, "seed": s.seed, "duration_s": s.duration_s, "wall_s": round(wall_s, 1),
                 "command": command, "machine": machine()}

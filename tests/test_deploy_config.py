@@ -131,10 +131,13 @@ def test_loadtest_flags_override_the_fleet_file(tmp_path):
     fleet.write_text(yaml.safe_dump({"devices": 30, "mix": [{"device_class": "wearable", "share": 1.0}]}))
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())
-    spec = load_spec(parser.parse_args(["loadtest", "--fleet", str(fleet), "--pipeline", "--devices", "7"]))
-    assert spec.pipeline and not spec.draft_ahead and spec.devices == 7
-    spec = load_spec(parser.parse_args(["loadtest", "--fleet", str(fleet), "--draft-ahead"]))
-    assert spec.draft_ahead and not spec.pipeline and spec.devices == 30
+    assert load_spec(parser.parse_args(["loadtest", "--fleet", str(fleet)])).ahead == "off"
+    spec = load_spec(parser.parse_args(["loadtest", "--fleet", str(fleet), "--ahead", "pipeline", "--devices", "7"]))
+    assert spec.ahead.sends and spec.devices == 7
+    spec = load_spec(parser.parse_args(["loadtest", "--fleet", str(fleet), "--ahead", "draft"]))
+    assert spec.ahead.drafts and not spec.ahead.sends and spec.devices == 30
+    with pytest.raises(SystemExit):  # argparse names the choices
+        parser.parse_args(["loadtest", "--fleet", str(fleet), "--ahead", "yes"])
 
 
 def test_a_refused_pipelined_round_is_not_a_replica_error(tiny_family):

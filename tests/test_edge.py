@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import yaml
 
+from flexspec_serve.ahead import Ahead
 from flexspec_serve.config import ConfigError, load_yaml
 from flexspec_serve.edge.channels import (
     STATISTICAL_SETTINGS, LinkObserver, RadioSetting, StatisticalChannel, TraceChannel, TraceFormatError, make_link, parse_mahimahi,
@@ -237,28 +238,28 @@ def test_fading_channel_memory_stays_bounded_over_hours_and_draws_the_same_rates
     assert len(keep_all._rates) > 2 * 3600e3 / keep_all.s.block_ms
 
 
-def _answered(dev, k, accepted, hit, wait=(30.0, 20.0, 30.0), prefill_tokens=0):
+def _answered(dev, k, accepted, hit, wait=(30.0, 20.0, 30.0)):
     from flexspec_serve import protocol as P
     from flexspec_serve.engine.generate import RoundEvent
 
     result = P.RoundResult(session_id="s", seq=0, accepted=accepted, token=7, bonus=accepted == k, version="v1",
                            context_len=40)
-    ev = RoundEvent(0, 0, k, accepted, prefill_tokens, 30, 20, result, hit)
-    dev.ahead_now = dev.draft_ahead  # what choose_k leaves when the policy lets the device draft ahead
+    ev = RoundEvent(0, 0, k, accepted, 30, 20, result, hit)
+    dev.ahead_now = dev.ahead.drafts  # what choose_k leaves when the policy lets the device draft ahead
     t0 = dev.clock_ms
     return dev.account(ev, t0, dev.draft_latency_ms(k), *wait)
 
 
-def _device(draft_ahead):
+def _device(ahead):
     from flexspec_serve.edge.emulator import EmulatedDevice
 
     flagship = DEVICE_CLASSES["flagship-phone"]
-    return EmulatedDevice("d", flagship, make_link("good", 0), FixedK(k=4), CLOUD, draft_ahead=draft_ahead)
+    return EmulatedDevice("d", flagship, make_link("good", 0), FixedK(k=4), CLOUD, ahead=ahead)
 
 
 def test_a_lookahead_hit_hides_the_next_rounds_draft_in_the_wait():
     """80 ms of wait at 9 ms per draft step: d_{K+1}, then a next round of 4 tokens and its own guess."""
-    dev = _device(draft_ahead=True)
+    dev = _device(Ahead.DRAFT)
     _answered(dev, 4, 4, hit=True)
     assert dev.predrafted == 5 and dev.view().predrafted == 5
     assert dev.draft_latency_ms(4) == 0.0 and dev.draft_latency_ms(7) == pytest.approx(2 * 9.0)
@@ -269,20 +270,32 @@ def test_a_lookahead_hit_hides_the_next_rounds_draft_in_the_wait():
 
 def test_drafting_ahead_costs_energy_on_a_miss_and_saves_nothing():
     flagship = DEVICE_CLASSES["flagship-phone"]
-    ahead, idle = _device(draft_ahead=True), _device(draft_ahead=False)
+    ahead, idle = _device(Ahead.DRAFT), _device(Ahead.OFF)
     a, b = _answered(ahead, 4, 1, hit=False), _answered(idle, 4, 1, hit=False)
     assert a.round_ms == b.round_ms and ahead.predrafted == 0
     assert a.energy_j - b.energy_j == pytest.approx(6 * 9.0 * flagship.compute_w / 1e3)  # d_5 + 5 drafted ahead
-    short = _device(draft_ahead=True)  # an answer back within one draft step leaves nothing drafted ahead
+    short = _device(Ahead.DRAFT)  # an answer back within one draft step leaves nothing drafted ahead
     _answered(short, 4, 4, hit=True, wait=(3.0, 2.0, 3.0))
     assert short.predrafted == 0
+
+
+@pytest.mark.parametrize("ahead", [Ahead.DRAFT, Ahead.PIPELINE])
+def test_after_all_k_accepted_the_draft_cache_misses_d_k_only_if_nothing_was_drafted_ahead(ahead):
+    """Drafting d_{K+1} feeds d_K into the draft cache; a device that pipelines drafts ahead too."""
+    flagship = DEVICE_CLASSES["flagship-phone"]
+    drafted, idle, short = _device(ahead), _device(Ahead.OFF), _device(ahead)
+    _answered(drafted, 4, 4, hit=False)
+    _answered(idle, 4, 4, hit=False)
+    _answered(short, 4, 4, hit=False, wait=(3.0, 2.0, 3.0))  # back within one draft step: nothing drafted ahead
+    assert (drafted.backlog_tokens, idle.backlog_tokens, short.backlog_tokens) == (1, 2, 2)
+    assert idle.critical_prefill_ms() == pytest.approx(2 * flagship.prefill_ms_per_token)
 
 
 def test_controller_with_draft_ahead_expects_shorter_rounds_and_pays_the_predraft_energy():
     est = lambda: AcceptanceEstimator(prior_a=800, prior_b=200)  # noqa: E731
     flagship = DEVICE_CLASSES["flagship-phone"]
     plain = FlexSpecController(flagship, CLOUD, k_max=8, estimator=est())
-    ahead = FlexSpecController(flagship, CLOUD, k_max=8, estimator=est(), draft_ahead=True)
+    ahead = FlexSpecController(flagship, CLOUD, k_max=8, estimator=est(), ahead=Ahead.DRAFT)
     v = view(40, 40)
     for k in range(1, 9):
         assert ahead.round_ms(k, v) < plain.round_ms(k, v) and ahead.round_j(k, v) > plain.round_j(k, v)
@@ -297,7 +310,7 @@ def test_controller_drafts_ahead_only_when_the_energy_budget_allows_it():
     def chosen(budget_j):
         device = DeviceProfile("d", 9.0, 0.6, 4.5, 1.2, 0.9, 0.25, budget_j, 8192)
         c = FlexSpecController(device, CLOUD, k_max=8, estimator=AcceptanceEstimator(prior_a=700, prior_b=300),
-                               draft_ahead=True)
+                               ahead=Ahead.DRAFT)
         k = c.choose(view(40, 40))
         return k, c.ahead_now, c.round_j(k, view(40, 40), c.ahead_now) / c.estimator.expected_tau(k)
 
@@ -310,8 +323,8 @@ def test_controller_drafts_ahead_only_when_the_energy_budget_allows_it():
 def test_controller_that_pipelines_expects_a_hit_to_cost_only_its_draft_steps_and_drafts_shorter():
     est = lambda: AcceptanceEstimator(prior_a=660, prior_b=340)  # noqa: E731
     midrange = DEVICE_CLASSES["midrange-phone"]
-    ahead = FlexSpecController(midrange, CLOUD, k_max=8, estimator=est(), draft_ahead=True)
-    piped = FlexSpecController(midrange, CLOUD, k_max=8, estimator=est(), pipeline=True)
+    ahead = FlexSpecController(midrange, CLOUD, k_max=8, estimator=est(), ahead=Ahead.DRAFT)
+    piped = FlexSpecController(midrange, CLOUD, k_max=8, estimator=est(), ahead=Ahead.PIPELINE)
     v = view(50, 50)
     for k in range(1, 9):
         hit = piped.estimator.p_all(k + 1)
@@ -319,7 +332,7 @@ def test_controller_that_pipelines_expects_a_hit_to_cost_only_its_draft_steps_an
         assert piped.round_ms(k, v) == pytest.approx(hit * min(fresh, (1 + k) * 22.0) + (1 - hit) * fresh)
         assert piped.round_ms(k, v) < ahead.round_ms(k, v)
         assert piped.round_ms(k, v, ahead=False) == ahead.round_ms(k, v, ahead=False)  # not drafting ahead: plain
-    assert piped.draft_ahead and piped.choose(v) < ahead.choose(v)  # short rounds hit more often and chain
+    assert piped.ahead.drafts and piped.choose(v) < ahead.choose(v)  # short rounds hit more often and chain
     quick = piped.round_ms(2, v)
     for _ in range(30):  # the pipelined answers come 40 ms after their draft steps: hits save less
         piped.observe_pipelined(2, 3 * 22.0 + 40.0)
@@ -332,15 +345,15 @@ def test_emulated_pipelining_sends_after_a_hit_without_waiting_and_takes_less_ti
     from flexspec_serve.engine.proposer import DraftProposer
     from flexspec_serve.engine.verifier import Verifier
 
-    def run(**mode):
+    def run(ahead):
         devices = [EmulatedDevice(f"d{i}", DEVICE_CLASSES[c], make_link("TMobile-LTE-short", i, i * 7000.0),
-                                  FixedK(k=2), CLOUD, **mode) for i, c in enumerate(["flagship-phone", "midrange-phone"])]
+                                  FixedK(k=2), CLOUD, ahead=ahead) for i, c in enumerate(["flagship-phone", "midrange-phone"])]
         summaries = run_devices(devices, [p[-64:] for p in humaneval_prompts[4:6]],
                                 DraftProposer(family_models["draft"]), Verifier(family_models["v1"]), max_new_tokens=40)
         return devices, summaries
 
-    ahead, ahead_sum = run(draft_ahead=True)
-    piped, piped_sum = run(pipeline=True)
+    ahead, ahead_sum = run(Ahead.DRAFT)
+    piped, piped_sum = run(Ahead.PIPELINE)
     assert [s.tokens for s in piped_sum] == [s.tokens for s in ahead_sum]  # the same rounds and acceptance
     refused = [(r, b) for dev, a in zip(piped, ahead) for r, b in zip(dev.records, a.records) if r.refused_next]
     assert refused and all(not r.lookahead_hit for r, _ in refused)  # a miss with a round sent behind it

@@ -273,6 +273,13 @@ def test_core_imports_no_ray():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
 
 
+def test_fleet_spec_and_planner_inputs_load_without_torch():
+    """`flexspec loadtest` and the capacity planner validate fleet files before any model is loaded."""
+    code = ("import sys, flexspec_serve.fleet.spec, flexspec_serve.edge.controller, flexspec_serve.edge.channels\n"
+            "assert 'torch' not in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
 def test_gpu_verify_script_runs_on_cpu_in_small_shape():
     from pathlib import Path
 

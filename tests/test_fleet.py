@@ -72,7 +72,7 @@ def test_greedy_fleet_devices_emit_the_targets_greedy_output(family_models, huma
 
 def test_devices_drafting_ahead_still_emit_the_targets_greedy_output(family_models, humaneval_prompts):
     prompts = [p[-40:] for p in humaneval_prompts[:6]]
-    spec = small_fleet(draft_ahead=True, max_new_tokens=24)
+    spec = small_fleet(ahead="draft", max_new_tokens=24)
     res = run_shard(spec, prompts, family_models)
     assert res.sessions and all(s["completed"] for s in res.sessions) and not res.device_crashes
     ref = greedy_reference(family_models, prompts, spec.max_new_tokens)
@@ -90,7 +90,7 @@ def test_devices_drafting_ahead_still_emit_the_targets_greedy_output(family_mode
 @pytest.mark.parametrize("path", ["clean", "flaky", "evicting"])
 def test_pipelining_devices_still_emit_the_targets_greedy_output(family_models, humaneval_prompts, path):
     prompts = [p[-40:] for p in humaneval_prompts[:6]]
-    spec = small_fleet(pipeline=True, max_new_tokens=24, devices=8 if path != "clean" else 12)
+    spec = small_fleet(ahead="pipeline", max_new_tokens=24, devices=8 if path != "clean" else 12)
     verifier = Verifier(family_models["v1"], family_models["draft"], name="v1",
                         limits=VerifierLimits(max_sessions=2 if path == "evicting" else 4096))
     transport = FlakyTransport(AsyncLocalTransport(verifier)) if path == "flaky" else None
@@ -111,7 +111,7 @@ def test_pipelining_devices_still_emit_the_targets_greedy_output(family_models, 
 def test_pipelining_devices_sampling_finish_and_the_cloud_decides_their_pipelined_rounds(family_models,
                                                                                           humaneval_prompts):
     prompts = [p[-40:] for p in humaneval_prompts[:6]]
-    spec = small_fleet(pipeline=True, max_new_tokens=24, temperature=0.8)
+    spec = small_fleet(ahead="pipeline", max_new_tokens=24, temperature=0.8)
     verifier = Verifier(family_models["v1"], family_models["draft"], name="v1")
     res = run_shard(spec, prompts, family_models, verifier=verifier)
     assert res.sessions and all(s["completed"] for s in res.sessions) and not res.device_crashes
@@ -198,6 +198,8 @@ def test_report_files_have_the_documented_fields(family_models, humaneval_prompt
     ({"devices": 0}, "devices"), ({"policy": "fastest"}, "policy"), ({"transport": "pigeon"}, "transport"),
     ({"arrival": {"think_time_s": -1}}, "arrival.think_time_s"), ({"arival": {}}, "arival"),
     ({"mix": [{"device_class": "toaster", "share": 1.0}]}, "toaster"),
+    ({"ahead": "sometimes"}, "ahead"), ({"pipeline": True}, "write `ahead: pipeline`"),  # the old boolean fields
+    ({"draft_ahead": False}, "write `ahead: draft`"),
 ])
 def test_bad_fleet_file_names_the_field(tmp_path, patch, field):
     path = tmp_path / "fleet.yaml"

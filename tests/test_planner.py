@@ -12,8 +12,8 @@ MIX = [{"device_class": "flagship-phone", "share": 0.5, "channel": "TMobile-LTE-
        {"device_class": "wearable", "share": 0.5, "channel": "fading"}]
 
 
-def fleet(devices: int, think_s: float = 10.0) -> FleetSpec:
-    return FleetSpec(devices=devices, mix=MIX, arrival={"think_time_s": think_s}, max_new_tokens=64)
+def fleet(devices: int, think_s: float = 10.0, **kw) -> FleetSpec:
+    return FleetSpec(devices=devices, mix=MIX, arrival={"think_time_s": think_s}, max_new_tokens=64, **kw)
 
 
 def test_replica_takes_the_largest_batch_that_holds_the_slo():
@@ -28,6 +28,16 @@ def test_demand_grows_with_devices_and_falls_with_think_time():
     assert large.rounds_per_s == pytest.approx(10 * small.rounds_per_s, rel=0.05)
     assert device_demand(fleet(1000, think_s=100.0), 0.6, 100.0).rounds_per_s < large.rounds_per_s / 3
     assert 0 < small.devices_in_session < 100 and large.verified_tokens_per_s > large.rounds_per_s
+
+
+def test_pipelining_fleet_demands_the_rounds_the_cloud_refuses():
+    ahead = device_demand(fleet(1000, policy="fixed-4", ahead="draft"), 0.6, 100.0)
+    piped = device_demand(fleet(1000, policy="fixed-4", ahead="pipeline"), 0.6, 100.0)
+    assert ahead.refused_rounds_per_s == 0 and piped.refused_rounds_per_s > 0
+    # behind every miss of the answered rounds (P(hit) = 0.6^5 at K = 4) one refused round, on top of them
+    answered = piped.rounds_per_s - piped.refused_rounds_per_s
+    assert piped.refused_rounds_per_s > 0.5 * answered
+    assert piped.verified_tokens_per_s == pytest.approx(5 * answered, rel=1e-6)  # refused rounds verify nothing
 
 
 def test_replicas_follow_load_and_weights():

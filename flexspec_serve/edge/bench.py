@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flexspec_serve.ahead import Ahead
 from flexspec_serve.edge.channels import STATISTICAL_SETTINGS, make_link, trace_names
 from flexspec_serve.edge.controller import make_policy
 from flexspec_serve.edge.devices import DEVICE_CLASSES, CloudProfile
@@ -35,8 +36,7 @@ class BenchConfig:
     max_new_tokens: int = 48
     prompt_tokens: int = 192  # prompts are cut to their last N tokens
     seed: int = 0
-    draft_ahead: bool = False  # devices draft while each round waits for its answer
-    pipeline: bool = False  # ... and send the round drafted ahead before the answer (implies draft_ahead)
+    ahead: Ahead = Ahead.OFF  # what devices do while each round waits for its answer
 
     def policies(self) -> list[str]:
         return ["adaptive", "cloud-only", "accept-adaptive"] + [f"fixed-{k}" for k in self.fixed_ks]
@@ -80,9 +80,8 @@ def run_bench(cfg: BenchConfig) -> list[Cell]:
                     link = make_link(setting, seed, offset_ms=d * 37_000.0 + si * 5_000.0)
                     profile = DEVICE_CLASSES[cls]
                     devices.append(EmulatedDevice(f"{cls}/{setting}/{d}", profile, link,
-                                                  make_policy(policy, profile, cloud, draft_ahead=cfg.draft_ahead,
-                                                              pipeline=cfg.pipeline),
-                                                  cloud, draft_ahead=cfg.draft_ahead, pipeline=cfg.pipeline))
+                                                  make_policy(policy, profile, cloud, ahead=cfg.ahead),
+                                                  cloud, ahead=cfg.ahead))
                     cell_of.append((cls, setting))
         run_devices(devices, [prompts[i % len(prompts)] for i in range(len(devices))], DraftProposer(draft),
                     LocalTransport(Verifier(target, draft, name=cfg.target)), cfg.max_new_tokens,

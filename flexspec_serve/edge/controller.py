@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from flexspec_serve.ahead import Ahead
 from flexspec_serve.edge.devices import CloudProfile, DeviceProfile
 from flexspec_serve.engine.stats import expected_acceptance_length as expected_tau  # noqa: F401 (re-export)
 
@@ -160,10 +161,10 @@ class AcceptanceAdaptive(Policy):
 
 class FlexSpecController(Policy):
     def __init__(self, device: DeviceProfile, cloud: CloudProfile, k_max: int = 8,
-                 estimator: AcceptanceEstimator | None = None, draft_ahead: bool = False, pipeline: bool = False):
+                 estimator: AcceptanceEstimator | None = None, ahead: Ahead = Ahead.OFF):
         self.name = "adaptive"
         self.device, self.cloud, self.k_max = device, cloud, k_max
-        self.draft_ahead, self.pipeline = draft_ahead or pipeline, pipeline
+        self.ahead = Ahead(ahead)  # what the device does while a round waits
         self.pipe_extra_ms = 0.0  # e: a pipelined answer's delay past its draft steps (EMA)
         self.estimator = estimator or AcceptanceEstimator()
 
@@ -181,15 +182,15 @@ class FlexSpecController(Policy):
         return view.up_total_ms(k) + self.cloud.verify_ms(k) + view.down_ms
 
     def ahead_steps(self, k: int, view: RoundView, ahead: bool | None = None) -> int:
-        on = self.draft_ahead if ahead is None else ahead
+        on = self.ahead.drafts if ahead is None else ahead
         return self.device.ahead_steps(k, self.wait_ms(k, view)) if on else 0
 
     def round_ms(self, k: int, view: RoundView, ahead: bool | None = None) -> float:
         """Expected critical-path time of a K-token round, less the draft time its pre-draft is expected to
         save the next round (with `ahead`; default: whenever the device can draft ahead). A pipelining
         device's next answer follows a hit by the 1 + K steps that drafted that round."""
-        on = self.draft_ahead if ahead is None else ahead
-        if self.pipeline and on and k:
+        on = self.ahead.drafts if ahead is None else ahead
+        if self.ahead.sends and on and k:
             hit = self.estimator.p_all(k + 1)
             fresh = self.draft_ms(k, view) + self.wait_ms(k, view)
             return hit * min(fresh, self.device.draft_ms(1 + k) + self.pipe_extra_ms) + (1 - hit) * fresh
@@ -207,7 +208,7 @@ class FlexSpecController(Policy):
         """(K, expected tokens/s, expected J/token, draft ahead) for every K, with and without drafting
         ahead when the device can."""
         rows = []
-        for ahead in ((False, True) if self.draft_ahead else (False,)):
+        for ahead in ((False, True) if self.ahead.drafts else (False,)):
             for k in range(self.k_max + 1):
                 tau = self.estimator.expected_tau(k)
                 rows.append((k, tau / self.round_ms(k, view, ahead) * 1e3, self.round_j(k, view, ahead) / tau,
@@ -232,10 +233,10 @@ class FlexSpecController(Policy):
 
 
 def make_policy(name: str, device: DeviceProfile, cloud: CloudProfile, k_max: int = 8,
-                draft_ahead: bool = False, pipeline: bool = False) -> Policy:
-    """`draft_ahead` / `pipeline` tell the adaptive controller what the device does (the others ignore them)."""
+                ahead: Ahead = Ahead.OFF) -> Policy:
+    """`ahead` tells the adaptive controller what the device does during a round's wait (the others ignore it)."""
     if name == "adaptive":
-        return FlexSpecController(device, cloud, k_max, draft_ahead=draft_ahead, pipeline=pipeline)
+        return FlexSpecController(device, cloud, k_max, ahead=ahead)
     if name == "cloud-only":
         return CloudOnly()
     if name == "accept-adaptive":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flexspec_serve.engine.proposer import ahead_tokens
+from flexspec_serve.ahead import ahead_tokens
 
 
 @dataclass(frozen=True)

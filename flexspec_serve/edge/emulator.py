@@ -9,22 +9,29 @@ the real wire encoding; the emulator only advances each device's own clock per r
 and accounts latency, energy (compute + radio), bytes and acceptance per round. Cloud verify time
 comes from a `CloudProfile` (deterministic) rather than this machine's timing.
 
-Draft-ahead (`EmulatedDevice.draft_ahead`): the device drafts during the wait for the answer (up to
+What a device does while its round waits is `EmulatedDevice.ahead` (`flexspec_serve.ahead.Ahead`).
+
+Draft-ahead (`Ahead.DRAFT`): the device drafts during the wait for the answer (up to
 `DeviceProfile.ahead_steps`), and pays that energy hit or miss. On a lookahead hit the next round's first
 tokens are ready (`predrafted`) and cost no draft time. When this host's draft computes them does not enter
 the figures, only the emulated clock does: the in-process loop drafts them before applying the answer, a
 fleet actor during the round's wait and downlink (greedy: the same tokens; sampling: the same distribution).
 
-Pipelining (`EmulatedDevice.pipeline`, on top of draft-ahead): after a lookahead hit whose next round the
+Pipelining (`Ahead.PIPELINE`, on top of draft-ahead): after a lookahead hit whose next round the
 device had drafted before the answer came, that round was already sent then, with the same K: it left
 1 + K draft steps after its predecessor, and the cloud verified it after its predecessor. The in-process
 loop still verifies it after the answer (the same tokens); only the emulated clock differs.
+
+The device counts its own draft cache (`backlog_tokens`, `predrafted`): what it fed and drafted ahead within
+its own waits. This host's proposer may hold more (the in-process loop drafts ahead fully for every session,
+whatever the wait), so the emulated clock and energy never read the proposer's cache.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from flexspec_serve.ahead import Ahead
 from flexspec_serve.edge.channels import Link, LinkObserver
 from flexspec_serve.edge.controller import Policy, RoundView
 from flexspec_serve.edge.devices import CloudProfile, DeviceProfile
@@ -81,10 +88,9 @@ class EmulatedDevice:
     records: list[RoundRecord] = field(default_factory=list)
     backlog_tokens: int = 0  # committed tokens not yet in the draft cache (the prompt, at first)
     idle_credit_ms: float = 0.0  # waiting time since the last drafting round, usable for background prefill
-    draft_ahead: bool = False  # draft during the wait for the answer (see the module docstring)
+    ahead: Ahead = Ahead.OFF  # what the device does while a round waits (see the module docstring)
     predrafted: int = 0  # draft tokens already drafted for the next round (after a lookahead hit)
     ahead_now: bool = False  # this round drafts ahead (the device can, and its policy chose to)
-    pipeline: bool = False  # send the round drafted ahead before the answer (see the module docstring)
     piped_sent_ms: float | None = None  # when the next round went out, if it was pipelined
     last_k: int = 0
     last_verified_ms: float = 0.0  # when the cloud finished verifying the last round
@@ -110,7 +116,7 @@ class EmulatedDevice:
         if self.piped_sent_ms is not None:
             return self.last_k  # the round is on the air already
         k = self.policy.choose(self.view())
-        self.ahead_now = (self.draft_ahead or self.pipeline) and self.policy.ahead_now and k > 0
+        self.ahead_now = self.ahead.drafts and self.policy.ahead_now and k > 0
         return k
 
     def draft_latency_ms(self, k: int) -> float:
@@ -121,16 +127,17 @@ class EmulatedDevice:
             return self.profile.draft_ms(max(0, k - self.predrafted))
         return self.critical_prefill_ms() + self.profile.draft_ms(k)
 
-    def _draft_work(self, ev: RoundEvent, wait_ms: float) -> tuple[float, int]:
-        """(ms of draft compute this round, for energy; predrafted tokens for the next round)."""
+    def _draft_work(self, ev: RoundEvent, wait_ms: float) -> tuple[float, int, int]:
+        """(ms of draft compute this round, for energy; steps drafted ahead during the wait; predrafted
+        tokens for the next round)."""
         p = self.profile
         if not ev.k:
-            return 0.0, 0
+            return 0.0, 0, 0
         steps = ev.k - min(ev.k, self.predrafted)
-        prefill = 0 if self.predrafted else ev.prefill_tokens
+        prefill = 0 if self.predrafted else self.backlog_tokens
         ahead = p.ahead_steps(ev.k, wait_ms) if self.ahead_now else 0
         ready = ahead - 1 if ev.lookahead_hit and ahead else 0
-        return p.draft_ms(steps + ahead, prefill), ready
+        return p.draft_ms(steps + ahead, prefill), ahead, ready
 
     def finish_round(self, ev: RoundEvent) -> RoundRecord:
         """Emulated time: the link and the `CloudProfile` decide how long the round took."""
@@ -146,7 +153,7 @@ class EmulatedDevice:
                            back_ms=back if piped is not None else None, pipelined=piped is not None)
         self.last_k, self.last_verified_ms = ev.k, done
         nxt = sent + self.profile.draft_ms(1 + ev.k)  # d_{K+1}, then the next round's K tokens
-        if not (self.pipeline and self.ahead_now and ev.k and nxt < back):
+        if not (self.ahead.sends and self.ahead_now and ev.k and nxt < back):
             return rec  # not pipelining, or the answer came first (plain draft-ahead)
         if ev.lookahead_hit and self.predrafted >= ev.k:
             self.piped_sent_ms = nxt
@@ -170,7 +177,7 @@ class EmulatedDevice:
         """Book one finished round (however its times were obtained): observer, policy, energy, draft backlog.
         `back_ms`: when its answer came, for a round whose parts overlapped the one before it (pipelined)."""
         p = self.profile
-        compute_ms, ready = self._draft_work(ev, up_ms + verify_ms + down_ms)  # energy: all draft work
+        compute_ms, ahead, ready = self._draft_work(ev, up_ms + verify_ms + down_ms)  # energy: all draft work
         predrafted, self.predrafted = self.predrafted, ready
         self.observer.record("up", ev.bytes_up, up_ms)
         self.observer.record("down", ev.bytes_down, down_ms)
@@ -180,8 +187,9 @@ class EmulatedDevice:
         self.clock_ms = back
         if extra.get("pipelined"):
             self.policy.observe_pipelined(ev.k, back - t0)
-        if ev.k:  # the cache now misses only the cloud's token (and d_K when all were accepted, unless drafted ahead)
-            self.backlog_tokens = 0 if ready else 1 + (ev.accepted == ev.k and not self.draft_ahead)
+        if ev.k:  # the cache now misses only the cloud's token (and d_K when all were accepted, unless drafting
+            # d_{K+1} fed it; after a hit whose wait drafted past d_{K+1}, nothing)
+            self.backlog_tokens = 0 if ready else 1 + (ev.accepted == ev.k and not ahead)
             self.idle_credit_ms = 0.0
         else:
             self.backlog_tokens += 1
@@ -234,7 +242,7 @@ def run_devices(devices: list[EmulatedDevice], prompts: list[list[int]], propose
     speculative_generate(
         proposer, transport, prompts, max_new_tokens, choose_k=lambda i, r: devices[i].choose_k(), sampling=sampling,
         session_prefix=session_prefix, on_round=lambda ev: devices[ev.index].finish_round(ev), target=target,
-        draft_ahead=any(d.draft_ahead or d.pipeline for d in devices),
+        draft_ahead=any(d.ahead.drafts for d in devices),
     )
     return [summarize(d) for d in devices]
 

@@ -36,7 +36,7 @@ What this package does not do: networking, batching policy across time (the Serv
 batcher decides when to call the verifier), channel emulation, or choosing K (see `edge/`).
 """
 
+# errors only: importing the package (e.g. `engine.stats` for the edge controller) must not pull in torch
 from flexspec_serve.engine.errors import EngineError, InvalidRequest, ResyncRequired, SequenceError
-from flexspec_serve.engine.sampling import SamplingParams
 
-__all__ = ["EngineError", "InvalidRequest", "ResyncRequired", "SequenceError", "SamplingParams"]
+__all__ = ["EngineError", "InvalidRequest", "ResyncRequired", "SequenceError"]

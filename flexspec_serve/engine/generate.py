@@ -15,8 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from flexspec_serve import protocol as P
+from flexspec_serve.ahead import ahead_tokens
 from flexspec_serve.engine.client import ClientSession
-from flexspec_serve.engine.proposer import DraftProposer, ahead_tokens
+from flexspec_serve.engine.proposer import DraftProposer
 from flexspec_serve.engine.sampling import SamplingParams
 from flexspec_serve.transport import Exchange, LocalTransport, RoundFailed
 
@@ -30,7 +31,6 @@ class RoundEvent:
     round_index: int
     k: int
     accepted: int
-    prefill_tokens: int  # context tokens the draft had to feed before drafting
     bytes_up: int
     bytes_down: int
     result: P.RoundResult
@@ -65,19 +65,18 @@ def speculative_generate(
     while running:
         ks = [0 if proposer is None else max(0, min(pick(i, round_idx), max_new_tokens - len(clients[i].tokens) - 1))
               for i in running]
-        prefill = [proposer.backlog(clients[i].edge) if proposer else 0 for i in running]
         proposals = proposer.propose([clients[i].edge for i in running], ks, draft_ahead) if proposer else [None] * len(running)
         drafts = [prop.tokens if prop else [] for prop in proposals]
         if proposer and draft_ahead:  # what the devices draft while the round is on the air
             proposer.draft_ahead([clients[i].edge for i in running], [ahead_tokens(k) for k in ks])
         exchanges = round_trip_resync(transport, [clients[i] for i in running], drafts)
         still = []
-        for pos, (i, draft, ex) in enumerate(zip(running, drafts, exchanges)):
+        for i, draft, ex in zip(running, drafts, exchanges):
             edge = clients[i].edge
             hit = edge is not None and proposer.lookahead_hit(edge, ex.result.accepted, ex.result.token)
             new = clients[i].commit(draft, ex.result, proposer)
             if on_round:
-                on_round(RoundEvent(i, round_idx, len(draft), ex.result.accepted, prefill[pos], ex.bytes_up,
+                on_round(RoundEvent(i, round_idx, len(draft), ex.result.accepted, ex.bytes_up,
                                     ex.bytes_down, ex.result, hit))
             if len(clients[i].tokens) < max_new_tokens and (stop_token is None or stop_token not in new):
                 still.append(i)

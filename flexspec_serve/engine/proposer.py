@@ -26,12 +26,6 @@ from flexspec_serve.engine import sampling as S
 from flexspec_serve.engine.ragged import CachedSequence, decode_max_tokens, run_ragged_by_shape
 
 
-def ahead_tokens(k: int) -> int:
-    """Tokens drafted ahead past d_{K+1} while a K-token round waits: a next round of the same K and its
-    own guess, so a hit's next round needs no draft step before it is sent."""
-    return k + 1
-
-
 @dataclass
 class Proposal:
     tokens: list[int]  # d_1..d_K

@@ -171,7 +171,7 @@ def run_label(s: dict) -> str:
     """A run's policy, and whether its devices drafted ahead or pipelined (cloud-only rounds draft nothing)."""
     if s["policy"] == "cloud-only":
         return s["policy"]
-    return s["policy"] + (" + pipelined" if s.get("pipeline") else " + draft-ahead" if s.get("draft_ahead") else "")
+    return s["policy"] + {"pipeline": " + pipelined", "draft": " + draft-ahead"}.get(s.get("ahead"), "")
 
 
 def compare_rows(summaries: list[dict]) -> list[dict]:

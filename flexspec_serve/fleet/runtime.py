@@ -13,7 +13,7 @@ Waits happen in wall time (`FleetClock`, shared by every actor of a run through 
 each due time actually fires is the *emulation lag*, recorded per event: while it stays small, every
 device's clock is faithful to its profile even though all devices share a few host cores.
 
-Pipelining (`FleetSpec.pipeline`): while a round waits, the device drafts d_{K+1} and the next round's K
+Pipelining (`FleetSpec.ahead: pipeline`): while a round waits, the device drafts d_{K+1} and the next round's K
 tokens, and sends that round when its own draft time says they are drafted, unless the answer came first;
 the round carries what it assumes its predecessor commits. After a lookahead hit it is already on the air
 (`Flight`); after a miss the cloud refuses it and its traffic is booked on the miss. At most two rounds of
@@ -36,6 +36,7 @@ from array import array
 from dataclasses import asdict, dataclass, field
 
 from flexspec_serve import protocol as P
+from flexspec_serve.ahead import ahead_tokens
 from flexspec_serve.batching import MicroBatcher
 from flexspec_serve.edge.channels import make_link
 from flexspec_serve.edge.controller import make_policy
@@ -44,7 +45,7 @@ from flexspec_serve.edge.emulator import EmulatedDevice, RoundRecord
 from flexspec_serve.engine.client import ClientSession
 from flexspec_serve.engine.errors import ConditionNotMet
 from flexspec_serve.engine.generate import RoundEvent
-from flexspec_serve.engine.proposer import DraftProposer, Proposal, ahead_tokens
+from flexspec_serve.engine.proposer import DraftProposer, Proposal
 from flexspec_serve.engine.sampling import SamplingParams
 from flexspec_serve.fleet.spec import DevicePlan, FleetSpec
 from flexspec_serve.transport import AsyncTransport, TransportError
@@ -169,14 +170,12 @@ class Delivery:
 @dataclass
 class Flight:
     """A round on the air: K, its draft, where it starts on the device's critical path (`t0`: when drafting
-    began, or for a pipelined round the previous answer), its critical draft time, the prefill it fed,
-    the lags of its events, draft-ahead tasks, when it was sent, and the task that delivers its answer."""
+    began, or for a pipelined round the previous answer), its critical draft time, the lags of its events, draft-ahead tasks, when it was sent, and the task that delivers its answer."""
 
     k: int
     draft: list[int]
     t0: float
     draft_ms: float
-    prefill: int
     lags: list[float] = field(default_factory=list)
     guess: asyncio.Task | None = None
     after: list[asyncio.Task] = field(default_factory=list)
@@ -282,8 +281,8 @@ class Shard:
         profile = DEVICE_CLASSES[plan.device_class]
         cloud = ObservedCloud(self.cloud)
         dev = EmulatedDevice(plan.device_id, profile, make_link(plan.channel, plan.seed, plan.offset_ms),
-                             make_policy(spec.policy, profile, cloud, spec.max_draft_tokens, spec.draft_ahead,
-                                         spec.pipeline), cloud, draft_ahead=spec.draft_ahead or spec.pipeline)
+                             make_policy(spec.policy, profile, cloud, spec.max_draft_tokens, spec.ahead), cloud,
+                             ahead=spec.ahead)
         self.devices.append(dev)
         due, n = rng.uniform(0.0, spec.arrival.start_within_s * 1e3), 0
         while due < spec.duration_s * 1e3:  # no session starts after the arrival window
@@ -332,12 +331,12 @@ class Shard:
                 k = max(0, min(dev.choose_k(), self.spec.max_new_tokens - len(client.tokens) - 1))
                 head = await self._launch(dev, client, rng, k)
             try:
-                if self.spec.pipeline:
+                if self.spec.ahead.sends:
                     nxt = await self._pipeline(dev, client, head)
                 d = await self._answer(dev, client, head, rng)
             finally:
                 hit = await self._settle(head.after, head.guess, head.lags)
-            if self.spec.pipeline:
+            if self.spec.ahead.sends:
                 hit = proposer.lookahead_hit(client.edge, d.result.accepted, d.result.token)
         except BaseException:
             self._discard(nxt)
@@ -360,13 +359,13 @@ class Shard:
         clock = self.clock
         t0 = clock.now_ms()
         dev.clock_ms = t0
-        f = Flight(k, [], t0, dev.draft_latency_ms(k), self.proposer.backlog(client.edge))
+        f = Flight(k, [], t0, dev.draft_latency_ms(k))
         proposal = await self._propose(client, k, f.draft_ms)
         f.draft = proposal.tokens if proposal else []
         f.lags.append(await clock.sleep_until(t0 + f.draft_ms, "draft"))
         f.sent = clock.now_ms()
         on_answer = None
-        if not self.spec.pipeline:
+        if not self.spec.ahead.sends:
             f.guess = self._start_guess(dev, client, k)
             if dev.ahead_now and k:
                 on_answer = lambda res: f.after.append(  # noqa: E731
@@ -393,7 +392,7 @@ class Shard:
         if head.task.done():  # the answer came first: plain draft-ahead, its tokens are ready on a hit
             timer.cancel()
             return None
-        f = Flight(k_next, msg.draft_tokens, 0.0, 0.0, 0, lags=[timer.result()], sent=self.clock.now_ms(),
+        f = Flight(k_next, msg.draft_tokens, 0.0, 0.0, lags=[timer.result()], sent=self.clock.now_ms(),
                    pipelined=True, assume=msg.assume)
         f.task = asyncio.create_task(self._trip(dev, msg, f.lags))
         return f
@@ -437,7 +436,7 @@ class Shard:
         # overlap the round before it: it took from that answer to its own
         cloud_ms = d.cloud_ms if f.pipelined else back - f.t0 - f.draft_ms - d.up_ms - d.down_ms
         dev.cloud.record(f.k, cloud_ms)
-        ev = RoundEvent(0, result.seq, f.k, result.accepted, f.prefill, d.bytes_up, d.bytes_down, result, hit)
+        ev = RoundEvent(0, result.seq, f.k, result.accepted, d.bytes_up, d.bytes_down, result, hit)
         rec = dev.account(ev, f.t0, f.draft_ms, d.up_ms, cloud_ms, d.down_ms, back_ms=back if f.pipelined else None,
                           session=client.session_id, rate_up_bps=round(dev.observer.rate_bps["up"], 1),
                           lag_ms=round(max(f.lags), 3), queue_ms=result.timings.queue_ms,

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from pydantic import Field, model_validator
 
+from flexspec_serve.ahead import Ahead
 from flexspec_serve.config import StrictModel
 from flexspec_serve.edge.devices import DEVICE_CLASSES
 
@@ -42,12 +43,11 @@ class FleetSpec(StrictModel):
     mix: list[ClassShare] = Field(min_length=1, description="device classes and their shares (sum to 1)")
     policy: str = Field("adaptive", pattern=POLICY_PATTERN, description="adaptive | cloud-only | accept-adaptive | fixed-K")
     max_draft_tokens: int = Field(8, ge=1, le=16, description="K_max")
-    draft_ahead: bool = Field(False, description="devices draft during the wait for each answer; after a lookahead "
-                              "hit (all K accepted, the cloud's token guessed) the next round's draft is ready. The "
-                              "fleet actor runs that draft work for real, about twice the draft compute per round")
-    pipeline: bool = Field(False, description="devices send the round they draft ahead as soon as it is drafted, "
-                           "before the current round's answer; the cloud verifies it only after a lookahead hit "
-                           "(implies draft_ahead; the fleet actor then drafts ahead on every round)")
+    ahead: Ahead = Field(Ahead.OFF, description="what devices do while a round waits for its answer. off: idle; "
+                         "draft: draft-ahead, so after a lookahead hit (all K accepted, the cloud's token guessed) the "
+                         "next round's draft is ready (the fleet actor runs that draft work for real); pipeline: also "
+                         "send that next round as soon as it is drafted, before the answer (the cloud verifies it only "
+                         "after a lookahead hit; the fleet actor drafts ahead on every round)")
     max_new_tokens: int = Field(64, ge=1, le=4096)
     temperature: float = Field(0.0, ge=0, le=10, description="0 = greedy")
     top_p: float = Field(1.0, gt=0, le=1)
@@ -68,6 +68,17 @@ class FleetSpec(StrictModel):
                                        "for at most this long, and at most a quarter of the round's own draft time")
     trace_offset_spread_s: float = Field(600.0, ge=0, description="devices start at random offsets in a trace")
     seed: int = Field(0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data):
+        """Fleet files from before `ahead`: name the replacement instead of only rejecting the field."""
+        if isinstance(data, dict):
+            for old, mode in (("draft_ahead", "draft"), ("pipeline", "pipeline")):
+                if old in data:
+                    raise ValueError(f"{old}: {data[old]!r} is no longer a field; write `ahead: {mode}` "
+                                     "(or `ahead: off`) instead")
+        return data
 
     @model_validator(mode="after")
     def _check_mix(self) -> FleetSpec:
