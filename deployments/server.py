@@ -5,6 +5,7 @@ the Serve deployment in `app.py`. Rounds in and results out are wire models; eng
 from __future__ import annotations
 
 import time
+from collections import deque
 
 import numpy as np
 import torch
@@ -29,10 +30,11 @@ class VerifierServer:
                                 max_cache_bytes=spec.max_cache_mb << 20, session_ttl_s=spec.session_ttl_s)
         self.verifier = Verifier(target, draft, name=spec.name, limits=limits)
         self.batches = 0
-        self.batch_sizes: list[int] = []
+        # rolling windows for `stats()` (the Ray metrics histograms cannot be read back in the replica)
+        self.batch_sizes: deque[int] = deque(maxlen=1000)
         self.errors = 0  # rounds answered with an error body
         self.last_round = time.monotonic()
-        self.latencies_ms: list[float] = []  # queue + verify of recent rounds
+        self.latencies_ms: deque[float] = deque(maxlen=2000)  # queue + verify of recent rounds
 
     def verify_rounds(self, rounds: list[P.DraftRound], enqueued: list[float] | None = None
                       ) -> list[P.RoundResult | tuple[int, P.ErrorBody]]:
@@ -41,7 +43,6 @@ class VerifierServer:
         outcomes = self.verifier.verify([r.to_request() for r in rounds])
         self.batches += 1
         self.batch_sizes.append(len(rounds))
-        del self.batch_sizes[:-1000]
         out: list = []
         done = time.perf_counter()
         for i, o in enumerate(outcomes):
@@ -54,7 +55,6 @@ class VerifierServer:
                 queue_ms = (started - enqueued[i]) * 1e3 if enqueued else 0.0
                 self.latencies_ms.append((done - enqueued[i]) * 1e3 if enqueued else (done - started) * 1e3)
                 out.append(P.RoundResult.from_outcome(o, self.version, queue_ms))
-        del self.latencies_ms[:-2000]
         self.last_round = time.monotonic()
         return out
 
