@@ -63,6 +63,9 @@ class DraftRound(_Wire):
     assume: list[TokenId] | None = Field(None, min_length=1, max_length=MAX_DRAFT_TOKENS_WIRE + 1,
                                          description="pipelined round: the tokens round seq-1 must have committed "
                                          "(its drafts and the draft's guess); else condition_not_met")
+    tree_parents: list[Annotated[int, Field(ge=-1, lt=MAX_DRAFT_TOKENS_WIRE)]] | None = Field(
+        None, max_length=MAX_DRAFT_TOKENS_WIRE, description="a token tree (greedy sessions): the parent of each "
+        "draft token, -1 for the last context token, else an earlier draft token's index")
 
     def to_request(self) -> VerifyRequest:
         s = self.sampling or Sampling()
@@ -72,6 +75,7 @@ class DraftRound(_Wire):
             full_context=None if self.full_context is None else tuple(self.full_context),
             sampling=SamplingParams(s.temperature, s.top_p, s.seed),
             assume=None if self.assume is None else tuple(self.assume),
+            parents=None if self.tree_parents is None else tuple(self.tree_parents),
         )
 
 
@@ -92,13 +96,15 @@ class RoundResult(_Wire):
     context_len: int = Field(ge=1, description="committed tokens after this round")
     cache_hit: bool = True
     timings: ServerTimings = Field(default_factory=ServerTimings)
+    path: list[int] | None = Field(None, description="a token tree: the accepted draft tokens' indices, root first")
 
     @classmethod
     def from_outcome(cls, out: RoundOutcome, version: str, queue_ms: float = 0.0) -> RoundResult:
         return cls(session_id=out.session_id, seq=out.seq, accepted=out.accepted, token=out.token, bonus=out.bonus,
                    version=version, context_len=out.context_len, cache_hit=out.cache_hit,
                    timings=ServerTimings(queue_ms=round(queue_ms, 3), verify_ms=out.verify_ms,
-                                         batch_size=out.batch_size))
+                                         batch_size=out.batch_size),
+                   path=None if out.path is None else list(out.path))
 
 
 class ErrorDetail(_Wire):
@@ -121,10 +127,10 @@ class ErrorBody(_Wire):
 # --------------------------------------------------------------------------- compact encoding
 
 _ROUND_FIELDS = ("protocol_version", "session_id", "seq", "target", "new_context", "draft_tokens", "sampling",
-                 "full_context", "assume")
+                 "full_context", "assume", "tree_parents")
 _TOKEN_FIELDS = {"new_context", "draft_tokens", "full_context", "assume"}
 _RESULT_FIELDS = ("protocol_version", "session_id", "seq", "accepted", "token", "bonus", "version", "context_len",
-                  "cache_hit", "timings")
+                  "cache_hit", "timings", "path")
 
 
 def pack_tokens(tokens: list[int]) -> bytes:
@@ -188,9 +194,10 @@ def decode_round(payload: bytes) -> DraftRound:
 
 
 def encode_result(r: RoundResult) -> bytes:
-    row = [getattr(r, n) for n in _RESULT_FIELDS[:-1]]
     t = r.timings
-    row.append([t.queue_ms, t.verify_ms, t.batch_size])
+    row = [[t.queue_ms, t.verify_ms, t.batch_size] if n == "timings" else getattr(r, n) for n in _RESULT_FIELDS]
+    while row and row[-1] is None:
+        row.pop()
     return msgpack.packb(row, use_bin_type=True)
 
 

@@ -6,7 +6,8 @@ Written once and shared by the batched in-process loop (`generate.py`) and the a
 - the first round, and any round after the server asked for a resync, carries the full committed context
   and the sampling settings (the server rebuilds the session from them; results are identical);
 - after the first answer the session names the version that served it (pinning survives router restarts);
-- an answer commits d_1..d_n plus the recovered or bonus token and advances the sequence number;
+- an answer commits d_1..d_n plus the recovered or bonus token and advances the sequence number (for a
+  token tree: the tokens of the accepted path the answer names);
 - a pipelined round (the next one, sent before this one's answer) names what this one must commit.
 
 No I/O, no timing and no choice of K here.
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 
 from flexspec_serve import protocol as P
 from flexspec_serve.engine.proposer import DraftProposer, EdgeSession
-from flexspec_serve.engine.sampling import SamplingParams
+from flexspec_serve.engine.sampling import SamplingParams, tree_depth
 from flexspec_serve.engine.stats import AcceptanceStats
 
 RESYNC_CODES = frozenset({"resync_required", "bad_sequence"})
@@ -49,17 +50,18 @@ class ClientSession:
     def committed(self) -> list[int]:
         return self.prompt + self.tokens
 
-    def message(self, draft: list[int], assume: list[int] | None = None) -> P.DraftRound:
+    def message(self, draft: list[int], assume: list[int] | None = None,
+                parents: list[int] | None = None) -> P.DraftRound:
         """The wire message for this round's draft d_1..d_K (K may be 0). `assume`: the round was sent
         pipelined with it (a resend carries it too, so the cloud recognises a round it already verified);
-        dropped when the message carries the full context."""
+        dropped when the message carries the full context. `parents`: the draft is a token tree."""
         full = self.needs_context
         s = self.sampling
         return P.DraftRound(
             session_id=self.session_id, seq=self.seq, target=self.version or self.target, draft_tokens=draft,
             full_context=self.committed if full else None,
             sampling=P.Sampling(temperature=s.temperature, top_p=s.top_p, seed=s.seed) if full else None,
-            assume=None if full else assume,
+            assume=None if full else assume, tree_parents=parents,
         )
 
     def pipelined_message(self, assume: list[int], draft: list[int]) -> P.DraftRound | None:
@@ -71,16 +73,23 @@ class ClientSession:
         return P.DraftRound(session_id=self.session_id, seq=self.seq + 1, target=self.version, draft_tokens=draft,
                             assume=assume)
 
-    def commit(self, draft: list[int], result: P.RoundResult, proposer: DraftProposer | None = None) -> list[int]:
-        """Apply the cloud's verdict; returns the tokens this round added (accepted drafts + one)."""
-        if result.seq != self.seq or result.accepted > len(draft):
-            raise ValueError(f"answer for seq {result.seq} ({result.accepted} accepted) does not fit round "
-                             f"{self.seq} with K = {len(draft)}")
-        new = draft[: result.accepted] + [result.token]
+    def commit(self, draft: list[int], result: P.RoundResult, proposer: DraftProposer | None = None,
+               parents: list[int] | None = None) -> list[int]:
+        """Apply the cloud's verdict; returns the tokens this round added (accepted drafts + one). A token
+        tree's (`parents`) answer names the accepted path."""
+        path = accepted_path(result, parents)
+        if result.seq != self.seq or path is None or any(not 0 <= j < len(draft) for j in path):
+            raise ValueError(f"answer for seq {result.seq} ({result.accepted} accepted, path {result.path}) does "
+                             f"not fit round {self.seq} with K = {len(draft)}")
+        accepted = [draft[j] for j in path]
+        new = accepted + [result.token]
         if proposer is not None and self.edge is not None:
-            proposer.apply(self.edge, draft, result.accepted, result.token)
+            if parents is None:
+                proposer.apply(self.edge, draft, result.accepted, result.token)
+            else:
+                proposer.apply_tree(self.edge, accepted, result.token)
         self.tokens.extend(new)
-        self.stats.record(len(draft), result.accepted)
+        self.stats.record(len(draft) if parents is None else tree_depth(parents), result.accepted)
         self.rounds.append(result)
         self.version, self.needs_context = result.version, False
         self.seq += 1
@@ -93,3 +102,16 @@ class ClientSession:
             self.resyncs += 1
             return True
         return False
+
+
+def accepted_path(result: P.RoundResult, parents: list[int] | None) -> list[int] | None:
+    """The accepted draft tokens' indices: d_1..d_n of a chain, or the tree path the answer names if it is
+    one (from the root, each node's parent the one before it); None when the answer does not fit."""
+    if parents is None:
+        return list(range(result.accepted)) if result.path is None else None
+    path = result.path or []
+    if len(path) != result.accepted or any(not 0 <= j < len(parents) for j in path):
+        return None
+    chained = all(parents[j] == (path[i - 1] if i else -1) for i, j in enumerate(path))
+    return path if chained else None
+

@@ -35,6 +35,7 @@ class RoundEvent:
     bytes_down: int
     result: P.RoundResult
     lookahead_hit: bool = False  # draft-ahead: all K accepted and the cloud's token was the draft's d_{K+1}
+    tree_nodes: int = 0  # with second choices: the tree's nodes (K chain tokens and their siblings); else 0
 
 
 def speculative_generate(
@@ -49,13 +50,19 @@ def speculative_generate(
     on_round: Callable[[RoundEvent], None] | None = None,
     target: str | None = None,
     draft_ahead: bool = False,
+    siblings: bool = False,
 ) -> list[ClientSession]:
     """Generate for every prompt; `proposer=None` or K = 0 means cloud-only rounds. `draft_ahead` drafts
     d_{K+1} too (not sent) and `ahead_tokens(K)` past it before the answer is applied; a lookahead hit's next
     round starts from them (`on_round` is told of hits; the output does not change in greedy mode).
 
+    `siblings`: greedy sessions send each draft step's runner-up too (a token tree of 2K nodes; the K in
+    `RoundEvent` stays the draft steps). Not with `draft_ahead`.
+
     `transport` is a `Transport` or a bare `Verifier` (wrapped in a `LocalTransport`).
     """
+    if siblings and draft_ahead:
+        raise ValueError("second choices (siblings) and draft_ahead do not combine")
     if not hasattr(transport, "round_trip"):
         transport = LocalTransport(transport)
     pick = (lambda i, r: choose_k) if isinstance(choose_k, int) else choose_k
@@ -65,19 +72,21 @@ def speculative_generate(
     while running:
         ks = [0 if proposer is None else max(0, min(pick(i, round_idx), max_new_tokens - len(clients[i].tokens) - 1))
               for i in running]
-        proposals = proposer.propose([clients[i].edge for i in running], ks, draft_ahead) if proposer else [None] * len(running)
+        proposals = (proposer.propose([clients[i].edge for i in running], ks, draft_ahead, siblings=siblings)
+                     if proposer else [None] * len(running))
         drafts = [prop.tokens if prop else [] for prop in proposals]
+        trees = [prop.parents if prop else None for prop in proposals]
         if proposer and draft_ahead:  # what the devices draft while the round is on the air
             proposer.draft_ahead([clients[i].edge for i in running], [ahead_tokens(k) for k in ks])
-        exchanges = round_trip_resync(transport, [clients[i] for i in running], drafts)
+        exchanges = round_trip_resync(transport, [clients[i] for i in running], drafts, trees)
         still = []
-        for i, draft, ex in zip(running, drafts, exchanges):
+        for i, k, draft, tree, ex in zip(running, ks, drafts, trees, exchanges):
             edge = clients[i].edge
             hit = edge is not None and proposer.lookahead_hit(edge, ex.result.accepted, ex.result.token)
-            new = clients[i].commit(draft, ex.result, proposer)
+            new = clients[i].commit(draft, ex.result, proposer, tree)
             if on_round:
-                on_round(RoundEvent(i, round_idx, len(draft), ex.result.accepted, ex.bytes_up,
-                                    ex.bytes_down, ex.result, hit))
+                on_round(RoundEvent(i, round_idx, k if tree else len(draft), ex.result.accepted, ex.bytes_up,
+                                    ex.bytes_down, ex.result, hit, len(draft) if tree else 0))
             if len(clients[i].tokens) < max_new_tokens and (stop_token is None or stop_token not in new):
                 still.append(i)
         running, round_idx = still, round_idx + 1
@@ -86,13 +95,16 @@ def speculative_generate(
     return clients
 
 
-def round_trip_resync(transport, clients: list[ClientSession], drafts: list[list[int]]) -> list[Exchange]:
-    """Send one round per client; a round the server answers with `resync_required` is resent once with
-    the full context (byte counts add up both attempts). Any other error raises `RoundFailed`."""
-    exchanges = transport.round_trip([c.message(d) for c, d in zip(clients, drafts)])
+def round_trip_resync(transport, clients: list[ClientSession], drafts: list[list[int]],
+                      trees: list[list[int] | None] | None = None) -> list[Exchange]:
+    """Send one round per client (`trees[j]`: round j's draft is a token tree with these parents); a round the
+    server answers with `resync_required` is resent once with the full context (byte counts add up both
+    attempts). Any other error raises `RoundFailed`."""
+    trees = trees or [None] * len(drafts)
+    exchanges = transport.round_trip([c.message(d, parents=t) for c, d, t in zip(clients, drafts, trees)])
     again = [j for j, ex in enumerate(exchanges) if isinstance(ex.result, P.ErrorBody) and clients[j].on_error(ex.result)]
     if again:
-        retried = transport.round_trip([clients[j].message(drafts[j]) for j in again])
+        retried = transport.round_trip([clients[j].message(drafts[j], parents=trees[j]) for j in again])
         for j, ex in zip(again, retried):
             first = exchanges[j]
             exchanges[j] = Exchange(ex.result, first.bytes_up + ex.bytes_up, first.bytes_down + ex.bytes_down)

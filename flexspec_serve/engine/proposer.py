@@ -12,6 +12,12 @@ are dropped with the rest of the rejected draft. A client that already sent the 
 pipelined round (see `engine.verifier`) marks them sent with `promote`. Either way the drafted tokens are the ones drafting after
 the answer would give (greedy: the same tokens; sampling: the same distribution).
 
+Second choices (`propose(..., siblings=True)`, greedy sessions): each of the K draft steps also offers its
+runner-up token s_i as a sibling of d_i, so the round is a token tree of 2K nodes (d_1, s_1, d_2, s_2, ...;
+`Proposal.parents`) that costs no extra draft step. When the target's token at position i is s_i, the
+round keeps d_1..d_{i-1}, s_i and the target's token after s_i (see `engine.verifier`); `apply_tree`
+commits such an answer.
+
 It does not choose K (the controller in `edge/` does) and does not talk to the cloud.
 """
 
@@ -28,8 +34,9 @@ from flexspec_serve.engine.ragged import CachedSequence, decode_max_tokens, run_
 
 @dataclass
 class Proposal:
-    tokens: list[int]  # d_1..d_K
+    tokens: list[int]  # d_1..d_K (with siblings: d_1, s_1, d_2, s_2, ..., the nodes of a token tree)
     q_token_probs: list[float]  # q_i(d_i), for accounting; the cloud recomputes full q itself
+    parents: list[int] | None = None  # a token tree: each node's parent (-1: the last committed token)
 
 
 @dataclass
@@ -69,26 +76,33 @@ class DraftProposer:
         return max(0, k - len(s.ready))
 
     def propose(self, sessions: list[EdgeSession], ks: list[int], lookahead: bool = False,
-                on_done: Callable[[int, Proposal], None] | None = None) -> list[Proposal]:
+                on_done: Callable[[int, Proposal], None] | None = None, siblings: bool = False) -> list[Proposal]:
         """K_i draft tokens for each session, one batched draft step per draft position (tokens a lookahead
         hit left ready come first); with `lookahead`, sessions with K_i > 0 draft one more token. Ready
         tokens past K_i stay drafted; `guess` is d_{K+1} when there is one. `on_done(i, proposal)` is
         called (on this thread) as soon as session i is drafted, while longer drafts go on; that session
-        is not touched again by this call."""
+        is not touched again by this call. `siblings`: greedy sessions' proposals are token trees with each
+        step's runner-up beside its token (see the module docstring)."""
         wants = [k + (lookahead and k > 0) for k in ks]
         starts = [s.ready if k else [] for s, k in zip(sessions, ks)]  # k = 0: apply drops the cache past it
         for s in sessions:
             s.ready = []
         proposals: list[Proposal | None] = [None] * len(sessions)
 
+        runner_up: list[list[int]] | None = [[] for _ in sessions] if siblings else None
+
         def finish(i: int, out: list[tuple[int, float]]) -> None:
             s, k = sessions[i], ks[i]
             s.drafted, s.sent = out, k
             proposals[i] = Proposal([t for t, _ in out[:k]], [q for _, q in out[:k]])
+            if runner_up is not None and s.sampling.greedy and k:
+                proposals[i] = with_siblings(proposals[i], runner_up[i][:k])
             if on_done is not None:
                 on_done(i, proposals[i])
 
-        self._extend(sessions, starts, [max(0, w - len(st)) for w, st in zip(wants, starts)], finish)
+        if siblings and any(s.ready for s, k in zip(sessions, ks) if k):
+            raise ValueError("second choices need every draft step run now; a session has tokens drafted ahead")
+        self._extend(sessions, starts, [max(0, w - len(st)) for w, st in zip(wants, starts)], finish, runner_up)
         return proposals
 
     def draft_ahead(self, sessions: list[EdgeSession], ns: list[int]) -> None:
@@ -121,10 +135,11 @@ class DraftProposer:
 
     @torch.inference_mode()
     def _extend(self, sessions: list[EdgeSession], starts: list[list[tuple[int, float]]], ns: list[int],
-                done: Callable[[int, list[tuple[int, float]]], None] | None = None) -> list[list[tuple[int, float]]]:
+                done: Callable[[int, list[tuple[int, float]]], None] | None = None,
+                runner_up: list[list[int]] | None = None) -> list[list[tuple[int, float]]]:
         """Continue each session's draft `starts[i]` (tokens past the committed ones) by n_i steps, batched;
         every step feeds whatever the cache has not seen yet (the backlog, then the last draft token).
-        `done(i, out_i)` as each session gets its n_i steps."""
+        `done(i, out_i)` as each session gets its n_i steps; `runner_up[i]` gets each step's second-best token."""
         outs = [list(st) for st in starts]
         for i in (i for i, n in enumerate(ns) if n <= 0 and done is not None):
             done(i, outs[i])
@@ -134,6 +149,8 @@ class DraftProposer:
             logits = run_ragged_by_shape(self.model, [sessions[i].cache for i in active], inputs, self.decode_max)
             for i, lg in zip(active, logits):
                 outs[i].append(self._choose(lg[-1], sessions[i]))
+                if runner_up is not None:
+                    runner_up[i].append(int(lg[-1].topk(2).indices[1]))
                 if ns[i] == step + 1 and done is not None:
                     done(i, outs[i])
         return outs
@@ -163,6 +180,19 @@ class DraftProposer:
         s.ready, s.drafted, s.sent = (s.drafted[k + 1 :] if hit else []), [], 0
         s.cache.truncate(len(s.tokens) + len(s.ready) - 1 if s.ready else keep)
 
+    def apply_tree(self, s: EdgeSession, accepted: list[int], token: int) -> None:
+        """Commit a sibling tree's accepted path (d_1..d_n, or d_1..d_{i-1} and the runner-up s_i) and the
+        cloud's token: the cache keeps the accepted chain tokens it fed; the runner-up is fed next round."""
+        chain = [t for t, _ in s.drafted[: s.sent]]
+        n = 0
+        while n < len(accepted) and n < len(chain) and accepted[n] == chain[n]:
+            n += 1
+        if n == len(accepted):
+            self.apply(s, chain, n, token)
+            return
+        self.apply(s, chain, n, accepted[n])  # the runner-up stands in for the cloud's token at its position
+        s.tokens.extend(accepted[n + 1 :] + [token])
+
     @staticmethod
     def promote(s: EdgeSession, k: int) -> None:
         """After a lookahead hit: the first k ready tokens were already sent as a pipelined round, so they are
@@ -174,3 +204,15 @@ class DraftProposer:
     def resync(self, s: EdgeSession) -> None:
         """Forget the draft cache (it is rebuilt from the committed tokens on the next proposal)."""
         s.cache, s.ready, s.drafted, s.sent = CachedSequence(), [], [], 0
+
+
+def with_siblings(chain: Proposal, runner_up: list[int]) -> Proposal:
+    """The token tree d_1, s_1, d_2, s_2, ...: s_i (the step's runner-up) is d_i's sibling, a leaf."""
+    tokens, q, parents = [], [], []
+    for i, (d, qd, alt) in enumerate(zip(chain.tokens, chain.q_token_probs, runner_up)):
+        parent = 2 * (i - 1) if i else -1  # d_{i-1}'s node index
+        tokens += [d, alt]
+        q += [qd, 0.0]
+        parents += [parent, parent]
+    return Proposal(tokens, q, parents)
+

@@ -5,6 +5,11 @@ left-padded to the longest one and stacked; the new tokens are right-padded; a 2
 both paddings and explicit position ids keep every session's RoPE positions its own. Afterwards each
 session gets back its own cache, padding stripped. A batch of one skips all of that and runs in place.
 
+Token trees (`trees[i]`, the parents of the last tokens of `inputs[i]`): those tokens are the nodes of a
+tree hanging off the token before them, each attending to the context and to its own ancestors only, at
+the position its depth gives it; the mask is then a 4-D additive one. The cache keeps every node;
+`CachedSequence.keep` keeps the accepted path afterwards.
+
 This module does not know about drafts, acceptance or sessions' token lists: callers say which tokens
 to feed and read the logits.
 """
@@ -34,24 +39,38 @@ class CachedSequence:
         if keep < self.length:
             hf_compat.drop_last(self.cache, self.length - keep)
 
+    def keep(self, prefix: int, extra: list[int]) -> None:
+        """Keep the first `prefix` positions and then positions prefix + e for e in `extra` (ascending):
+        the accepted path of a token tree fed after `prefix` positions."""
+        if extra == list(range(len(extra))):
+            self.truncate(prefix + len(extra))
+            return
+        kept = torch.tensor(list(range(prefix)) + [prefix + e for e in extra])
+        layers = hf_compat.layer_tensors(self.cache)
+        kept = kept.to(layers[0][0].device)
+        self.cache = hf_compat.cache_from_tensors([(k.index_select(2, kept), v.index_select(2, kept)) for k, v in layers])
+
     def nbytes(self) -> int:
         return hf_compat.cache_nbytes(self.cache)
 
 
 @torch.inference_mode()
 def run_ragged(
-    model: torch.nn.Module, seqs: list[CachedSequence], inputs: list[list[int]], pad_id: int = 0
+    model: torch.nn.Module, seqs: list[CachedSequence], inputs: list[list[int]], pad_id: int = 0,
+    trees: list[list[int] | None] | None = None,
 ) -> list[torch.Tensor]:
     """Feed `inputs[i]` (at least one token each) on top of `seqs[i]`; returns logits [n_i, V] per session.
 
-    Every `seqs[i].cache` is extended by `len(inputs[i])` positions.
+    Every `seqs[i].cache` is extended by `len(inputs[i])` positions. `trees[i]`, if given, are the parents
+    of the last len(trees[i]) tokens of inputs[i]: -1 for the token before them, else an earlier node's index.
     """
     if len(seqs) != len(inputs):
         raise ValueError(f"{len(seqs)} sequences but {len(inputs)} inputs")
     if any(len(x) == 0 for x in inputs):
         raise ValueError("every sequence needs at least one new token")
     device = next(model.parameters()).device
-    if len(seqs) == 1:
+    has_tree = trees is not None and any(trees)
+    if len(seqs) == 1 and not has_tree:
         return [_run_single(model, seqs[0], inputs[0], device)]
     past = [s.length for s in seqs]
     new = [len(x) for x in inputs]
@@ -62,6 +81,8 @@ def run_ragged(
         ids[b, :n_len] = torch.tensor(x, dtype=torch.long)
         mask[b, p_max - p_len : p_max + n_len] = 1
     positions = torch.tensor(past)[:, None] + torch.arange(n_max)[None, :]  # [B, N]
+    if has_tree:
+        mask, positions = _tree_mask(trees, past, new, p_max, n_max, next(model.parameters()).dtype)
     cache = _stack_left_padded(seqs, p_max) if p_max else DynamicCache()
     logits = hf_compat.forward_logits(
         model, ids.to(device), cache, attention_mask=mask.to(device), position_ids=positions.to(device)
@@ -103,6 +124,39 @@ def _run_single(model, seq: CachedSequence, tokens: list[int], device) -> torch.
     ids = torch.tensor([tokens], dtype=torch.long, device=device)
     positions = torch.arange(start, start + len(tokens), device=device)[None, :]
     return hf_compat.forward_logits(model, ids, seq.cache, position_ids=positions)[0].float()  # [n, V]
+
+
+def _tree_mask(trees, past, new, p_max, n_max, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Additive mask [B, 1, N, P + N] and position ids [B, N]: context tokens causal, tree nodes seeing the
+    context and their ancestors, each node at (position of the token before the tree) + its depth."""
+    bsz = len(past)
+    allowed = torch.zeros((bsz, n_max, p_max + n_max), dtype=torch.bool)
+    positions = torch.zeros((bsz, n_max), dtype=torch.long)
+    for b in range(bsz):
+        parents = (trees[b] or []) if trees else []
+        n, t = new[b], len(parents)
+        c = n - t  # context tokens before the tree
+        allowed[b, :, p_max - past[b] : p_max] = True  # the session's cache
+        causal = torch.ones((c, c), dtype=torch.bool).tril()
+        allowed[b, :c, p_max : p_max + c] = causal
+        positions[b, :c] = past[b] + torch.arange(c)
+        depth = []
+        for j, par in enumerate(parents):
+            if not -1 <= par < j:
+                raise ValueError(f"tree node {j} has parent {par}; parents come first, -1 is the token before the tree")
+            depth.append(1 if par < 0 else depth[par] + 1)
+            row = p_max + c + j
+            allowed[b, c + j, p_max : p_max + c] = True
+            allowed[b, c + j, row] = True
+            if par >= 0:
+                allowed[b, c + j] |= allowed[b, c + par] & (torch.arange(p_max + n_max) >= p_max + c)
+            positions[b, c + j] = past[b] + c - 1 + depth[j]
+        for r in range(n, n_max):  # padding rows see themselves only (their outputs are dropped)
+            allowed[b, r, p_max + r] = True
+            positions[b, r] = past[b] + r
+    neg = torch.finfo(dtype).min
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, neg)[:, None]  # [B, 1, N, P+N]
+    return mask, positions
 
 
 def _stack_left_padded(seqs: list[CachedSequence], p_max: int) -> DynamicCache:

@@ -1,7 +1,8 @@
 """Turning logits into distributions, and the speculative accept/reject rule — defined once.
 
 Shapes: K draft tokens; `p` target probs [K+1, V] (the last row for the bonus token); `q` draft probs
-[K, V]; `draft` token ids [K]. Greedy mode (temperature 0) needs only argmax p.
+[K, V]; `draft` token ids [K]. Greedy mode (temperature 0) needs only argmax p; it also decides token trees
+(`accept_greedy_tree`: K nodes with parents, the accepted path and the token after it).
 """
 
 from __future__ import annotations
@@ -59,6 +60,32 @@ def accept_greedy(target_logits: torch.Tensor, draft: list[int]) -> tuple[int, i
     while n < len(draft) and draft[n] == choice[n]:
         n += 1
     return n, choice[n]
+
+
+def accept_greedy_tree(target_logits: torch.Tensor, draft: list[int], parents: list[int]) -> tuple[list[int], int]:
+    """A token tree: node j is draft[j] under parents[j] (-1: the token before the tree). target_logits
+    [K+1, V]: row 0 after the token before the tree, row j + 1 after node j -> (accepted path, as node
+    indices from the root, and the target's token after it). From the root, the path follows the child whose
+    token is the target's choice there (its first such child) until none is."""
+    choice = target_logits.argmax(dim=-1).tolist()  # [K+1]
+    children: dict[int, list[int]] = {}
+    for j, parent in enumerate(parents):
+        children.setdefault(parent, []).append(j)
+    path, at = [], -1
+    while True:
+        nxt = next((j for j in children.get(at, ()) if draft[j] == choice[at + 1]), None)
+        if nxt is None:
+            return path, choice[at + 1]
+        path.append(nxt)
+        at = nxt
+
+
+def tree_depth(parents: list[int]) -> int:
+    """Nodes on the longest root path of a tree given by its parents (0 for no nodes)."""
+    depth: list[int] = []
+    for parent in parents:
+        depth.append(1 if parent < 0 else depth[parent] + 1)
+    return max(depth, default=0)
 
 
 def accept_sampling(

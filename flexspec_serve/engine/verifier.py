@@ -14,6 +14,11 @@ verified only if that is what round s committed; otherwise it answers `Condition
 (it is also refused when round s has not been verified yet: the client then resends it).
 A verified pipelined round is an ordinary round on the true context, so outputs stay lossless.
 
+Token trees (`VerifyRequest.parents`, greedy sessions only): the K draft tokens are the nodes of a tree
+(several candidates per position), verified in the same forward pass under a tree attention mask. The
+accepted path (`RoundOutcome.path`) follows the target's greedy choice from the root; its tokens and the
+target's token after it are committed, and the target cache keeps only that path's positions.
+
 It does not batch across time (the caller hands it a batch) and knows nothing of Serve or the network.
 """
 
@@ -45,6 +50,7 @@ class VerifyRequest:
     full_context: tuple[int, ...] | None = None  # set on a session's first round and on resync
     sampling: S.SamplingParams = S.SamplingParams()
     assume: tuple[int, ...] | None = None  # pipelined: what round seq - 1 must have committed
+    parents: tuple[int, ...] | None = None  # a token tree: each draft token's parent (-1: the last context token)
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,7 @@ class RoundOutcome:
     verify_ms: float
     batch_size: int
     cache_hit: bool  # False when this round had to (re)build the session's cache
+    path: tuple[int, ...] | None = None  # a token tree: the accepted nodes, root first (n = len(path))
 
 
 @dataclass
@@ -162,6 +169,7 @@ class Verifier:
         target_logits = run_ragged(
             self.target, [s.target for _, s, _ in ready],
             [s.tokens[s.target.length :] + list(requests[i].draft_tokens) for i, s, _ in ready],
+            trees=[list(requests[i].parents) if requests[i].parents else None for i, _, _ in ready],
         )
         draft_probs = self._draft_probs(requests, ready)
         verify_ms = (time.perf_counter() - started) * 1e3
@@ -169,13 +177,13 @@ class Verifier:
             req = requests[i]
             k = len(req.draft_tokens)
             try:
-                n, token = self._decide(req, session, logits[-(k + 1) :], draft_probs.get(i))
+                path, token = self._decide(req, session, logits[-(k + 1) :], draft_probs.get(i))
             except (RuntimeError, ValueError) as err:  # isolate: this round fails, its batch-mates do not
                 log.exception("%s: deciding round %s of %r failed", self.name, req.seq, req.session_id)
                 self.drop_session(req.session_id)  # its caches hold this round's positions; the client resyncs
                 results[i] = RoundFailed(f"round {req.seq} of {req.session_id!r} failed in the engine: {err}")
                 continue
-            results[i] = self._commit(req, session, n, token, verify_ms, len(ready), hit)
+            results[i] = self._commit(req, session, path, token, verify_ms, len(ready), hit)
 
     def _prepare(self, req: VerifyRequest) -> tuple[_Session, bool] | RoundOutcome:
         self._validate(req)
@@ -228,6 +236,8 @@ class Verifier:
             for t in getattr(req, name) or ():
                 if not 0 <= t < self.vocab_size:
                     raise InvalidRequest(name, t, f"token id outside the vocabulary [0, {self.vocab_size})")
+        if req.parents is not None:
+            self._validate_tree(req)
         if req.assume is not None and (req.full_context is not None or req.new_context or not req.assume
                                        or req.seq == 0):
             raise InvalidRequest("assume", list(req.assume), "a pipelined round follows a verified round: "
@@ -237,6 +247,20 @@ class Verifier:
         if not req.sampling.greedy and k and self.draft is None:
             raise InvalidRequest("sampling", req.sampling.temperature,
                                  f"{self.name} holds no draft copy, so only greedy drafts can be verified")
+
+    @staticmethod
+    def _validate_tree(req: VerifyRequest) -> None:
+        parents = list(req.parents)
+        if len(parents) != len(req.draft_tokens):
+            raise InvalidRequest("parents", parents, f"one parent per draft token ({len(req.draft_tokens)})")
+        bad = next((j for j, par in enumerate(parents) if not -1 <= par < j), None)
+        if bad is not None:
+            raise InvalidRequest("parents", parents, f"node {bad}'s parent must be -1 (the last context token) "
+                                 "or an earlier node")
+        if not req.sampling.greedy:
+            raise InvalidRequest("parents", parents, "token trees are verified in greedy sessions only")
+        if req.assume is not None:
+            raise InvalidRequest("parents", parents, "a pipelined round cannot be a token tree")
 
     def _check_length(self, req: VerifyRequest, session: _Session) -> None:
         total = len(session.tokens) + len(req.new_context) + len(req.draft_tokens) + 1
@@ -256,25 +280,34 @@ class Verifier:
             out[i] = S.probs(lg[-k:], s.sampling)  # [K, V]
         return out
 
-    def _decide(self, req, session: _Session, logits: torch.Tensor, q: torch.Tensor | None) -> tuple[int, int]:
+    def _decide(self, req, session: _Session, logits: torch.Tensor, q: torch.Tensor | None
+                ) -> tuple[list[int], int]:
+        """(accepted nodes, root first: d_1..d_n for a chain; the recovered or bonus token)."""
         draft = list(req.draft_tokens)
+        if req.parents is not None:
+            return S.accept_greedy_tree(logits, draft, list(req.parents))
         if session.sampling.greedy:
-            return S.accept_greedy(logits, draft)
-        generator = torch.Generator().manual_seed((session.seed * 1_000_003 + req.seq) % (1 << 63))
-        p = S.probs(logits, session.sampling)  # [K+1, V]
-        return S.accept_sampling(p, q if q is not None else p[:0], draft, generator)
+            n, token = S.accept_greedy(logits, draft)
+        else:
+            generator = torch.Generator().manual_seed((session.seed * 1_000_003 + req.seq) % (1 << 63))
+            p = S.probs(logits, session.sampling)  # [K+1, V]
+            n, token = S.accept_sampling(p, q if q is not None else p[:0], draft, generator)
+        return list(range(n)), token
 
-    def _commit(self, req, session: _Session, n: int, token: int, verify_ms, batch_size, hit) -> RoundOutcome:
-        k = len(req.draft_tokens)
-        committed = len(session.tokens) + n
-        session.tokens.extend(req.draft_tokens[:n])
+    def _commit(self, req, session: _Session, path: list[int], token: int, verify_ms, batch_size, hit
+                ) -> RoundOutcome:
+        k, n, tree = len(req.draft_tokens), len(path), req.parents is not None
+        before = len(session.tokens)
+        session.tokens.extend(req.draft_tokens[j] for j in path)
         session.tokens.append(token)
-        session.target.truncate(committed)  # drop rejected drafts; `token` is fed next round
-        session.draft.truncate(committed)
-        session.stats.record(k, n)
-        self.stats.record(k, n)
-        outcome = RoundOutcome(req.session_id, req.seq, n, token, n == k, len(session.tokens),
-                               round(verify_ms, 3), batch_size, hit)
+        session.target.keep(before, path)  # drop rejected drafts; `token` is fed next round
+        session.draft.truncate(before + n)
+        depth = S.tree_depth(list(req.parents)) if tree else k  # positions a round could accept
+        session.stats.record(depth, n)
+        self.stats.record(depth, n)
+        bonus = not any(par == (path[-1] if path else -1) for par in req.parents) if tree else n == k
+        outcome = RoundOutcome(req.session_id, req.seq, n, token, bonus, len(session.tokens), round(verify_ms, 3),
+                               batch_size, hit, tuple(path) if tree else None)
         # keep round s's answer beside this one's: its retry may come after pipelined round s + 1 was verified
         session.answered = {key: o for key, o in session.answered.items() if o.seq == req.seq - 1}
         session.answered[_round_key(req)] = outcome
@@ -297,7 +330,7 @@ class Verifier:
 
 def _round_key(req: VerifyRequest) -> tuple:
     """What makes a retried round the same round (answered from the stored outcome, applied once)."""
-    return (req.seq, req.draft_tokens, req.new_context, req.full_context is not None, req.assume)
+    return (req.seq, req.draft_tokens, req.new_context, req.full_context is not None, req.assume, req.parents)
 
 
 def _session_seed(session_id: str, seed: int) -> int:

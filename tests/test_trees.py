@@ -1,0 +1,142 @@
+"""Token trees: a round whose draft tokens form a tree (several candidates per position), verified in one
+forward pass with a tree attention mask; greedy decoding stays the target's own."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flexspec_serve.engine.ragged import CachedSequence, run_ragged
+
+CTX_A, CTX_B = [5, 6, 7, 8, 9, 10], [11, 12]
+
+
+def _chain_logits(model, context, path):
+    """Logits after each token of context + path, computed as a plain sequence."""
+    return run_ragged(model, [CachedSequence()], [context + path])[0]
+
+
+def test_each_tree_node_sees_only_its_ancestors_in_a_ragged_batch(family_models):
+    model = family_models["v1"]
+    a, b = CachedSequence(), CachedSequence()
+    run_ragged(model, [a], [CTX_A[:-1]])
+    run_ragged(model, [b], [CTX_B])
+    # session a: the last context token, then the tree 3 -> 4, 3 -> 20, 21 (a second root child)
+    tree_a = [3, 4, 20, 21]
+    parents_a = [-1, 0, 0, -1]
+    out = run_ragged(model, [a, b], [[CTX_A[-1]] + tree_a, [13, 14]], trees=[parents_a, None])
+    ref_34, ref_320, ref_21 = (_chain_logits(model, CTX_A, p) for p in ([3, 4], [3, 20], [21]))
+    for got, want in ((out[0][0], ref_34[-3]), (out[0][1], ref_34[-2]), (out[0][2], ref_34[-1]),
+                      (out[0][3], ref_320[-1]), (out[0][4], ref_21[-1])):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out[1], _chain_logits(model, CTX_B, [13, 14])[-2:], atol=1e-4, rtol=1e-4)
+    assert a.length == len(CTX_A) + 4 and b.length == len(CTX_B) + 2
+
+
+def test_keeping_the_accepted_path_leaves_the_cache_of_that_path_alone(family_models):
+    model = family_models["v1"]
+    tree = CachedSequence()
+    run_ragged(model, [tree], [CTX_A[:-1]])
+    run_ragged(model, [tree], [[CTX_A[-1], 3, 4, 20]], trees=[[-1, 0, 0]])
+    tree.keep(len(CTX_A), [0, 2])  # accepted 3 -> 20
+    plain = CachedSequence()
+    run_ragged(model, [plain], [CTX_A + [3, 20]])
+    assert tree.length == plain.length == len(CTX_A) + 2
+    nxt_tree = run_ragged(model, [tree], [[30]])[0]
+    nxt_plain = run_ragged(model, [plain], [[30]])[0]
+    torch.testing.assert_close(nxt_tree, nxt_plain, atol=1e-4, rtol=1e-4)
+
+
+def test_a_node_whose_parent_comes_later_is_refused(family_models):
+    with pytest.raises(ValueError, match="parent"):
+        run_ragged(family_models["v1"], [CachedSequence()], [[1, 2, 3]], trees=[[-1, 1]])
+
+
+# --------------------------------------------------------------------------- rounds with second choices
+
+VERSIONS = ("v1", "v2", "v3")
+MAX_NEW = 20
+
+
+def _generate(family_models, prompts, version, k, siblings, transport=None):
+    from flexspec_serve.engine.generate import speculative_generate
+    from flexspec_serve.engine.proposer import DraftProposer
+    from flexspec_serve.engine.verifier import Verifier
+
+    verifier = Verifier(family_models[version], family_models["draft"])
+    return speculative_generate(DraftProposer(family_models["draft"]), transport or verifier, prompts, MAX_NEW, k,
+                                siblings=siblings), verifier
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_second_choices_keep_greedy_output_and_add_tokens_per_round(family_models, humaneval_prompts, version):
+    from flexspec_serve.transport import LocalTransport
+
+    prompts = humaneval_prompts[:16]
+    want = [family_models[version].generate(torch.tensor([p]), max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW,
+                                            do_sample=False)[0, len(p):].tolist() for p in prompts]
+    chain, _ = _generate(family_models, prompts, version, 3, siblings=False)
+    tree, verifier = _generate(family_models, prompts, version, 3, siblings=True)
+    assert [c.tokens for c in tree] == [c.tokens for c in chain] == want
+    sibling_hits = [r for c in tree for r in c.rounds if r.path and r.path[-1] % 2]  # the path ends on a runner-up
+    assert sibling_hits and all(r.accepted == len(r.path) for c in tree for r in c.rounds if r.path is not None)
+    assert sum(len(c.rounds) for c in tree) < sum(len(c.rounds) for c in chain)
+    over_the_wire, _ = _generate(family_models, prompts[:4], version, 3, siblings=True,
+                                 transport=LocalTransport(verifier))  # compact encoding both ways
+    assert [c.tokens for c in over_the_wire] == want[:4]
+
+
+def test_batched_tree_verification_equals_one_at_a_time(family_models, humaneval_prompts):
+    from flexspec_serve.engine.proposer import DraftProposer
+    from flexspec_serve.engine.sampling import SamplingParams
+    from flexspec_serve.engine.verifier import Verifier, VerifyRequest
+
+    proposer = DraftProposer(family_models["draft"])
+    prompts = [p[: 9 + 5 * i] for i, p in enumerate(humaneval_prompts[:5])]  # different context lengths
+    sessions = [proposer.start(f"s{i}", p, SamplingParams()) for i, p in enumerate(prompts)]
+    props = proposer.propose(sessions, [1, 2, 3, 4, 0], siblings=True)
+    reqs = [VerifyRequest(f"s{i}", 0, tuple(pr.tokens), full_context=tuple(p),
+                          parents=None if pr.parents is None else tuple(pr.parents))
+            for i, (p, pr) in enumerate(zip(prompts, props))]
+    batched = Verifier(family_models["v2"]).verify(reqs)
+    alone = Verifier(family_models["v2"])
+    one_by_one = [alone.verify([r])[0] for r in reqs]
+    strip = lambda o: (o.accepted, o.token, o.bonus, o.path, o.context_len)  # noqa: E731 (timings differ)
+    assert [strip(o) for o in batched] == [strip(o) for o in one_by_one]
+    assert [o.path is None for o in batched] == [False, False, False, False, True]  # K = 0 sends no tree
+
+
+@pytest.mark.parametrize("parents, why", [([-1, 0], "one parent per draft token"), ([-1, 0, 2], "earlier node"),
+                                          ([0, -1, -1], "earlier node")])
+def test_a_malformed_tree_is_refused_naming_parents(family_models, parents, why):
+    from flexspec_serve.engine import InvalidRequest
+    from flexspec_serve.engine.verifier import Verifier, VerifyRequest
+
+    req = VerifyRequest("s", 0, (4, 5, 6), full_context=(1, 2, 3), parents=tuple(parents))
+    out = Verifier(family_models["v1"]).verify([req])[0]
+    assert isinstance(out, InvalidRequest) and out.field == "parents" and why in str(out)
+
+
+def test_trees_are_refused_in_sampling_sessions_and_in_pipelined_rounds(family_models):
+    from flexspec_serve.engine import InvalidRequest
+    from flexspec_serve.engine.sampling import SamplingParams
+    from flexspec_serve.engine.verifier import Verifier, VerifyRequest
+
+    v = Verifier(family_models["v1"], family_models["draft"])
+    sampled = VerifyRequest("s", 0, (4, 5), full_context=(1, 2, 3), sampling=SamplingParams(0.8), parents=(-1, -1))
+    piped = VerifyRequest("t", 1, (4, 5), assume=(7, 8), parents=(-1, 0))
+    assert all(isinstance(o, InvalidRequest) and o.field == "parents" for o in v.verify([sampled, piped]))
+
+
+def test_tree_rounds_and_their_answers_round_trip_both_encodings():
+    from flexspec_serve import protocol as P
+
+    r = P.DraftRound(session_id="s", seq=3, draft_tokens=[5, 9, 6, 2], tree_parents=[-1, -1, 0, 0])
+    assert P.decode_round(P.encode_round(r)) == r == P.DraftRound.model_validate_json(r.model_dump_json())
+    res = P.RoundResult(session_id="s", seq=3, accepted=2, token=7, bonus=True, version="v1", context_len=9,
+                        path=[0, 3])
+    assert P.decode_result(P.encode_result(res)) == res
+    plain = res.model_copy(update={"path": None})
+    assert P.decode_result(P.encode_result(plain)) == plain
+    with pytest.raises(P.ProtocolError, match="tree_parents"):
+        P.validate(P.DraftRound, {"session_id": "s", "seq": 0, "tree_parents": [-2]})
