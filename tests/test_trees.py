@@ -140,3 +140,28 @@ def test_tree_rounds_and_their_answers_round_trip_both_encodings():
     assert P.decode_result(P.encode_result(plain)) == plain
     with pytest.raises(P.ProtocolError, match="tree_parents"):
         P.validate(P.DraftRound, {"session_id": "s", "seq": 0, "tree_parents": [-2]})
+
+
+def test_an_emulated_device_pays_verify_time_for_every_node_and_feeds_a_taken_runner_up_next_round():
+    from flexspec_serve import protocol as P
+    from flexspec_serve.edge.channels import make_link
+    from flexspec_serve.edge.controller import FixedK
+    from flexspec_serve.edge.devices import DEVICE_CLASSES, CloudProfile
+    from flexspec_serve.edge.emulator import EmulatedDevice
+    from flexspec_serve.engine.generate import RoundEvent
+
+    cloud = CloudProfile()
+
+    def round_(path, nodes):
+        dev = EmulatedDevice("d", DEVICE_CLASSES["flagship-phone"], make_link("good", 0), FixedK(k=3), cloud,
+                             siblings=nodes > 0)
+        res = P.RoundResult(session_id="s", seq=0, accepted=len(path), token=7, bonus=False, version="v1",
+                            context_len=40, path=path if nodes else None)
+        rec = dev.finish_round(RoundEvent(0, 0, 3, len(path), 30, 20, res, False, nodes))
+        return dev, rec
+
+    chain_dev, chain = round_([0, 1], 0)
+    tree_dev, tree = round_([0, 3], 6)  # d_1, then s_2: the runner-up at position 2
+    assert tree.verify_ms - chain.verify_ms == pytest.approx(3 * cloud.verify_ms_per_token)  # 6 nodes, not 3
+    assert tree.draft_ms == chain.draft_ms  # runner-ups cost no draft step
+    assert (chain_dev.backlog_tokens, tree_dev.backlog_tokens) == (1, 2)  # s_2 and the token are unfed

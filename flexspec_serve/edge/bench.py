@@ -37,6 +37,7 @@ class BenchConfig:
     prompt_tokens: int = 192  # prompts are cut to their last N tokens
     seed: int = 0
     ahead: Ahead = Ahead.OFF  # what devices do while each round waits for its answer
+    siblings: bool = False  # rounds carry each draft step's runner-up too (greedy token trees)
 
     def policies(self) -> list[str]:
         return ["adaptive", "cloud-only", "accept-adaptive"] + [f"fixed-{k}" for k in self.fixed_ks]
@@ -53,6 +54,7 @@ class Cell:
     mean_k: float
     drafting_rounds: int = 0
     lookahead_hits: int = 0
+    rounds: int = 0
 
     @property
     def tokens_per_s(self) -> float:
@@ -80,8 +82,9 @@ def run_bench(cfg: BenchConfig) -> list[Cell]:
                     link = make_link(setting, seed, offset_ms=d * 37_000.0 + si * 5_000.0)
                     profile = DEVICE_CLASSES[cls]
                     devices.append(EmulatedDevice(f"{cls}/{setting}/{d}", profile, link,
-                                                  make_policy(policy, profile, cloud, ahead=cfg.ahead),
-                                                  cloud, ahead=cfg.ahead))
+                                                  make_policy(policy, profile, cloud, ahead=cfg.ahead,
+                                                              siblings=cfg.siblings),
+                                                  cloud, ahead=cfg.ahead, siblings=cfg.siblings))
                     cell_of.append((cls, setting))
         run_devices(devices, [prompts[i % len(prompts)] for i in range(len(devices))], DraftProposer(draft),
                     LocalTransport(Verifier(target, draft, name=cfg.target)), cfg.max_new_tokens,
@@ -101,7 +104,7 @@ def _aggregate(devices, cell_of, policy) -> list[Cell]:
         a[4] += len(dev.records)
         a[5] += sum(r.k > 0 for r in dev.records)
         a[6] += sum(r.lookahead_hit for r in dev.records)
-    return [Cell(c, s, policy, a[0], a[1], a[2], a[3] / max(1, a[4]), a[5], a[6]) for (c, s), a in acc.items()]
+    return [Cell(c, s, policy, a[0], a[1], a[2], a[3] / max(1, a[4]), a[5], a[6], a[4]) for (c, s), a in acc.items()]
 
 
 def _geomean(xs: list[float]) -> float:

@@ -23,6 +23,10 @@ expected time per round is  h ((1 + K) t_draft + e) + (1 - h) T_round(K),  h = P
 how much later than that the pipelined answers were seen to come (the cloud verifies the two rounds one
 after the other; learned online, 0 at first).
 
+Second choices (a device option, greedy): each round also sends every draft step's runner-up beside its
+token (a token tree of 2K nodes, no extra draft step). The estimator then learns the acceptance of the pair
+at each position, and the round's cost counts 2K verified positions and the nodes' ids and parents uplink.
+
 Everything above is chosen subject to the expected energy per generated token staying within the device's budget; alpha is an
 online estimate per (device, target version): Beta posteriors with exponential forgetting, pooled and
 per draft position (acceptance is bursty), so it follows a target that changes under the device. If no K meets the budget it takes the cheapest K.
@@ -161,10 +165,11 @@ class AcceptanceAdaptive(Policy):
 
 class FlexSpecController(Policy):
     def __init__(self, device: DeviceProfile, cloud: CloudProfile, k_max: int = 8,
-                 estimator: AcceptanceEstimator | None = None, ahead: Ahead = Ahead.OFF):
+                 estimator: AcceptanceEstimator | None = None, ahead: Ahead = Ahead.OFF, siblings: bool = False):
         self.name = "adaptive"
         self.device, self.cloud, self.k_max = device, cloud, k_max
         self.ahead = Ahead(ahead)  # what the device does while a round waits
+        self.siblings = siblings  # rounds carry each step's runner-up too (2K tree nodes)
         self.pipe_extra_ms = 0.0  # e: a pipelined answer's delay past its draft steps (EMA)
         self.estimator = estimator or AcceptanceEstimator()
 
@@ -178,8 +183,16 @@ class FlexSpecController(Policy):
         prefill = 0.0 if view.predrafted else view.prefill_ms  # a hit's pre-draft already fed the context
         return prefill + self.device.draft_ms(self.draft_steps(k, view))
 
+    def up_ms(self, k: int, view: RoundView) -> float:
+        if not (self.siblings and k):
+            return view.up_total_ms(k)
+        return view.up_total_ms(2 * k) + view.up_ms_per_byte * 2 * k  # 2K node ids, and a parent byte per node
+
+    def verify_ms(self, k: int) -> float:
+        return self.cloud.verify_ms(2 * k if self.siblings else k)
+
     def wait_ms(self, k: int, view: RoundView) -> float:
-        return view.up_total_ms(k) + self.cloud.verify_ms(k) + view.down_ms
+        return self.up_ms(k, view) + self.verify_ms(k) + view.down_ms
 
     def ahead_steps(self, k: int, view: RoundView, ahead: bool | None = None) -> int:
         on = self.ahead.drafts if ahead is None else ahead
@@ -201,8 +214,8 @@ class FlexSpecController(Policy):
     def round_j(self, k: int, view: RoundView, ahead: bool | None = None) -> float:
         d = self.device
         compute_ms = d.draft_ms(self.draft_steps(k, view) + self.ahead_steps(k, view, ahead))
-        return (compute_ms * d.compute_w + view.up_total_ms(k) * d.tx_w + view.down_ms * d.rx_w
-                + self.cloud.verify_ms(k) * d.idle_w) / 1e3
+        return (compute_ms * d.compute_w + self.up_ms(k, view) * d.tx_w + view.down_ms * d.rx_w
+                + self.verify_ms(k) * d.idle_w) / 1e3
 
     def plan(self, view: RoundView) -> list[tuple[int, float, float, bool]]:
         """(K, expected tokens/s, expected J/token, draft ahead) for every K, with and without drafting
@@ -233,10 +246,10 @@ class FlexSpecController(Policy):
 
 
 def make_policy(name: str, device: DeviceProfile, cloud: CloudProfile, k_max: int = 8,
-                ahead: Ahead = Ahead.OFF) -> Policy:
-    """`ahead` tells the adaptive controller what the device does during a round's wait (the others ignore it)."""
+                ahead: Ahead = Ahead.OFF, siblings: bool = False) -> Policy:
+    """`ahead` and `siblings` tell the adaptive controller what the device does (the others ignore them)."""
     if name == "adaptive":
-        return FlexSpecController(device, cloud, k_max, ahead=ahead)
+        return FlexSpecController(device, cloud, k_max, ahead=ahead, siblings=siblings)
     if name == "cloud-only":
         return CloudOnly()
     if name == "accept-adaptive":

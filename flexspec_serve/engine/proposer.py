@@ -216,3 +216,8 @@ def with_siblings(chain: Proposal, runner_up: list[int]) -> Proposal:
         parents += [parent, parent]
     return Proposal(tokens, q, parents)
 
+
+def sibling_taken(path: list[int] | None) -> bool:
+    """A second-choices round whose accepted path ends on a runner-up (odd node index in `with_siblings`)."""
+    return bool(path) and path[-1] % 2 == 1
+
