@@ -4,7 +4,8 @@
    percentiles, how many devices were in a session and mid-round at once, failures.
 2. Speculative vs cloud-only on the LTE traces: the same fleet, seeds and prompts replayed with the
    adaptive controller, fixed K = 4 and cloud-only, and the adaptive controller on devices that draft
-   ahead, and on devices that pipeline; decode tokens/s per policy and the ratio.
+   ahead, on devices that pipeline, and on devices that send second choices (token trees); decode
+   tokens/s per policy and the ratio.
 
 Writes docs/results/fleet.md (and the two load-test reports under docs/results/fleet/).
 """
@@ -36,15 +37,19 @@ def scale_spec(args, think: float) -> FleetSpec:
         arrival={"start_within_s": think, "think_time_s": think}, duration_s=args.duration)
 
 
-LTE_RUNS = (("adaptive", Ahead.OFF), ("adaptive", Ahead.DRAFT), ("adaptive", Ahead.PIPELINE), ("fixed-4", Ahead.OFF),
-            ("cloud-only", Ahead.OFF))
-RUN_DIR_SUFFIX = {Ahead.OFF: "", Ahead.DRAFT: "ahead", Ahead.PIPELINE: "pipeline"}
+LTE_RUNS = (("adaptive", Ahead.OFF, False), ("adaptive", Ahead.DRAFT, False), ("adaptive", Ahead.PIPELINE, False),
+            ("adaptive", Ahead.OFF, True), ("fixed-4", Ahead.OFF, False), ("cloud-only", Ahead.OFF, False))
 
 
-def lte_spec(args, policy: str, ahead: Ahead) -> FleetSpec:
+def run_dir(policy: str, ahead: Ahead, siblings: bool) -> str:
+    mode = {Ahead.OFF: "", Ahead.DRAFT: "ahead", Ahead.PIPELINE: "pipeline"}[ahead] + ("second" if siblings else "")
+    return "-".join(filter(None, ("lte", policy, mode)))
+
+
+def lte_spec(args, policy: str, ahead: Ahead, siblings: bool) -> FleetSpec:
     return FleetSpec(
         name="lte", devices=args.lte_devices, actors=2, actor_num_cpus=0.2, max_new_tokens=48, target="stable",
-        policy=policy, ahead=ahead, mix=[{"device_class": "flagship-phone", "share": 0.5, "channel": LTE[0]},
+        policy=policy, ahead=ahead, siblings=siblings, mix=[{"device_class": "flagship-phone", "share": 0.5, "channel": LTE[0]},
                                          {"device_class": "midrange-phone", "share": 0.5, "channel": LTE[1]}],
         arrival={"start_within_s": 6, "think_time_s": 6}, duration_s=args.lte_duration)
 
@@ -72,10 +77,9 @@ def main() -> None:
     prompts = fleet_prompts(scale_spec(args, 1.0), family / "draft")
     runs = [run_report(spec, prompts, draft, args.out / "fleet" / f"scale-think{spec.arrival.think_time_s:g}",
                        command="python -m benchmarks.fleet") for spec in scales]
-    summaries = [run_report(lte_spec(args, p, ahead), prompts, draft,
-                            args.out / "fleet" / "-".join(filter(None, ("lte", p, RUN_DIR_SUFFIX[ahead]))),
+    summaries = [run_report(lte_spec(args, *run), prompts, draft, args.out / "fleet" / run_dir(*run),
                             command="python -m benchmarks.fleet")
-                 for p, ahead in (LTE_RUNS if "lte" in args.parts else ())]
+                 for run in (LTE_RUNS if "lte" in args.parts else ())]
     lines = [
         "# Fleet benchmark (local Ray + Serve, CPU)\n",
         f"Command: `python -m benchmarks.fleet --profile {args.profile} --devices {args.devices}`  \n"

@@ -165,3 +165,41 @@ def test_an_emulated_device_pays_verify_time_for_every_node_and_feeds_a_taken_ru
     assert tree.verify_ms - chain.verify_ms == pytest.approx(3 * cloud.verify_ms_per_token)  # 6 nodes, not 3
     assert tree.draft_ms == chain.draft_ms  # runner-ups cost no draft step
     assert (chain_dev.backlog_tokens, tree_dev.backlog_tokens) == (1, 2)  # s_2 and the token are unfed
+
+
+@pytest.mark.parametrize("path", ["clean", "flaky", "evicting"])
+def test_fleet_devices_sending_second_choices_emit_the_targets_greedy_output(family_models, humaneval_prompts, path):
+    from flexspec_serve.engine.verifier import Verifier, VerifierLimits
+    from flexspec_serve.transport import AsyncLocalTransport
+    from tests.test_fleet import FlakyTransport, greedy_reference, run_shard, small_fleet
+
+    prompts = [p[-40:] for p in humaneval_prompts[:6]]
+    spec = small_fleet(siblings=True, max_new_tokens=24, devices=8)
+    verifier = Verifier(family_models["v1"], family_models["draft"], name="v1",
+                        limits=VerifierLimits(max_sessions=2 if path == "evicting" else 4096))
+    sent = []
+
+    class Spy:  # what went on the wire
+        def __init__(self, inner):
+            self.inner = inner
+
+        async def send(self, rnd):
+            sent.append(rnd)
+            return await self.inner.send(rnd)
+
+    transport = Spy(FlakyTransport(AsyncLocalTransport(verifier)) if path == "flaky" else AsyncLocalTransport(verifier))
+    res = run_shard(spec, prompts, family_models, transport=transport, verifier=verifier)
+    assert res.sessions and all(s["completed"] for s in res.sessions) and not res.device_crashes
+    ref = greedy_reference(family_models, prompts, spec.max_new_tokens)
+    for s in res.sessions:
+        assert s["tokens"] == ref[s["prompt_index"]], s["session"]
+    trees = [r for r in sent if r.tree_parents]
+    assert trees and all(len(r.draft_tokens) == len(r.tree_parents) for r in trees)
+    assert all(r.tree_parents for r in sent if r.draft_tokens)  # every drafting round sends its second choices
+
+
+def test_a_fleet_cannot_combine_second_choices_with_drafting_ahead():
+    from flexspec_serve.fleet.spec import FleetSpec
+
+    with pytest.raises(ValueError, match="siblings: true needs ahead: off"):
+        FleetSpec(mix=[{"device_class": "wearable", "share": 1.0}], siblings=True, ahead="draft")

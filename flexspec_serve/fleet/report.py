@@ -168,10 +168,11 @@ def write_report(out: Path, run: ShardResult, summary: dict, compare: list[dict]
 
 
 def run_label(s: dict) -> str:
-    """A run's policy, and whether its devices drafted ahead or pipelined (cloud-only rounds draft nothing)."""
+    """A run's policy, and whether its devices drafted ahead, pipelined or sent second choices (cloud-only rounds draft nothing)."""
     if s["policy"] == "cloud-only":
         return s["policy"]
-    return s["policy"] + {"pipeline": " + pipelined", "draft": " + draft-ahead"}.get(s.get("ahead"), "")
+    return (s["policy"] + {"pipeline": " + pipelined", "draft": " + draft-ahead"}.get(s.get("ahead"), "")
+            + (" + second choices" if s.get("siblings") else ""))
 
 
 def compare_rows(summaries: list[dict]) -> list[dict]:

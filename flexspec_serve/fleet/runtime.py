@@ -19,6 +19,9 @@ the round carries what it assumes its predecessor commits. After a lookahead hit
 (`Flight`); after a miss the cloud refuses it and its traffic is booked on the miss. At most two rounds of
 a device are on the air at once.
 
+Second choices (`FleetSpec.siblings`, greedy): each round also carries every draft step's runner-up (a token
+tree of 2K nodes, computed in the same draft steps); the answer names the accepted path.
+
 Failures: a `resync_required` answer resends the round with the full context; an overloaded answer waits
 for its Retry-After; a broken path (`TransportError`) retries with capped exponential backoff and full
 jitter. A session that still cannot finish is reported as failed, never dropped silently.
@@ -183,6 +186,7 @@ class Flight:
     pipelined: bool = False
     assume: list[int] | None = None  # a pipelined round: what the round before it had to commit
     task: asyncio.Task | None = None
+    parents: list[int] | None = None  # the draft is a token tree (second choices)
 
 
 class Shard:
@@ -211,7 +215,8 @@ class Shard:
             fut: asyncio.Future = items[i][2]
             fut.get_loop().call_soon_threadsafe(_resolve, fut, proposal)
 
-        self.proposer.propose([s for s, _, _ in items], [k for _, k, _ in items], on_done=done)
+        self.proposer.propose([s for s, _, _ in items], [k for _, k, _ in items], on_done=done,
+                              siblings=self.spec.siblings)
         return [None] * len(items)
 
     def _ahead_batch(self, items: list[tuple]) -> list:
@@ -225,7 +230,7 @@ class Shard:
         if not k:
             return None
         if self.proposer.steps_needed(client.edge, k) == 0:
-            return self.proposer.propose([client.edge], [k])[0]
+            return self.proposer.propose([client.edge], [k], siblings=self.spec.siblings)[0]
         proposal = asyncio.get_running_loop().create_future()
         wait_ms = min(self.spec.draft_batch_wait_ms, DRAFT_GATHER_SHARE * draft_ms)
         batch = asyncio.ensure_future(self.drafter.submit((client.edge, k, proposal), wait_ms))
@@ -281,8 +286,8 @@ class Shard:
         profile = DEVICE_CLASSES[plan.device_class]
         cloud = ObservedCloud(self.cloud)
         dev = EmulatedDevice(plan.device_id, profile, make_link(plan.channel, plan.seed, plan.offset_ms),
-                             make_policy(spec.policy, profile, cloud, spec.max_draft_tokens, spec.ahead), cloud,
-                             ahead=spec.ahead)
+                             make_policy(spec.policy, profile, cloud, spec.max_draft_tokens, spec.ahead, spec.siblings),
+                             cloud, ahead=spec.ahead, siblings=spec.siblings)
         self.devices.append(dev)
         due, n = rng.uniform(0.0, spec.arrival.start_within_s * 1e3), 0
         while due < spec.duration_s * 1e3:  # no session starts after the arrival window
@@ -344,7 +349,7 @@ class Shard:
         finally:
             c.mid_round -= 1
         back = self.clock.now_ms()
-        client.commit(head.draft, d.result, proposer)
+        client.commit(head.draft, d.result, proposer, head.parents)
         rec = self._account(dev, client, head, d, hit, back)
         if nxt is not None and not hit:
             self._discard(nxt, dev, rec)  # its assumption failed: the cloud refuses it, nobody waits for that
@@ -362,6 +367,7 @@ class Shard:
         f = Flight(k, [], t0, dev.draft_latency_ms(k))
         proposal = await self._propose(client, k, f.draft_ms)
         f.draft = proposal.tokens if proposal else []
+        f.parents = proposal.parents if proposal else None
         f.lags.append(await clock.sleep_until(t0 + f.draft_ms, "draft"))
         f.sent = clock.now_ms()
         on_answer = None
@@ -370,7 +376,7 @@ class Shard:
             if dev.ahead_now and k:
                 on_answer = lambda res: f.after.append(  # noqa: E731
                     asyncio.create_task(self._after_answer(client, k, res, f.guess)))
-        f.task = asyncio.create_task(self._deliver(dev, client, f.draft, f.lags, rng, on_answer))
+        f.task = asyncio.create_task(self._deliver(dev, client, f.draft, f.lags, rng, on_answer, parents=f.parents))
         return f
 
     async def _pipeline(self, dev: EmulatedDevice, client: ClientSession, head: Flight) -> Flight | None:
@@ -408,7 +414,7 @@ class Shard:
             return d
         self.counters.retries += 1
         head.pipelined = False
-        again = await self._deliver(dev, client, head.draft, head.lags, rng, assume=head.assume)
+        again = await self._deliver(dev, client, head.draft, head.lags, rng, assume=head.assume, parents=head.parents)
         again.bytes_up, again.bytes_down = again.bytes_up + d.bytes_up, again.bytes_down + d.bytes_down
         return again
 
@@ -435,8 +441,9 @@ class Shard:
         # a plain round's parts add up to its time (the cloud's share takes any lag); a pipelined round's
         # overlap the round before it: it took from that answer to its own
         cloud_ms = d.cloud_ms if f.pipelined else back - f.t0 - f.draft_ms - d.up_ms - d.down_ms
-        dev.cloud.record(f.k, cloud_ms)
-        ev = RoundEvent(0, result.seq, f.k, result.accepted, d.bytes_up, d.bytes_down, result, hit)
+        dev.cloud.record(len(f.draft), cloud_ms)  # by verified positions (a tree's nodes)
+        ev = RoundEvent(0, result.seq, f.k, result.accepted, d.bytes_up, d.bytes_down, result, hit,
+                        len(f.draft) if f.parents else 0)
         rec = dev.account(ev, f.t0, f.draft_ms, d.up_ms, cloud_ms, d.down_ms, back_ms=back if f.pipelined else None,
                           session=client.session_id, rate_up_bps=round(dev.observer.rate_bps["up"], 1),
                           lag_ms=round(max(f.lags), 3), queue_ms=result.timings.queue_ms,
@@ -480,13 +487,14 @@ class Shard:
         return Delivery(ex.result, nbytes, ex.bytes_down, arrive - sent, answered - arrive, back - answered, 1, back)
 
     async def _deliver(self, dev: EmulatedDevice, client: ClientSession, draft: list[int], lags: list[float],
-                       rng: random.Random, on_answer=None, assume: list[int] | None = None) -> Delivery:
+                       rng: random.Random, on_answer=None, assume: list[int] | None = None,
+                       parents: list[int] | None = None) -> Delivery:
         """Trips with resync and retries (bytes summed over attempts; times of the last). `assume`: a
         pipelined round's resend (dropped if the cloud refuses it, e.g. after losing the session; then resync
-        as usual)."""
+        as usual). `parents`: the draft is a token tree."""
         bytes_up = bytes_down = 0
         for attempt in range(MAX_ATTEMPTS):
-            d = await self._trip(dev, client.message(draft, assume), lags, on_answer)
+            d = await self._trip(dev, client.message(draft, assume, parents), lags, on_answer)
             bytes_up, bytes_down = bytes_up + d.bytes_up, bytes_down + d.bytes_down
             if isinstance(d.result, P.RoundResult):
                 d.bytes_up, d.bytes_down, d.attempts = bytes_up, bytes_down, attempt + 1
