@@ -171,6 +171,23 @@ def test_backoff_is_capped_exponential_with_jitter():
     assert min(draws[9]) < 500 < max(draws[9])  # full jitter spreads retries out
 
 
+def test_observed_cloud_learns_the_cost_per_verified_position_when_k_varies():
+    import random
+
+    from flexspec_serve.edge.devices import CloudProfile
+    from flexspec_serve.fleet.runtime import ObservedCloud
+
+    rng = random.Random(1)
+    varied, steady = ObservedCloud(CloudProfile()), ObservedCloud(CloudProfile())  # prior: 18 ms + 0.8 ms/position
+    for _ in range(300):  # this host's CPU: 30 ms + 3 ms per position, with jitter
+        k = rng.randint(1, 9)
+        varied.record(k, 30.0 + 3.0 * (k + 1) + rng.uniform(-2, 2))
+        steady.record(4, 30.0 + 3.0 * 5 + rng.uniform(-2, 2))
+    assert varied.per_token_ms == pytest.approx(3.0, abs=0.6) and varied.base_ms == pytest.approx(30.0, abs=4.0)
+    assert steady.per_token_ms == pytest.approx(0.8, abs=0.1)  # K never moved: the prior slope stays
+    assert steady.verify_ms(4) == pytest.approx(45.0, abs=2.0)  # ... and the base absorbs the rest
+
+
 def test_report_files_have_the_documented_fields(family_models, humaneval_prompts, tmp_path):
     prompts = [p[-40:] for p in humaneval_prompts[:4]]
     spec = small_fleet(devices=6)

@@ -107,17 +107,30 @@ class FleetClock:
 
 
 class ObservedCloud:
-    """The cloud's answer time as one device sees it (EMA of arrival -> answer), in `CloudProfile`'s shape,
-    so the controller plans with the real service's latency instead of a guess."""
+    """The cloud's answer time as one device sees it (arrival -> answer), in `CloudProfile`'s shape (base +
+    per verified position), so the controller plans with the real service instead of a guess. Both terms
+    are fitted online: exponentially weighted least squares of time on positions, the slope shrunk toward
+    the prior's with `prior_weight` (in positions squared), so a device whose K barely varies keeps the
+    prior slope and fits only the base. A GPU verifies extra positions almost free; this host's CPU does not.
+    """
 
-    def __init__(self, prior: CloudProfile, smoothing: float = 0.2):
+    def __init__(self, prior: CloudProfile, smoothing: float = 0.1, prior_weight: float = 1.0):
         self.base_ms, self.per_token_ms, self.a = prior.verify_base_ms, prior.verify_ms_per_token, smoothing
+        self.prior_slope, self.prior_weight = prior.verify_ms_per_token, prior_weight
+        self.moments: list[float] | None = None  # EW means of x, y, x^2, xy (x: positions, y: ms)
 
     def verify_ms(self, k: int) -> float:
         return self.base_ms + self.per_token_ms * (k + 1)
 
     def record(self, k: int, elapsed_ms: float) -> None:
-        self.base_ms = (1 - self.a) * self.base_ms + self.a * max(0.0, elapsed_ms - self.per_token_ms * (k + 1))
+        """A round verifying k draft tokens (tree nodes) took `elapsed_ms` from arrival to answer."""
+        x, y = k + 1.0, max(0.0, elapsed_ms)
+        obs = [x, y, x * x, x * y]
+        m = self.moments = obs if self.moments is None else [(1 - self.a) * m + self.a * o
+                                                            for m, o in zip(self.moments, obs)]
+        var, cov = m[2] - m[0] ** 2, m[3] - m[0] * m[1]
+        self.per_token_ms = max(0.0, (cov + self.prior_weight * self.prior_slope) / (max(0.0, var) + self.prior_weight))
+        self.base_ms = max(0.0, m[1] - self.per_token_ms * m[0])
 
 
 def backoff_ms(attempt: int, rng: random.Random) -> float:
