@@ -225,6 +225,20 @@ def test_bad_fleet_file_names_the_field(tmp_path, patch, field):
         load_yaml(FleetSpec, path)
 
 
+@pytest.mark.parametrize("name", ["demo", "mixed"])
+def test_the_shipped_fleet_files_load(name):
+    from pathlib import Path
+
+    spec = load_yaml(FleetSpec, Path(__file__).resolve().parents[1] / "deployments" / "fleets" / f"{name}.yaml")
+    assert spec.ahead == "off" and not spec.siblings
+
+
+def test_a_bare_yaml_off_is_the_ahead_mode_off(tmp_path):
+    path = tmp_path / "fleet.yaml"
+    path.write_text("mix: [{device_class: wearable, share: 1.0}]\nahead: off\n")  # YAML 1.1 reads it as false
+    assert load_yaml(FleetSpec, path).ahead == "off"
+
+
 def test_fleet_plans_are_deterministic_and_split_evenly():
     spec = small_fleet(devices=101, actors=4)
     shards = spec.shards()

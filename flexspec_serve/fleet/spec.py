@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from flexspec_serve.ahead import Ahead
 from flexspec_serve.config import StrictModel
@@ -71,6 +71,12 @@ class FleetSpec(StrictModel):
                                        "for at most this long, and at most a quarter of the round's own draft time")
     trace_offset_spread_s: float = Field(600.0, ge=0, description="devices start at random offsets in a trace")
     seed: int = Field(0, ge=0)
+
+    @field_validator("ahead", mode="before")
+    @classmethod
+    def _yaml_off(cls, value):
+        """YAML 1.1 reads a bare `off` (and `no`) as false: that is the mode `off`."""
+        return Ahead.OFF if value is False else value
 
     @model_validator(mode="before")
     @classmethod
