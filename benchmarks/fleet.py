@@ -4,7 +4,7 @@
    percentiles, how many devices were in a session and mid-round at once, failures.
 2. Speculative vs cloud-only on the LTE traces: the same fleet, seeds and prompts replayed with the
    adaptive controller, fixed K = 4 and cloud-only, and the adaptive controller on devices that draft
-   ahead, on devices that pipeline, and on devices that send second choices (token trees); decode
+   ahead and on devices that pipeline, each with and without second choices (token trees); decode
    tokens/s per policy and the ratio.
 
 Writes docs/results/fleet.md (and the two load-test reports under docs/results/fleet/).
@@ -37,13 +37,13 @@ def scale_spec(args, think: float) -> FleetSpec:
         arrival={"start_within_s": think, "think_time_s": think}, duration_s=args.duration)
 
 
-LTE_RUNS = (("adaptive", Ahead.OFF, False), ("adaptive", Ahead.DRAFT, False), ("adaptive", Ahead.PIPELINE, False),
-            ("adaptive", Ahead.OFF, True), ("fixed-4", Ahead.OFF, False), ("cloud-only", Ahead.OFF, False))
+LTE_RUNS = tuple(("adaptive", ahead, siblings) for siblings in (False, True) for ahead in Ahead) + (
+    ("fixed-4", Ahead.OFF, False), ("cloud-only", Ahead.OFF, False))
 
 
 def run_dir(policy: str, ahead: Ahead, siblings: bool) -> str:
-    mode = {Ahead.OFF: "", Ahead.DRAFT: "ahead", Ahead.PIPELINE: "pipeline"}[ahead] + ("second" if siblings else "")
-    return "-".join(filter(None, ("lte", policy, mode)))
+    mode = {Ahead.OFF: "", Ahead.DRAFT: "ahead", Ahead.PIPELINE: "pipeline"}[ahead]
+    return "-".join(filter(None, ("lte", policy, mode, "second" if siblings else "")))
 
 
 def lte_spec(args, policy: str, ahead: Ahead, siblings: bool) -> FleetSpec:

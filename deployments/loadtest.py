@@ -30,7 +30,7 @@ def register(sub) -> None:
                    help="override the fleet's ahead: what devices do while a round waits (off; draft: draft-ahead; "
                    "pipeline: also send the round drafted ahead before the answer, verified only after a hit)")
     p.add_argument("--siblings", action="store_true", default=None,
-                   help="second choices: rounds also send each draft step's runner-up (greedy fleets, ahead off)")
+                   help="second choices: rounds also send each draft step's runner-up (greedy fleets)")
     p.add_argument("--compare", nargs="*", metavar="POLICY",
                    help="also replay the fleet with these policies (default: fixed-4 cloud-only)")
     p.add_argument("--out", type=Path, default=Path("loadtest-out"), help="report directory")

@@ -328,10 +328,10 @@ def test_tokens_drafted_ahead_are_the_next_rounds_draft_and_the_cache_stays_cons
     prop = proposer.propose([ahead], [3], lookahead=True)[0]
     guess = proposer.guess(ahead)
     proposer.draft_ahead([ahead], [5])
-    assert [t for t, _ in ahead.drafted][3] == guess and len(ahead.drafted) == 3 + 1 + 5
+    assert [t for t, *_ in ahead.drafted][3] == guess and len(ahead.drafted) == 3 + 1 + 5
     proposer.apply(ahead, prop.tokens, 3, guess)  # the cloud took all three and guessed d_4: a hit
     after_hit = proposer.propose([proposer.start("c", ahead.tokens, SamplingParams())], [5])[0]
-    assert [t for t, _ in ahead.ready] == after_hit.tokens
+    assert [t for t, *_ in ahead.ready] == after_hit.tokens
     assert ahead.cache.length == len(ahead.tokens) + 4  # the ready tokens but the last are fed
     assert proposer.steps_needed(ahead, 5) == 0 and proposer.steps_needed(ahead, 8) == 3
     fresh.tokens = list(ahead.tokens)

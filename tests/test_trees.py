@@ -117,15 +117,18 @@ def test_a_malformed_tree_is_refused_naming_parents(family_models, parents, why)
     assert isinstance(out, InvalidRequest) and out.field == "parents" and why in str(out)
 
 
-def test_trees_are_refused_in_sampling_sessions_and_in_pipelined_rounds(family_models):
+def test_trees_are_refused_in_sampling_sessions_and_a_pipelined_tree_waits_for_its_predecessor(family_models):
     from flexspec_serve.engine import InvalidRequest
+    from flexspec_serve.engine.errors import ConditionNotMet
     from flexspec_serve.engine.sampling import SamplingParams
     from flexspec_serve.engine.verifier import Verifier, VerifyRequest
 
     v = Verifier(family_models["v1"], family_models["draft"])
     sampled = VerifyRequest("s", 0, (4, 5), full_context=(1, 2, 3), sampling=SamplingParams(0.8), parents=(-1, -1))
     piped = VerifyRequest("t", 1, (4, 5), assume=(7, 8), parents=(-1, 0))
-    assert all(isinstance(o, InvalidRequest) and o.field == "parents" for o in v.verify([sampled, piped]))
+    refused, waiting = v.verify([sampled, piped])
+    assert isinstance(refused, InvalidRequest) and refused.field == "parents"
+    assert isinstance(waiting, ConditionNotMet)  # a well-formed tree; its assumption is what is checked
 
 
 def test_tree_rounds_and_their_answers_round_trip_both_encodings():
@@ -167,14 +170,16 @@ def test_an_emulated_device_pays_verify_time_for_every_node_and_feeds_a_taken_ru
     assert (chain_dev.backlog_tokens, tree_dev.backlog_tokens) == (1, 2)  # s_2 and the token are unfed
 
 
-@pytest.mark.parametrize("path", ["clean", "flaky", "evicting"])
-def test_fleet_devices_sending_second_choices_emit_the_targets_greedy_output(family_models, humaneval_prompts, path):
+@pytest.mark.parametrize("path, ahead", [("clean", "off"), ("flaky", "off"), ("evicting", "off"), ("clean", "draft"),
+                                         ("clean", "pipeline"), ("flaky", "pipeline")])
+def test_fleet_devices_sending_second_choices_emit_the_targets_greedy_output(family_models, humaneval_prompts, path,
+                                                                             ahead):
     from flexspec_serve.engine.verifier import Verifier, VerifierLimits
     from flexspec_serve.transport import AsyncLocalTransport
     from tests.test_fleet import FlakyTransport, greedy_reference, run_shard, small_fleet
 
     prompts = [p[-40:] for p in humaneval_prompts[:6]]
-    spec = small_fleet(siblings=True, max_new_tokens=24, devices=8)
+    spec = small_fleet(siblings=True, ahead=ahead, max_new_tokens=24, devices=8)
     verifier = Verifier(family_models["v1"], family_models["draft"], name="v1",
                         limits=VerifierLimits(max_sessions=2 if path == "evicting" else 4096))
     sent = []
@@ -196,10 +201,24 @@ def test_fleet_devices_sending_second_choices_emit_the_targets_greedy_output(fam
     trees = [r for r in sent if r.tree_parents]
     assert trees and all(len(r.draft_tokens) == len(r.tree_parents) for r in trees)
     assert all(r.tree_parents for r in sent if r.draft_tokens)  # every drafting round sends its second choices
+    if ahead != "off":
+        assert any(r["lookahead_hit"] for r in res.rounds)  # the chain still hits, runner-ups beside it
+    if ahead == "pipeline" and path == "clean":
+        assert any(r.assume for r in trees)  # pipelined rounds are trees too
 
 
-def test_a_fleet_cannot_combine_second_choices_with_drafting_ahead():
-    from flexspec_serve.fleet.spec import FleetSpec
+def test_second_choices_with_draft_ahead_keep_greedy_output_and_a_runner_up_path_is_never_a_hit(
+        family_models, humaneval_prompts):
+    from flexspec_serve.engine.generate import speculative_generate
+    from flexspec_serve.engine.proposer import DraftProposer, sibling_taken
+    from flexspec_serve.engine.verifier import Verifier
 
-    with pytest.raises(ValueError, match="siblings: true needs ahead: off"):
-        FleetSpec(mix=[{"device_class": "wearable", "share": 1.0}], siblings=True, ahead="draft")
+    prompts = humaneval_prompts[:12]
+    want = [family_models["v1"].generate(torch.tensor([p]), max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW,
+                                         do_sample=False)[0, len(p):].tolist() for p in prompts]
+    events = []
+    out = speculative_generate(DraftProposer(family_models["draft"]), Verifier(family_models["v1"]), prompts, MAX_NEW,
+                               lambda i, r: 1 + (i + r) % 4, on_round=events.append, draft_ahead=True, siblings=True)
+    assert [c.tokens for c in out] == want
+    assert any(e.lookahead_hit for e in events) and any(sibling_taken(e.result.path) for e in events)
+    assert not any(e.lookahead_hit and sibling_taken(e.result.path) for e in events)

@@ -26,6 +26,8 @@ after the other; learned online, 0 at first).
 Second choices (a device option, greedy): each round also sends every draft step's runner-up beside its
 token (a token tree of 2K nodes, no extra draft step). The estimator then learns the acceptance of the pair
 at each position, and the round's cost counts 2K verified positions and the nodes' ids and parents uplink.
+With draft-ahead it takes that pair rate for the chain's too when it prices a lookahead hit, which only the
+chain can give: it expects hits somewhat more often than they come.
 
 Everything above is chosen subject to the expected energy per generated token staying within the device's budget; alpha is an
 online estimate per (device, target version): Beta posteriors with exponential forgetting, pooled and

@@ -64,14 +64,16 @@ class ClientSession:
             assume=None if full else assume, tree_parents=parents,
         )
 
-    def pipelined_message(self, assume: list[int], draft: list[int]) -> P.DraftRound | None:
+    def pipelined_message(self, assume: list[int], draft: list[int],
+                          parents: list[int] | None = None) -> P.DraftRound | None:
         """The next round (seq + 1), sent before this one's answer: verified only if this round commits exactly
-        `assume` (its drafts and the draft's guess of the cloud's token). None while the session cannot
-        pipeline (before the first answer names its version, or while it must resend its context)."""
+        `assume` (its drafts and the draft's guess of the cloud's token); `parents`: the draft is a token tree.
+        None while the session cannot pipeline (before the first answer names its version, or while it must
+        resend its context)."""
         if self.needs_context or self.version is None or not draft:
             return None
         return P.DraftRound(session_id=self.session_id, seq=self.seq + 1, target=self.version, draft_tokens=draft,
-                            assume=assume)
+                            assume=assume, tree_parents=parents)
 
     def commit(self, draft: list[int], result: P.RoundResult, proposer: DraftProposer | None = None,
                parents: list[int] | None = None) -> list[int]:

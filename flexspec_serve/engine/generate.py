@@ -57,12 +57,10 @@ def speculative_generate(
     round starts from them (`on_round` is told of hits; the output does not change in greedy mode).
 
     `siblings`: greedy sessions send each draft step's runner-up too (a token tree of 2K nodes; the K in
-    `RoundEvent` stays the draft steps). Not with `draft_ahead`.
+    `RoundEvent` stays the draft steps).
 
     `transport` is a `Transport` or a bare `Verifier` (wrapped in a `LocalTransport`).
     """
-    if siblings and draft_ahead:
-        raise ValueError("second choices (siblings) and draft_ahead do not combine")
     if not hasattr(transport, "round_trip"):
         transport = LocalTransport(transport)
     pick = (lambda i, r: choose_k) if isinstance(choose_k, int) else choose_k
@@ -82,7 +80,8 @@ def speculative_generate(
         still = []
         for i, k, draft, tree, ex in zip(running, ks, drafts, trees, exchanges):
             edge = clients[i].edge
-            hit = edge is not None and proposer.lookahead_hit(edge, ex.result.accepted, ex.result.token)
+            hit = edge is not None and proposer.lookahead_hit(edge, ex.result.accepted, ex.result.token,
+                                                              ex.result.path)
             new = clients[i].commit(draft, ex.result, proposer, tree)
             if on_round:
                 on_round(RoundEvent(i, round_idx, k if tree else len(draft), ex.result.accepted, ex.bytes_up,

@@ -14,9 +14,10 @@ the answer would give (greedy: the same tokens; sampling: the same distribution)
 
 Second choices (`propose(..., siblings=True)`, greedy sessions): each of the K draft steps also offers its
 runner-up token s_i as a sibling of d_i, so the round is a token tree of 2K nodes (d_1, s_1, d_2, s_2, ...;
-`Proposal.parents`) that costs no extra draft step. When the target's token at position i is s_i, the
-round keeps d_1..d_{i-1}, s_i and the target's token after s_i (see `engine.verifier`); `apply_tree`
-commits such an answer.
+`Proposal.parents`) that costs no extra draft step: every drafted token keeps its step's runner-up, those
+drafted ahead too. When the target's token at position i is s_i, the round keeps d_1..d_{i-1}, s_i and the
+target's token after s_i (see `engine.verifier`); `apply_tree` commits such an answer. A round whose path
+ends on a runner-up is never a lookahead hit: what was drafted ahead followed d_i.
 
 It does not choose K (the controller in `edge/` does) and does not talk to the cloud.
 """
@@ -48,10 +49,11 @@ class EdgeSession:
     cache: CachedSequence = field(default_factory=CachedSequence)
     prompt_len: int = 0
     # draft-ahead: the last proposal's draft (d_1..d_K, then d_{K+1} and what was drafted ahead past it),
-    # how many of it were sent (K), and what a lookahead hit left for the next round; (token, q) pairs
-    drafted: list[tuple[int, float]] = field(default_factory=list)
+    # how many of it were sent (K), and what a lookahead hit left for the next round; (token, q, runner-up)
+    # per draft step (runner-up -1 in sampling sessions)
+    drafted: list[tuple[int, float, int]] = field(default_factory=list)
     sent: int = 0
-    ready: list[tuple[int, float]] = field(default_factory=list)
+    ready: list[tuple[int, float, int]] = field(default_factory=list)
 
     @property
     def generated(self) -> list[int]:
@@ -89,20 +91,16 @@ class DraftProposer:
             s.ready = []
         proposals: list[Proposal | None] = [None] * len(sessions)
 
-        runner_up: list[list[int]] | None = [[] for _ in sessions] if siblings else None
-
-        def finish(i: int, out: list[tuple[int, float]]) -> None:
+        def finish(i: int, out: list[tuple[int, float, int]]) -> None:
             s, k = sessions[i], ks[i]
             s.drafted, s.sent = out, k
-            proposals[i] = Proposal([t for t, _ in out[:k]], [q for _, q in out[:k]])
-            if runner_up is not None and s.sampling.greedy and k:
-                proposals[i] = with_siblings(proposals[i], runner_up[i][:k])
+            proposals[i] = Proposal([t for t, *_ in out[:k]], [q for _, q, _ in out[:k]])
+            if siblings and s.sampling.greedy and k:
+                proposals[i] = with_siblings(proposals[i], [alt for *_, alt in out[:k]])
             if on_done is not None:
                 on_done(i, proposals[i])
 
-        if siblings and any(s.ready for s, k in zip(sessions, ks) if k):
-            raise ValueError("second choices need every draft step run now; a session has tokens drafted ahead")
-        self._extend(sessions, starts, [max(0, w - len(st)) for w, st in zip(wants, starts)], finish, runner_up)
+        self._extend(sessions, starts, [max(0, w - len(st)) for w, st in zip(wants, starts)], finish)
         return proposals
 
     def draft_ahead(self, sessions: list[EdgeSession], ns: list[int]) -> None:
@@ -128,18 +126,19 @@ class DraftProposer:
         return s.drafted[s.sent][0] if s.sent and len(s.drafted) > s.sent else None
 
     @staticmethod
-    def lookahead_hit(s: EdgeSession, accepted: int, token: int) -> bool:
-        """The cloud accepted all K sent and added exactly the draft's d_{K+1}."""
+    def lookahead_hit(s: EdgeSession, accepted: int, token: int, path: list[int] | None = None) -> bool:
+        """The cloud accepted all K sent (the chain, not a runner-up: `path` of a second-choices round) and
+        added exactly the draft's d_{K+1}."""
         guess = DraftProposer.guess(s)
-        return guess is not None and accepted == s.sent and guess == token
+        return guess is not None and accepted == s.sent and guess == token and not sibling_taken(path)
 
     @torch.inference_mode()
-    def _extend(self, sessions: list[EdgeSession], starts: list[list[tuple[int, float]]], ns: list[int],
-                done: Callable[[int, list[tuple[int, float]]], None] | None = None,
-                runner_up: list[list[int]] | None = None) -> list[list[tuple[int, float]]]:
+    def _extend(self, sessions: list[EdgeSession], starts: list[list[tuple[int, float, int]]], ns: list[int],
+                done: Callable[[int, list[tuple[int, float, int]]], None] | None = None
+                ) -> list[list[tuple[int, float, int]]]:
         """Continue each session's draft `starts[i]` (tokens past the committed ones) by n_i steps, batched;
         every step feeds whatever the cache has not seen yet (the backlog, then the last draft token).
-        `done(i, out_i)` as each session gets its n_i steps; `runner_up[i]` gets each step's second-best token."""
+        `done(i, out_i)` as each session gets its n_i steps."""
         outs = [list(st) for st in starts]
         for i in (i for i, n in enumerate(ns) if n <= 0 and done is not None):
             done(i, outs[i])
@@ -149,25 +148,25 @@ class DraftProposer:
             logits = run_ragged_by_shape(self.model, [sessions[i].cache for i in active], inputs, self.decode_max)
             for i, lg in zip(active, logits):
                 outs[i].append(self._choose(lg[-1], sessions[i]))
-                if runner_up is not None:
-                    runner_up[i].append(int(lg[-1].topk(2).indices[1]))
                 if ns[i] == step + 1 and done is not None:
                     done(i, outs[i])
         return outs
 
     @staticmethod
-    def _unfed(s: EdgeSession, drafted: list[tuple[int, float]]) -> list[int]:
+    def _unfed(s: EdgeSession, drafted: list[tuple[int, float, int]]) -> list[int]:
         """The tokens of committed + drafted that the draft cache has not fed (no copy of the context)."""
         fed, n = s.cache.length, len(s.tokens)
         head = s.tokens[fed:] if fed < n else []
-        return head + [t for t, _ in drafted[max(0, fed - n):]]
+        return head + [t for t, *_ in drafted[max(0, fed - n):]]
 
-    def _choose(self, logits: torch.Tensor, s: EdgeSession) -> tuple[int, float]:
+    def _choose(self, logits: torch.Tensor, s: EdgeSession) -> tuple[int, float, int]:
+        """(token, q(token), runner-up): greedy takes the top two; sampling draws one (runner-up -1)."""
         if s.sampling.greedy:
-            return int(logits.argmax()), 1.0
+            top = logits.topk(2).indices.tolist()
+            return top[0], 1.0, top[1]
         q = S.probs(logits[None], s.sampling)[0]  # [V]
         token = S.sample(q, s.generator)
-        return token, float(q[token])
+        return token, float(q[token]), -1
 
     def apply(self, s: EdgeSession, draft: list[int], accepted: int, token: int) -> None:
         """Commit d_1..d_n and the cloud's token; keep the cache only over committed tokens (and, after a
@@ -183,7 +182,7 @@ class DraftProposer:
     def apply_tree(self, s: EdgeSession, accepted: list[int], token: int) -> None:
         """Commit a sibling tree's accepted path (d_1..d_n, or d_1..d_{i-1} and the runner-up s_i) and the
         cloud's token: the cache keeps the accepted chain tokens it fed; the runner-up is fed next round."""
-        chain = [t for t, _ in s.drafted[: s.sent]]
+        chain = [t for t, *_ in s.drafted[: s.sent]]
         n = 0
         while n < len(accepted) and n < len(chain) and accepted[n] == chain[n]:
             n += 1

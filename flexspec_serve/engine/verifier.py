@@ -259,8 +259,6 @@ class Verifier:
                                  "or an earlier node")
         if not req.sampling.greedy:
             raise InvalidRequest("parents", parents, "token trees are verified in greedy sessions only")
-        if req.assume is not None:
-            raise InvalidRequest("parents", parents, "a pipelined round cannot be a token tree")
 
     def _check_length(self, req: VerifyRequest, session: _Session) -> None:
         total = len(session.tokens) + len(req.new_context) + len(req.draft_tokens) + 1

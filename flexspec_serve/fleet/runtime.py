@@ -48,7 +48,7 @@ from flexspec_serve.edge.emulator import EmulatedDevice, RoundRecord
 from flexspec_serve.engine.client import ClientSession
 from flexspec_serve.engine.errors import ConditionNotMet
 from flexspec_serve.engine.generate import RoundEvent
-from flexspec_serve.engine.proposer import DraftProposer, Proposal
+from flexspec_serve.engine.proposer import DraftProposer, Proposal, with_siblings
 from flexspec_serve.engine.sampling import SamplingParams
 from flexspec_serve.fleet.spec import DevicePlan, FleetSpec
 from flexspec_serve.transport import AsyncTransport, TransportError
@@ -262,7 +262,7 @@ class Shard:
         drafted during its wait (computed now because only hits use it; they are the same tokens)."""
         if guess is not None:
             await guess
-        if not self.proposer.lookahead_hit(client.edge, result.accepted, result.token):
+        if not self.proposer.lookahead_hit(client.edge, result.accepted, result.token, result.path):
             return False
         more = 1 + ahead_tokens(k) - self.proposer.drafted_past_sent(client.edge)
         if more > 0:
@@ -355,7 +355,7 @@ class Shard:
             finally:
                 hit = await self._settle(head.after, head.guess, head.lags)
             if self.spec.ahead.sends:
-                hit = proposer.lookahead_hit(client.edge, d.result.accepted, d.result.token)
+                hit = proposer.lookahead_hit(client.edge, d.result.accepted, d.result.token, d.result.path)
         except BaseException:
             self._discard(nxt)
             raise
@@ -401,8 +401,11 @@ class Shard:
         if not (k and dev.ahead_now) or k_next <= 0:
             return None
         await self.ahead_drafter.submit((edge, 1 + k_next))
-        msg = client.pipelined_message(head.draft + [self.proposer.guess(edge)],
-                                       [t for t, _ in edge.drafted[k + 1 : k + 1 + k_next]])
+        chain, ahead = edge.drafted[:k], edge.drafted[k + 1 : k + 1 + k_next]  # (token, q, runner-up) each
+        nxt = Proposal([t for t, *_ in ahead], [q for _, q, _ in ahead])
+        if self.spec.siblings and client.sampling.greedy:
+            nxt = with_siblings(nxt, [alt for *_, alt in ahead])
+        msg = client.pipelined_message([t for t, *_ in chain] + [self.proposer.guess(edge)], nxt.tokens, nxt.parents)
         if msg is None or head.task.done():
             return None
         timer = asyncio.create_task(self.clock.sleep_until(max(head.sent + dev.profile.draft_ms(1 + k_next),
@@ -412,7 +415,7 @@ class Shard:
             timer.cancel()
             return None
         f = Flight(k_next, msg.draft_tokens, 0.0, 0.0, lags=[timer.result()], sent=self.clock.now_ms(),
-                   pipelined=True, assume=msg.assume)
+                   pipelined=True, assume=msg.assume, parents=msg.tree_parents)
         f.task = asyncio.create_task(self._trip(dev, msg, f.lags))
         return f
 

@@ -49,8 +49,8 @@ class FleetSpec(StrictModel):
                          "send that next round as soon as it is drafted, before the answer (the cloud verifies it only "
                          "after a lookahead hit; the fleet actor drafts ahead on every round)")
     siblings: bool = Field(False, description="second choices: each round also sends every draft step's runner-up "
-                           "beside its token (a token tree of 2K nodes, no extra draft step; greedy sessions only, "
-                           "with ahead: off)")
+                           "beside its token (a token tree of 2K nodes that count against the server's "
+                           "max_draft_tokens; no extra draft step; greedy sessions only)")
     max_new_tokens: int = Field(64, ge=1, le=4096)
     temperature: float = Field(0.0, ge=0, le=10, description="0 = greedy")
     top_p: float = Field(1.0, gt=0, le=1)
@@ -94,9 +94,6 @@ class FleetSpec(StrictModel):
         unknown = [c.device_class for c in self.mix if c.device_class not in DEVICE_CLASSES]
         if unknown:
             raise ValueError(f"mix.device_class {unknown[0]!r} is not a known class; choose from {sorted(DEVICE_CLASSES)}")
-        if self.siblings and self.ahead is not Ahead.OFF:
-            raise ValueError(f"siblings: true needs ahead: off (got ahead: {self.ahead.value}); second choices do "
-                             "not combine with drafting ahead yet")
         total = sum(c.share for c in self.mix)
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"mix shares sum to {total:g}, not 1")
