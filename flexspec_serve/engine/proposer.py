@@ -94,9 +94,7 @@ class DraftProposer:
         def finish(i: int, out: list[tuple[int, float, int]]) -> None:
             s, k = sessions[i], ks[i]
             s.drafted, s.sent = out, k
-            proposals[i] = Proposal([t for t, *_ in out[:k]], [q for _, q, _ in out[:k]])
-            if siblings and s.sampling.greedy and k:
-                proposals[i] = with_siblings(proposals[i], [alt for *_, alt in out[:k]])
+            proposals[i] = proposal_of(out[:k], siblings and s.sampling.greedy)
             if on_done is not None:
                 on_done(i, proposals[i])
 
@@ -203,6 +201,13 @@ class DraftProposer:
     def resync(self, s: EdgeSession) -> None:
         """Forget the draft cache (it is rebuilt from the committed tokens on the next proposal)."""
         s.cache, s.ready, s.drafted, s.sent = CachedSequence(), [], [], 0
+
+
+def proposal_of(steps: list[tuple[int, float, int]], siblings: bool = False) -> Proposal:
+    """The proposal of these drafted steps (token, q, runner-up): a chain, or with `siblings` (greedy) the
+    token tree with each step's runner-up beside its token."""
+    chain = Proposal([t for t, *_ in steps], [q for _, q, _ in steps])
+    return with_siblings(chain, [alt for *_, alt in steps]) if siblings and steps else chain
 
 
 def with_siblings(chain: Proposal, runner_up: list[int]) -> Proposal:

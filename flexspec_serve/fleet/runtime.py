@@ -48,7 +48,7 @@ from flexspec_serve.edge.emulator import EmulatedDevice, RoundRecord
 from flexspec_serve.engine.client import ClientSession
 from flexspec_serve.engine.errors import ConditionNotMet
 from flexspec_serve.engine.generate import RoundEvent
-from flexspec_serve.engine.proposer import DraftProposer, Proposal, with_siblings
+from flexspec_serve.engine.proposer import DraftProposer, Proposal, proposal_of
 from flexspec_serve.engine.sampling import SamplingParams
 from flexspec_serve.fleet.spec import DevicePlan, FleetSpec
 from flexspec_serve.transport import AsyncTransport, TransportError
@@ -402,9 +402,7 @@ class Shard:
             return None
         await self.ahead_drafter.submit((edge, 1 + k_next))
         chain, ahead = edge.drafted[:k], edge.drafted[k + 1 : k + 1 + k_next]  # (token, q, runner-up) each
-        nxt = Proposal([t for t, *_ in ahead], [q for _, q, _ in ahead])
-        if self.spec.siblings and client.sampling.greedy:
-            nxt = with_siblings(nxt, [alt for *_, alt in ahead])
+        nxt = proposal_of(ahead, self.spec.siblings and client.sampling.greedy)
         msg = client.pipelined_message([t for t, *_ in chain] + [self.proposer.guess(edge)], nxt.tokens, nxt.parents)
         if msg is None or head.task.done():
             return None
