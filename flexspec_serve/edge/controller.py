@@ -185,13 +185,17 @@ class FlexSpecController(Policy):
         prefill = 0.0 if view.predrafted else view.prefill_ms  # a hit's pre-draft already fed the context
         return prefill + self.device.draft_ms(self.draft_steps(k, view))
 
+    def nodes(self, k: int) -> int:
+        """Draft tokens a K-step round sends and the cloud verifies (with second choices, 2K tree nodes)."""
+        return 2 * k if self.siblings else k
+
     def up_ms(self, k: int, view: RoundView) -> float:
         if not (self.siblings and k):
             return view.up_total_ms(k)
-        return view.up_total_ms(2 * k) + view.up_ms_per_byte * 2 * k  # 2K node ids, and a parent byte per node
+        return view.up_total_ms(self.nodes(k)) + view.up_ms_per_byte * self.nodes(k)  # ids, and a parent byte each
 
     def verify_ms(self, k: int) -> float:
-        return self.cloud.verify_ms(2 * k if self.siblings else k)
+        return self.cloud.verify_ms(self.nodes(k))
 
     def wait_ms(self, k: int, view: RoundView) -> float:
         return self.up_ms(k, view) + self.verify_ms(k) + view.down_ms

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 from flexspec_serve import protocol as P
 from flexspec_serve.engine.proposer import DraftProposer, EdgeSession
-from flexspec_serve.engine.sampling import SamplingParams, tree_depth
+from flexspec_serve.engine.ragged import tree_depth
+from flexspec_serve.engine.sampling import SamplingParams
 from flexspec_serve.engine.stats import AcceptanceStats
 
 RESYNC_CODES = frozenset({"resync_required", "bad_sequence"})

@@ -84,7 +84,7 @@ def speculative_generate(
                                                               ex.result.path)
             new = clients[i].commit(draft, ex.result, proposer, tree)
             if on_round:
-                on_round(RoundEvent(i, round_idx, k if tree else len(draft), ex.result.accepted, ex.bytes_up,
+                on_round(RoundEvent(i, round_idx, k, ex.result.accepted, ex.bytes_up,
                                     ex.bytes_down, ex.result, hit, len(draft) if tree else 0))
             if len(clients[i].tokens) < max_new_tokens and (stop_token is None or stop_token not in new):
                 still.append(i)

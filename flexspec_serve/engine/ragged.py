@@ -126,34 +126,44 @@ def _run_single(model, seq: CachedSequence, tokens: list[int], device) -> torch.
     return hf_compat.forward_logits(model, ids, seq.cache, position_ids=positions)[0].float()  # [n, V]
 
 
+def tree_depths(parents: list[int]) -> list[int]:
+    """Each node's depth (1: a child of the token before the tree); a parent must come before its child."""
+    depth: list[int] = []
+    for j, par in enumerate(parents):
+        if not -1 <= par < j:
+            raise ValueError(f"tree node {j} has parent {par}: it must be -1 (the token before the tree) "
+                             "or an earlier node")
+        depth.append(1 if par < 0 else depth[par] + 1)
+    return depth
+
+
+def tree_depth(parents: list[int]) -> int:
+    """Nodes on the longest root path of a tree (0 for no nodes): the positions a round could accept."""
+    return max(tree_depths(parents), default=0)
+
+
 def _tree_mask(trees, past, new, p_max, n_max, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Additive mask [B, 1, N, P + N] and position ids [B, N]: context tokens causal, tree nodes seeing the
-    context and their ancestors, each node at (position of the token before the tree) + its depth."""
-    bsz = len(past)
-    allowed = torch.zeros((bsz, n_max, p_max + n_max), dtype=torch.bool)
-    positions = torch.zeros((bsz, n_max), dtype=torch.long)
-    for b in range(bsz):
-        parents = (trees[b] or []) if trees else []
+    context and their ancestors, each node at (position of the token before the tree) + its depth; padding
+    rows see themselves only (their outputs are dropped)."""
+    allowed = torch.zeros((len(past), n_max, p_max + n_max), dtype=torch.bool)
+    positions = torch.tensor(past)[:, None] + torch.arange(n_max)[None, :]  # [B, N]
+    for b, parents in enumerate(trees):
+        parents = parents or []
         n, t = new[b], len(parents)
         c = n - t  # context tokens before the tree
-        allowed[b, :, p_max - past[b] : p_max] = True  # the session's cache
-        causal = torch.ones((c, c), dtype=torch.bool).tril()
-        allowed[b, :c, p_max : p_max + c] = causal
-        positions[b, :c] = past[b] + torch.arange(c)
-        depth = []
+        depth = tree_depths(parents)
+        ancestors: list[list[bool]] = []  # [t][t]: node j sees node i
         for j, par in enumerate(parents):
-            if not -1 <= par < j:
-                raise ValueError(f"tree node {j} has parent {par}; parents come first, -1 is the token before the tree")
-            depth.append(1 if par < 0 else depth[par] + 1)
-            row = p_max + c + j
-            allowed[b, c + j, p_max : p_max + c] = True
-            allowed[b, c + j, row] = True
-            if par >= 0:
-                allowed[b, c + j] |= allowed[b, c + par] & (torch.arange(p_max + n_max) >= p_max + c)
-            positions[b, c + j] = past[b] + c - 1 + depth[j]
-        for r in range(n, n_max):  # padding rows see themselves only (their outputs are dropped)
-            allowed[b, r, p_max + r] = True
-            positions[b, r] = past[b] + r
+            ancestors.append([*(ancestors[par] if par >= 0 else [False] * t)])
+            ancestors[j][j] = True
+        block = torch.ones((n_max, n_max), dtype=torch.bool).tril() & torch.eye(n_max, dtype=torch.bool).logical_or(
+            torch.arange(n_max)[:, None] < n)  # causal over the inputs, the diagonal for padding rows
+        if t:
+            block[c:n, c:n] = torch.tensor(ancestors, dtype=torch.bool)
+            positions[b, c:n] = past[b] + c - 1 + torch.tensor(depth)
+        allowed[b, :, p_max - past[b] : p_max] = True  # the session's cache
+        allowed[b, :, p_max:] = block
     neg = torch.finfo(dtype).min
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, neg)[:, None]  # [B, 1, N, P+N]
     return mask, positions

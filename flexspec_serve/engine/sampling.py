@@ -80,14 +80,6 @@ def accept_greedy_tree(target_logits: torch.Tensor, draft: list[int], parents: l
         at = nxt
 
 
-def tree_depth(parents: list[int]) -> int:
-    """Nodes on the longest root path of a tree given by its parents (0 for no nodes)."""
-    depth: list[int] = []
-    for parent in parents:
-        depth.append(1 if parent < 0 else depth[parent] + 1)
-    return max(depth, default=0)
-
-
 def accept_sampling(
     p: torch.Tensor, q: torch.Tensor, draft: list[int], generator: torch.Generator
 ) -> tuple[int, int]:

@@ -35,7 +35,8 @@ import torch
 from flexspec_serve.engine import sampling as S
 from flexspec_serve.engine.errors import (ConditionNotMet, ContextTooLong, EngineError, InvalidRequest, ResyncRequired,
                                           RoundFailed, SequenceError)
-from flexspec_serve.engine.ragged import CachedSequence, decode_max_tokens, run_ragged, shape_groups
+from flexspec_serve.engine.ragged import (CachedSequence, decode_max_tokens, run_ragged, shape_groups, tree_depth,
+                                          tree_depths)
 from flexspec_serve.engine.stats import AcceptanceStats
 
 log = logging.getLogger(__name__)
@@ -253,10 +254,10 @@ class Verifier:
         parents = list(req.parents)
         if len(parents) != len(req.draft_tokens):
             raise InvalidRequest("parents", parents, f"one parent per draft token ({len(req.draft_tokens)})")
-        bad = next((j for j, par in enumerate(parents) if not -1 <= par < j), None)
-        if bad is not None:
-            raise InvalidRequest("parents", parents, f"node {bad}'s parent must be -1 (the last context token) "
-                                 "or an earlier node")
+        try:
+            tree_depths(parents)
+        except ValueError as err:
+            raise InvalidRequest("parents", parents, str(err)) from None
         if not req.sampling.greedy:
             raise InvalidRequest("parents", parents, "token trees are verified in greedy sessions only")
 
@@ -300,7 +301,7 @@ class Verifier:
         session.tokens.append(token)
         session.target.keep(before, path)  # drop rejected drafts; `token` is fed next round
         session.draft.truncate(before + n)
-        depth = S.tree_depth(list(req.parents)) if tree else k  # positions a round could accept
+        depth = tree_depth(list(req.parents)) if tree else k  # positions a round could accept
         session.stats.record(depth, n)
         self.stats.record(depth, n)
         bonus = not any(par == (path[-1] if path else -1) for par in req.parents) if tree else n == k
