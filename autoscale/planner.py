@@ -60,10 +60,10 @@ def device_demand(spec: FleetSpec, alpha: float, server_ms: float, sample: int =
     rounds = tokens = ks = in_session = refused = 0.0
     for p in picked:
         profile, cloud = DEVICE_CLASSES[p.device_class], CloudProfile(server_ms, 0.0)
-        policy = make_policy(spec.policy, profile, cloud, spec.max_draft_tokens, spec.ahead, spec.siblings)
+        policy = make_policy(spec.policy, profile, cloud, spec.max_draft_tokens, spec.ahead, spec.tree)
         estimator = AcceptanceEstimator(prior_a=alpha * 20, prior_b=(1 - alpha) * 20)
         # the round-time model of the adaptive controller, whatever policy picks K (draft-ahead included)
-        model = FlexSpecController(profile, cloud, spec.max_draft_tokens, estimator, spec.ahead, spec.siblings)
+        model = FlexSpecController(profile, cloud, spec.max_draft_tokens, estimator, spec.ahead, spec.tree)
         if isinstance(policy, FlexSpecController):
             policy.estimator = estimator
         view = mean_view(make_link(p.channel, p.seed, p.offset_ms))
@@ -76,7 +76,7 @@ def device_demand(spec: FleetSpec, alpha: float, server_ms: float, sample: int =
         refused_per_round = (1.0 - estimator.p_all(k + 1)) if piped else 0.0
         rounds += duty * (1.0 + refused_per_round) / t_round_s
         refused += duty * refused_per_round / t_round_s
-        tokens += duty * (model.nodes(k) + 1) / t_round_s  # verified positions (second choices: 2K nodes)
+        tokens += duty * (model.nodes(k, view) + 1) / t_round_s  # verified positions (a token tree's nodes)
         ks += k
         in_session += duty
     scale = len(plans) / len(picked)

@@ -4,7 +4,7 @@
    percentiles, how many devices were in a session and mid-round at once, failures.
 2. Speculative vs cloud-only on the LTE traces: the same fleet, seeds and prompts replayed with the
    adaptive controller, fixed K = 4 and cloud-only, and the adaptive controller on devices that draft
-   ahead and on devices that pipeline, each with and without second choices (token trees); decode
+   ahead and on devices that pipeline, each with chains, second choices and branches (token trees); decode
    tokens/s per policy and the ratio.
 
 Writes docs/results/fleet.md (and the two load-test reports under docs/results/fleet/).
@@ -24,6 +24,7 @@ from flexspec_serve.ahead import Ahead
 from flexspec_serve.fleet.report import class_compare_rows, compare_rows
 from flexspec_serve.fleet.spec import FleetSpec
 from flexspec_serve.reports import machine, md_table
+from flexspec_serve.tree import Tree
 
 LTE = ("TMobile-LTE-short", "ATT-LTE-driving")
 
@@ -37,19 +38,19 @@ def scale_spec(args, think: float) -> FleetSpec:
         arrival={"start_within_s": think, "think_time_s": think}, duration_s=args.duration)
 
 
-LTE_RUNS = tuple(("adaptive", ahead, siblings) for siblings in (False, True) for ahead in Ahead) + (
-    ("fixed-4", Ahead.OFF, False), ("cloud-only", Ahead.OFF, False))
+LTE_RUNS = tuple(("adaptive", ahead, tree) for tree in Tree for ahead in Ahead) + (
+    ("fixed-4", Ahead.OFF, Tree.CHAIN), ("cloud-only", Ahead.OFF, Tree.CHAIN))
 
 
-def run_dir(policy: str, ahead: Ahead, siblings: bool) -> str:
+def run_dir(policy: str, ahead: Ahead, tree: Tree) -> str:
     mode = {Ahead.OFF: "", Ahead.DRAFT: "ahead", Ahead.PIPELINE: "pipeline"}[ahead]
-    return "-".join(filter(None, ("lte", policy, mode, "second" if siblings else "")))
+    return "-".join(filter(None, ("lte", policy, mode, "" if tree is Tree.CHAIN else tree.value)))
 
 
-def lte_spec(args, policy: str, ahead: Ahead, siblings: bool) -> FleetSpec:
+def lte_spec(args, policy: str, ahead: Ahead, tree: Tree) -> FleetSpec:
     return FleetSpec(
         name="lte", devices=args.lte_devices, actors=2, actor_num_cpus=0.2, max_new_tokens=48, target="stable",
-        policy=policy, ahead=ahead, siblings=siblings, mix=[{"device_class": "flagship-phone", "share": 0.5, "channel": LTE[0]},
+        policy=policy, ahead=ahead, tree=tree, mix=[{"device_class": "flagship-phone", "share": 0.5, "channel": LTE[0]},
                                          {"device_class": "midrange-phone", "share": 0.5, "channel": LTE[1]}],
         arrival={"start_within_s": 6, "think_time_s": 6}, duration_s=args.lte_duration)
 

@@ -16,8 +16,10 @@ Method (greedy, exact; no tree verification is run):
   give. A chain of K is the rank paths (0,), (0, 0), ... of length <= K.
 - Trees compared, all with the same number of verified positions as their node count:
   - chains, K = 1..8;
-  - `chain+1`: a chain plus the draft's second choice at every depth. It costs no extra draft step (the
-    second choice comes from a step the chain ran), only verified positions;
+  - `chain-K+w`: a chain plus the draft's next w choices at every depth (w = 1: second choices). It costs no
+    extra draft step (the choices come from a step the chain ran), only verified positions;
+  - `branches-K`: the shape the devices send with `tree: branches` (`flexspec_serve.tree`): second choices,
+    each runner-up continued greedily (steps over several nodes);
   - `best-n`: the tree of n nodes whose rank paths start most often, built greedily on half of the prompts
     and evaluated on the other half (all tau figures below are on that held-out half).
 
@@ -50,6 +52,7 @@ from flexspec_serve.edge.channels import make_link
 from flexspec_serve.edge.controller import RoundView
 from flexspec_serve.edge.devices import DEVICE_CLASSES, CloudProfile, DeviceProfile
 from flexspec_serve.reports import machine, md_table
+from flexspec_serve.tree import Tree, continuations
 from flexspec_serve.zoo import corpus
 from flexspec_serve.zoo.loading import load_causal_lm, load_tokenizer
 
@@ -89,8 +92,16 @@ def chain(k: int) -> set[Path_]:
     return {(0,) * m for m in range(1, k + 1)}
 
 
-def chain_plus_second(k: int) -> set[Path_]:
-    return chain(k) | {(0,) * m + (1,) for m in range(k)}
+def chain_plus_alternates(k: int, w: int = 1) -> set[Path_]:
+    """A chain of k plus the draft's next w choices at every depth (w = 1: second choices)."""
+    return chain(k) | {(0,) * m + (r,) for m in range(k) for r in range(1, w + 1)}
+
+
+def branches(k: int) -> set[Path_]:
+    """The `branches` shape the devices send (`flexspec_serve.tree`): a chain of k, each runner-up beside its
+    token and continued greedily within the server's node limit."""
+    conts = continuations(k, Tree.BRANCHES)
+    return chain(k) | {(0,) * i + (1,) + (0,) * j for i in range(k) for j in range(conts[i] + 1)}
 
 
 def best_tree(counts: Counter, n: int, max_depth: int = MAX_DEPTH) -> set[Path_]:
@@ -200,7 +211,8 @@ def main() -> None:
     fit, held_out = path_counts(ranks[0::2]), ranks[1::2]
     top = [sum(r <= k for rho in held_out for r in rho) / sum(map(len, held_out)) for k in range(4)]
     trees = {f"chain-{k}": chain(k) for k in (1, 2, 3, 4, 6, 8)}
-    trees |= {f"chain-{k}+1": chain_plus_second(k) for k in (2, 4, 6)}
+    trees |= {f"chain-{k}+{w}": chain_plus_alternates(k, w) for w in (1, 2) for k in (2, 3, 4, 6)}
+    trees |= {f"branches-{k}": branches(k) for k in (2, 3, 4, 5)}
     trees |= {f"best-{n}": best_tree(fit, n) for n in (4, 8, 12, 16, 24, 32)}
     lines = [
         "# Token-tree headroom for the frozen draft (greedy, teacher-forced; LTE mean rates)\n",

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from flexspec_serve.ahead import Ahead
+from flexspec_serve.tree import Tree
 
 log = logging.getLogger("flexspec.loadtest")
 
@@ -29,8 +30,9 @@ def register(sub) -> None:
     p.add_argument("--ahead", choices=[a.value for a in Ahead],
                    help="override the fleet's ahead: what devices do while a round waits (off; draft: draft-ahead; "
                    "pipeline: also send the round drafted ahead before the answer, verified only after a hit)")
-    p.add_argument("--siblings", action="store_true", default=None,
-                   help="second choices: rounds also send each draft step's runner-up (greedy fleets)")
+    p.add_argument("--tree", choices=[t.value for t in Tree],
+                   help="override the fleet's draft shape (greedy fleets): chain; second: each draft step's runner-up "
+                   "too; branches: each runner-up also continued by the draft")
     p.add_argument("--compare", nargs="*", metavar="POLICY",
                    help="also replay the fleet with these policies (default: fixed-4 cloud-only)")
     p.add_argument("--out", type=Path, default=Path("loadtest-out"), help="report directory")
@@ -48,7 +50,7 @@ def load_spec(args):
     spec = load_yaml(FleetSpec, args.fleet)
     patch = {k: v for k, v in {"devices": args.devices, "duration_s": args.duration, "policy": args.policy,
                                "transport": args.transport, "ahead": args.ahead,
-                               "siblings": args.siblings}.items() if v is not None}
+                               "tree": args.tree}.items() if v is not None}
     return FleetSpec.model_validate({**spec.model_dump(), **patch}) if patch else spec
 
 
@@ -149,7 +151,7 @@ def run_report(spec, prompts, draft_path: str, out: Path, compare: list[str] | N
 
     def one(s, tick):
         run, wall_s, events = run_fleet(s, prompts, draft_path, api_key, tick, show_progress)
-        meta = {"fleet": s.name, "policy": s.policy, "ahead": s.ahead.value, "siblings": s.siblings, "devices": s.devices,
+        meta = {"fleet": s.name, "policy": s.policy, "ahead": s.ahead.value, "tree": s.tree.value, "devices": s.devices,
                 "actors": len(s.shards()),
                 "transport": s.transport, "seed": s.seed, "duration_s": s.duration_s, "wall_s": round(wall_s, 1),
                 "command": command, "machine": machine()}

@@ -136,7 +136,7 @@ def test_loadtest_flags_override_the_fleet_file(tmp_path):
     assert spec.ahead.sends and spec.devices == 7
     spec = load_spec(parser.parse_args(["loadtest", "--fleet", str(fleet), "--ahead", "draft"]))
     assert spec.ahead.drafts and not spec.ahead.sends and spec.devices == 30
-    assert load_spec(parser.parse_args(["loadtest", "--fleet", str(fleet), "--siblings"])).siblings
+    assert load_spec(parser.parse_args(["loadtest", "--fleet", str(fleet), "--tree", "branches"])).tree == "branches"
     with pytest.raises(SystemExit):  # argparse names the choices
         parser.parse_args(["loadtest", "--fleet", str(fleet), "--ahead", "yes"])
 

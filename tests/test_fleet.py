@@ -216,7 +216,8 @@ def test_report_files_have_the_documented_fields(family_models, humaneval_prompt
     ({"arrival": {"think_time_s": -1}}, "arrival.think_time_s"), ({"arival": {}}, "arival"),
     ({"mix": [{"device_class": "toaster", "share": 1.0}]}, "toaster"),
     ({"ahead": "sometimes"}, "ahead"), ({"pipeline": True}, "write `ahead: pipeline`"),  # the old boolean fields
-    ({"draft_ahead": False}, "write `ahead: draft`"),
+    ({"draft_ahead": False}, "write `ahead: draft`"), ({"siblings": True}, "write `tree: second`"),
+    ({"tree": "bush"}, "tree"),
 ])
 def test_bad_fleet_file_names_the_field(tmp_path, patch, field):
     path = tmp_path / "fleet.yaml"
@@ -230,7 +231,7 @@ def test_the_shipped_fleet_files_load(name):
     from pathlib import Path
 
     spec = load_yaml(FleetSpec, Path(__file__).resolve().parents[1] / "deployments" / "fleets" / f"{name}.yaml")
-    assert spec.ahead == "off" and not spec.siblings
+    assert spec.ahead == "off" and spec.tree == "chain"
 
 
 def test_a_bare_yaml_off_is_the_ahead_mode_off(tmp_path):

@@ -242,16 +242,16 @@ def test_admin_api_writes_the_registry_and_it_survives_a_router_restart(app):
     assert httpx.delete(f"{url}/admin/aliases/beta", headers=auth, timeout=30).status_code == 200
 
 
-@pytest.mark.parametrize("ahead, siblings", [("off", False), ("pipeline", False), ("off", True)])
+@pytest.mark.parametrize("ahead, tree", [("off", "chain"), ("pipeline", "chain"), ("draft", "branches")])
 def test_fleet_of_20_devices_over_2_actors_finishes_clean_and_greedy_matches_the_target(
-        app, tiny_family, family_models, humaneval_prompts, tmp_path, ahead, siblings):
+        app, tiny_family, family_models, humaneval_prompts, tmp_path, ahead, tree):
     from deployments.loadtest import run_report
     from flexspec_serve.fleet.report import PLOTS, SUMMARY_FIELDS
     from flexspec_serve.fleet.spec import FleetSpec
 
     prompts = [p[-40:] for p in humaneval_prompts[:8]]
     spec = FleetSpec(devices=20, actors=2, actor_num_cpus=0.2, max_new_tokens=12, duration_s=4, target="stable",
-                     ahead=ahead, siblings=siblings,
+                     ahead=ahead, tree=tree,
                      mix=[{"device_class": "flagship-phone", "share": 0.5, "channel": "TMobile-LTE-short"},
                           {"device_class": "midrange-phone", "share": 0.5, "channel": "fading"}],
                      arrival={"start_within_s": 1, "think_time_s": 0.5, "sessions_per_device": 2})

@@ -58,30 +58,33 @@ VERSIONS = ("v1", "v2", "v3")
 MAX_NEW = 20
 
 
-def _generate(family_models, prompts, version, k, siblings, transport=None):
+def _generate(family_models, prompts, version, k, tree, transport=None):
     from flexspec_serve.engine.generate import speculative_generate
     from flexspec_serve.engine.proposer import DraftProposer
     from flexspec_serve.engine.verifier import Verifier
 
     verifier = Verifier(family_models[version], family_models["draft"])
     return speculative_generate(DraftProposer(family_models["draft"]), transport or verifier, prompts, MAX_NEW, k,
-                                siblings=siblings), verifier
+                                tree=tree), verifier
 
 
-@pytest.mark.parametrize("version", VERSIONS)
-def test_second_choices_keep_greedy_output_and_add_tokens_per_round(family_models, humaneval_prompts, version):
+@pytest.mark.parametrize("version, tree", [(v, t) for v in VERSIONS for t in ("second", "branches")])
+def test_token_trees_keep_greedy_output_and_add_tokens_per_round(family_models, humaneval_prompts, version, tree):
     from flexspec_serve.transport import LocalTransport
+    from flexspec_serve.tree import on_chain
 
     prompts = humaneval_prompts[:16]
     want = [family_models[version].generate(torch.tensor([p]), max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW,
                                             do_sample=False)[0, len(p):].tolist() for p in prompts]
-    chain, _ = _generate(family_models, prompts, version, 3, siblings=False)
-    tree, verifier = _generate(family_models, prompts, version, 3, siblings=True)
-    assert [c.tokens for c in tree] == [c.tokens for c in chain] == want
-    sibling_hits = [r for c in tree for r in c.rounds if r.path and r.path[-1] % 2]  # the path ends on a runner-up
-    assert sibling_hits and all(r.accepted == len(r.path) for c in tree for r in c.rounds if r.path is not None)
-    assert sum(len(c.rounds) for c in tree) < sum(len(c.rounds) for c in chain)
-    over_the_wire, _ = _generate(family_models, prompts[:4], version, 3, siblings=True,
+    chain, _ = _generate(family_models, prompts, version, 3, "chain")
+    trees, verifier = _generate(family_models, prompts, version, 3, tree)
+    assert [c.tokens for c in trees] == [c.tokens for c in chain] == want
+    off_chain = [r.path for c in trees for r in c.rounds if not on_chain(r.path)]  # through a runner-up
+    assert off_chain and all(r.accepted == len(r.path) for c in trees for r in c.rounds if r.path is not None)
+    # K = 3: nodes 0-2 are the chain; a second-choices tree has 3 runner-ups, a branches tree their continuations
+    assert max(p[-1] for p in off_chain) > (5 if tree == "branches" else 2)
+    assert sum(len(c.rounds) for c in trees) < sum(len(c.rounds) for c in chain)
+    over_the_wire, _ = _generate(family_models, prompts[:4], version, 3, tree,
                                  transport=LocalTransport(verifier))  # compact encoding both ways
     assert [c.tokens for c in over_the_wire] == want[:4]
 
@@ -94,7 +97,7 @@ def test_batched_tree_verification_equals_one_at_a_time(family_models, humaneval
     proposer = DraftProposer(family_models["draft"])
     prompts = [p[: 9 + 5 * i] for i, p in enumerate(humaneval_prompts[:5])]  # different context lengths
     sessions = [proposer.start(f"s{i}", p, SamplingParams()) for i, p in enumerate(prompts)]
-    props = proposer.propose(sessions, [1, 2, 3, 4, 0], siblings=True)
+    props = proposer.propose(sessions, [1, 2, 3, 4, 0], tree="branches")
     reqs = [VerifyRequest(f"s{i}", 0, tuple(pr.tokens), full_context=tuple(p),
                           parents=None if pr.parents is None else tuple(pr.parents))
             for i, (p, pr) in enumerate(zip(prompts, props))]
@@ -152,34 +155,43 @@ def test_an_emulated_device_pays_verify_time_for_every_node_and_feeds_a_taken_ru
     from flexspec_serve.edge.devices import DEVICE_CLASSES, CloudProfile
     from flexspec_serve.edge.emulator import EmulatedDevice
     from flexspec_serve.engine.generate import RoundEvent
+    from flexspec_serve.tree import tree_parents
 
     cloud = CloudProfile()
 
-    def round_(path, nodes):
+    def round_(path, conts=None):
+        parents = None if conts is None else tuple(tree_parents(3, conts))
         dev = EmulatedDevice("d", DEVICE_CLASSES["flagship-phone"], make_link("good", 0), FixedK(k=3), cloud,
-                             siblings=nodes > 0)
+                             tree="chain" if conts is None else "second" if not any(conts) else "branches")
         res = P.RoundResult(session_id="s", seq=0, accepted=len(path), token=7, bonus=False, version="v1",
-                            context_len=40, path=path if nodes else None)
-        rec = dev.finish_round(RoundEvent(0, 0, 3, len(path), 30, 20, res, False, nodes))
+                            context_len=40, path=path if parents else None)
+        rec = dev.finish_round(RoundEvent(0, 0, 3, len(path), 30, 20, res, False, parents))
         return dev, rec
 
-    chain_dev, chain = round_([0, 1], 0)
-    tree_dev, tree = round_([0, 3], 6)  # d_1, then s_2: the runner-up at position 2
+    chain_dev, chain = round_([0, 1])
+    tree_dev, tree = round_([0, 4], [0, 0, 0])  # d_1, then s_2: the runner-up at position 2 (nodes d1-d3 s1 s2 s3)
     assert tree.verify_ms - chain.verify_ms == pytest.approx(3 * cloud.verify_ms_per_token)  # 6 nodes, not 3
     assert tree.draft_ms == chain.draft_ms  # runner-ups cost no draft step
     assert (chain_dev.backlog_tokens, tree_dev.backlog_tokens) == (1, 2)  # s_2 and the token are unfed
+    # branches: d1-d3, s1 e1 e2, s2 e1, s3 (9 nodes); the path s_1 e_1 ends on a node the draft fed
+    fed_dev, fed = round_([3, 4], [2, 1, 0])
+    leaf_dev, _ = round_([0, 6, 7], [2, 1, 0])  # d_1, s_2, its e_1: a leaf
+    assert fed.verify_ms - chain.verify_ms == pytest.approx(6 * cloud.verify_ms_per_token)
+    assert fed.draft_ms == chain.draft_ms and (fed_dev.backlog_tokens, leaf_dev.backlog_tokens) == (1, 2)
 
 
-@pytest.mark.parametrize("path, ahead", [("clean", "off"), ("flaky", "off"), ("evicting", "off"), ("clean", "draft"),
-                                         ("clean", "pipeline"), ("flaky", "pipeline")])
-def test_fleet_devices_sending_second_choices_emit_the_targets_greedy_output(family_models, humaneval_prompts, path,
-                                                                             ahead):
+@pytest.mark.parametrize("path, ahead, tree", [
+    ("clean", "off", "second"), ("flaky", "off", "second"), ("evicting", "off", "second"), ("clean", "draft", "second"),
+    ("clean", "pipeline", "second"), ("flaky", "pipeline", "second"), ("flaky", "off", "branches"),
+    ("clean", "draft", "branches"), ("clean", "pipeline", "branches")])
+def test_fleet_devices_sending_token_trees_emit_the_targets_greedy_output(family_models, humaneval_prompts, path,
+                                                                          ahead, tree):
     from flexspec_serve.engine.verifier import Verifier, VerifierLimits
     from flexspec_serve.transport import AsyncLocalTransport
     from tests.test_fleet import FlakyTransport, greedy_reference, run_shard, small_fleet
 
     prompts = [p[-40:] for p in humaneval_prompts[:6]]
-    spec = small_fleet(siblings=True, ahead=ahead, max_new_tokens=24, devices=8)
+    spec = small_fleet(tree=tree, ahead=ahead, max_new_tokens=24, devices=8)
     verifier = Verifier(family_models["v1"], family_models["draft"], name="v1",
                         limits=VerifierLimits(max_sessions=2 if path == "evicting" else 4096))
     sent = []
@@ -200,25 +212,77 @@ def test_fleet_devices_sending_second_choices_emit_the_targets_greedy_output(fam
         assert s["tokens"] == ref[s["prompt_index"]], s["session"]
     trees = [r for r in sent if r.tree_parents]
     assert trees and all(len(r.draft_tokens) == len(r.tree_parents) for r in trees)
-    assert all(r.tree_parents for r in sent if r.draft_tokens)  # every drafting round sends its second choices
+    assert all(r.tree_parents for r in sent if r.draft_tokens)  # every drafting round sends its tree
+    if tree == "branches":  # some fresh rounds grow a runner-up's continuation
+        assert any(_has_branch(r.tree_parents) for r in trees)
     if ahead != "off":
         assert any(r["lookahead_hit"] for r in res.rounds)  # the chain still hits, runner-ups beside it
     if ahead == "pipeline" and path == "clean":
         assert any(r.assume for r in trees)  # pipelined rounds are trees too
 
 
-def test_second_choices_with_draft_ahead_keep_greedy_output_and_a_runner_up_path_is_never_a_hit(
-        family_models, humaneval_prompts):
+def _has_branch(parents) -> bool:
+    """A node hangs off a runner-up or a branch node (past the chain, which is 0..K-1 with parents -1..K-2)."""
+    k = next((j for j, par in enumerate(parents) if par != j - 1), len(parents))
+    return any(par >= k for par in parents)
+
+
+def test_a_branches_tree_fits_the_node_limit_and_lists_the_chain_first():
+    from flexspec_serve.tree import Tree, continuations, on_chain, tree_nodes, tree_parents
+
+    assert continuations(3, Tree.BRANCHES) == [2, 1, 0] and continuations(3, Tree.SECOND) == [0, 0, 0]
+    assert tree_parents(3, [2, 1, 0]) == [-1, 0, 1, -1, 3, 4, 0, 6, 1]  # d1 d2 d3 | s1 e e | s2 e | s3
+    assert [tree_nodes(k, Tree.BRANCHES) for k in (1, 4, 5, 8)] == [2, 13, 16, 16]  # 5: s_1's branch gets 1
+    assert continuations(5, Tree.BRANCHES) == [2, 2, 2, 0, 0] and tree_nodes(9, Tree.SECOND) == 18
+    assert on_chain([0, 1, 2]) and on_chain(None) and not on_chain([0, 4])
+
+
+def test_a_branch_is_the_drafts_greedy_continuation_and_taking_it_keeps_a_true_draft_cache(family_models,
+                                                                                          humaneval_prompts):
+    from flexspec_serve.engine.proposer import DraftProposer
+    from flexspec_serve.engine.sampling import SamplingParams
+    from flexspec_serve.tree import Tree, continuations
+
+    draft = family_models["draft"]
+    proposer, prompt = DraftProposer(draft), humaneval_prompts[0][-30:]
+
+    def greedy(context, n):  # the draft's own greedy continuation, from scratch
+        if not n:
+            return []
+        out = draft.generate(torch.tensor([context]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return out[0, len(context):].tolist()
+
+    s = proposer.start("s", prompt, SamplingParams())
+    prop = proposer.propose([s], [4], tree=Tree.BRANCHES)[0]
+    chain, conts = prop.tokens[:4], continuations(4, Tree.BRANCHES)
+    assert chain == greedy(prompt, 4) and len(prop.tokens) == 4 + 4 + sum(conts)
+    node = 4
+    for i, n in enumerate(conts):  # s_i, then n tokens that the draft continues it with
+        runner_up, grown = prop.tokens[node], prop.tokens[node + 1 : node + 1 + n]
+        assert runner_up != chain[i] and grown == greedy(prompt + chain[:i] + [runner_up], n)
+        node += 1 + n
+    # the target took d_1, s_2 and its first continuation token, then said 99
+    accepted = [chain[0], prop.tokens[4 + 1 + conts[0]], prop.tokens[4 + 2 + conts[0]]]
+    proposer.apply_tree(s, accepted, 99)
+    assert s.tokens == prompt + accepted + [99] and proposer.backlog(s) == 1  # the branch's cache was kept
+    fresh = proposer.start("f", s.tokens, SamplingParams())
+    assert proposer.propose([s], [3])[0].tokens == proposer.propose([fresh], [3])[0].tokens == greedy(s.tokens, 3)
+
+
+@pytest.mark.parametrize("tree", ["second", "branches"])
+def test_token_trees_with_draft_ahead_keep_greedy_output_and_an_off_chain_path_is_never_a_hit(
+        family_models, humaneval_prompts, tree):
     from flexspec_serve.engine.generate import speculative_generate
-    from flexspec_serve.engine.proposer import DraftProposer, sibling_taken
+    from flexspec_serve.engine.proposer import DraftProposer
     from flexspec_serve.engine.verifier import Verifier
+    from flexspec_serve.tree import on_chain
 
     prompts = humaneval_prompts[:12]
     want = [family_models["v1"].generate(torch.tensor([p]), max_new_tokens=MAX_NEW, min_new_tokens=MAX_NEW,
                                          do_sample=False)[0, len(p):].tolist() for p in prompts]
     events = []
     out = speculative_generate(DraftProposer(family_models["draft"]), Verifier(family_models["v1"]), prompts, MAX_NEW,
-                               lambda i, r: 1 + (i + r) % 4, on_round=events.append, draft_ahead=True, siblings=True)
+                               lambda i, r: 1 + (i + r) % 4, on_round=events.append, draft_ahead=True, tree=tree)
     assert [c.tokens for c in out] == want
-    assert any(e.lookahead_hit for e in events) and any(sibling_taken(e.result.path) for e in events)
-    assert not any(e.lookahead_hit and sibling_taken(e.result.path) for e in events)
+    assert any(e.lookahead_hit for e in events) and any(not on_chain(e.result.path) for e in events)
+    assert not any(e.lookahead_hit and not on_chain(e.result.path) for e in events)

@@ -21,6 +21,7 @@ from flexspec_serve.edge.emulator import EmulatedDevice, run_devices
 from flexspec_serve.engine.proposer import DraftProposer
 from flexspec_serve.engine.verifier import Verifier
 from flexspec_serve.transport import LocalTransport
+from flexspec_serve.tree import Tree
 from flexspec_serve.zoo import corpus as corpus_mod
 from flexspec_serve.zoo.loading import load_causal_lm, load_tokenizer
 
@@ -37,7 +38,7 @@ class BenchConfig:
     prompt_tokens: int = 192  # prompts are cut to their last N tokens
     seed: int = 0
     ahead: Ahead = Ahead.OFF  # what devices do while each round waits for its answer
-    siblings: bool = False  # rounds carry each draft step's runner-up too (greedy token trees)
+    tree: Tree = Tree.CHAIN  # the shape of a round's draft (greedy token trees: `flexspec_serve.tree`)
 
     def policies(self) -> list[str]:
         return ["adaptive", "cloud-only", "accept-adaptive"] + [f"fixed-{k}" for k in self.fixed_ks]
@@ -83,8 +84,8 @@ def run_bench(cfg: BenchConfig) -> list[Cell]:
                     profile = DEVICE_CLASSES[cls]
                     devices.append(EmulatedDevice(f"{cls}/{setting}/{d}", profile, link,
                                                   make_policy(policy, profile, cloud, ahead=cfg.ahead,
-                                                              siblings=cfg.siblings),
-                                                  cloud, ahead=cfg.ahead, siblings=cfg.siblings))
+                                                              tree=cfg.tree),
+                                                  cloud, ahead=cfg.ahead, tree=cfg.tree))
                     cell_of.append((cls, setting))
         run_devices(devices, [prompts[i % len(prompts)] for i in range(len(devices))], DraftProposer(draft),
                     LocalTransport(Verifier(target, draft, name=cfg.target)), cfg.max_new_tokens,

@@ -23,11 +23,13 @@ expected time per round is  h ((1 + K) t_draft + e) + (1 - h) T_round(K),  h = P
 how much later than that the pipelined answers were seen to come (the cloud verifies the two rounds one
 after the other; learned online, 0 at first).
 
-Second choices (a device option, greedy): each round also sends every draft step's runner-up beside its
-token (a token tree of 2K nodes, no extra draft step). The estimator then learns the acceptance of the pair
-at each position, and the round's cost counts 2K verified positions and the nodes' ids and parents uplink.
-With draft-ahead it takes that pair rate for the chain's too when it prices a lookahead hit, which only the
-chain can give: it expects hits somewhat more often than they come.
+Token trees (a device option, greedy; `flexspec_serve.tree`): each round also sends every draft step's
+runner-up beside its token (`second`: 2K nodes, no extra draft step), and with `branches` each runner-up's
+greedy continuation. The estimator then learns how deep the tree's accepted path goes at each position,
+and the round's cost counts the tree's verified positions and the nodes' ids and parents uplink (a round
+that starts from tokens drafted ahead sends second choices only). With draft-ahead it takes that depth
+rate for the chain's too when it prices a lookahead hit, which only the chain can give: it expects hits
+somewhat more often than they come. K stops where the tree would not fit the server's node limit.
 
 Everything above is chosen subject to the expected energy per generated token staying within the device's budget; alpha is an
 online estimate per (device, target version): Beta posteriors with exponential forgetting, pooled and
@@ -41,6 +43,7 @@ from dataclasses import dataclass
 from flexspec_serve.ahead import Ahead
 from flexspec_serve.edge.devices import CloudProfile, DeviceProfile
 from flexspec_serve.engine.stats import expected_acceptance_length as expected_tau  # noqa: F401 (re-export)
+from flexspec_serve.tree import MAX_NODES, Tree, tree_nodes
 
 
 @dataclass(frozen=True)
@@ -167,11 +170,12 @@ class AcceptanceAdaptive(Policy):
 
 class FlexSpecController(Policy):
     def __init__(self, device: DeviceProfile, cloud: CloudProfile, k_max: int = 8,
-                 estimator: AcceptanceEstimator | None = None, ahead: Ahead = Ahead.OFF, siblings: bool = False):
+                 estimator: AcceptanceEstimator | None = None, ahead: Ahead = Ahead.OFF, tree: Tree = Tree.CHAIN,
+                 max_nodes: int = MAX_NODES):
         self.name = "adaptive"
         self.device, self.cloud, self.k_max = device, cloud, k_max
         self.ahead = Ahead(ahead)  # what the device does while a round waits
-        self.siblings = siblings  # rounds carry each step's runner-up too (2K tree nodes)
+        self.tree, self.max_nodes = Tree(tree), max_nodes  # the shape of a round's draft, and the server's node limit
         self.pipe_extra_ms = 0.0  # e: a pipelined answer's delay past its draft steps (EMA)
         self.estimator = estimator or AcceptanceEstimator()
 
@@ -185,20 +189,23 @@ class FlexSpecController(Policy):
         prefill = 0.0 if view.predrafted else view.prefill_ms  # a hit's pre-draft already fed the context
         return prefill + self.device.draft_ms(self.draft_steps(k, view))
 
-    def nodes(self, k: int) -> int:
-        """Draft tokens a K-step round sends and the cloud verifies (with second choices, 2K tree nodes)."""
-        return 2 * k if self.siblings else k
+    def nodes(self, k: int, view: RoundView | None = None) -> int:
+        """Draft tokens a K-step round sends and the cloud verifies (a token tree's nodes; a round starting
+        from tokens drafted ahead has no branches)."""
+        tree = Tree.SECOND if self.tree is Tree.BRANCHES and view is not None and view.predrafted else self.tree
+        return tree_nodes(k, tree, self.max_nodes)
 
     def up_ms(self, k: int, view: RoundView) -> float:
-        if not (self.siblings and k):
+        if not (self.tree.siblings and k):
             return view.up_total_ms(k)
-        return view.up_total_ms(self.nodes(k)) + view.up_ms_per_byte * self.nodes(k)  # ids, and a parent byte each
+        n = self.nodes(k, view)
+        return view.up_total_ms(n) + view.up_ms_per_byte * n  # ids, and a parent byte each
 
-    def verify_ms(self, k: int) -> float:
-        return self.cloud.verify_ms(self.nodes(k))
+    def verify_ms(self, k: int, view: RoundView | None = None) -> float:
+        return self.cloud.verify_ms(self.nodes(k, view))
 
     def wait_ms(self, k: int, view: RoundView) -> float:
-        return self.up_ms(k, view) + self.verify_ms(k) + view.down_ms
+        return self.up_ms(k, view) + self.verify_ms(k, view) + view.down_ms
 
     def ahead_steps(self, k: int, view: RoundView, ahead: bool | None = None) -> int:
         on = self.ahead.drafts if ahead is None else ahead
@@ -221,7 +228,7 @@ class FlexSpecController(Policy):
         d = self.device
         compute_ms = d.draft_ms(self.draft_steps(k, view) + self.ahead_steps(k, view, ahead))
         return (compute_ms * d.compute_w + self.up_ms(k, view) * d.tx_w + view.down_ms * d.rx_w
-                + self.verify_ms(k) * d.idle_w) / 1e3
+                + self.verify_ms(k, view) * d.idle_w) / 1e3
 
     def plan(self, view: RoundView) -> list[tuple[int, float, float, bool]]:
         """(K, expected tokens/s, expected J/token, draft ahead) for every K, with and without drafting
@@ -229,6 +236,8 @@ class FlexSpecController(Policy):
         rows = []
         for ahead in ((False, True) if self.ahead.drafts else (False,)):
             for k in range(self.k_max + 1):
+                if self.nodes(k, view) > self.max_nodes:
+                    break
                 tau = self.estimator.expected_tau(k)
                 rows.append((k, tau / self.round_ms(k, view, ahead) * 1e3, self.round_j(k, view, ahead) / tau,
                              ahead and k > 0))
@@ -252,10 +261,10 @@ class FlexSpecController(Policy):
 
 
 def make_policy(name: str, device: DeviceProfile, cloud: CloudProfile, k_max: int = 8,
-                ahead: Ahead = Ahead.OFF, siblings: bool = False) -> Policy:
-    """`ahead` and `siblings` tell the adaptive controller what the device does (the others ignore them)."""
+                ahead: Ahead = Ahead.OFF, tree: Tree = Tree.CHAIN) -> Policy:
+    """`ahead` and `tree` tell the adaptive controller what the device does (the others ignore them)."""
     if name == "adaptive":
-        return FlexSpecController(device, cloud, k_max, ahead=ahead, siblings=siblings)
+        return FlexSpecController(device, cloud, k_max, ahead=ahead, tree=tree)
     if name == "cloud-only":
         return CloudOnly()
     if name == "accept-adaptive":

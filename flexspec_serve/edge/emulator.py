@@ -22,8 +22,9 @@ device had drafted before the answer came, that round was already sent then, wit
 1 + K draft steps after its predecessor, and the cloud verified it after its predecessor. The in-process
 loop still verifies it after the answer (the same tokens); only the emulated clock differs.
 
-Second choices (`EmulatedDevice.siblings`, greedy): each round also carries every draft step's runner-up
-(2K tree nodes); the cloud's verify time counts the nodes, the draft time only the K steps.
+Token trees (`EmulatedDevice.tree`, greedy; shapes in `flexspec_serve.tree`): the cloud's verify time
+counts the round's nodes, the draft time only its K steps (a branch grows in the chain's steps). A path
+that ends on a node the draft never fed (a leaf) leaves that node unfed with the cloud's token.
 
 The device counts its own draft cache (`backlog_tokens`, `predrafted`): what it fed and drafted ahead within
 its own waits. This host's proposer may hold more (the in-process loop drafts ahead fully for every session,
@@ -39,8 +40,9 @@ from flexspec_serve.edge.channels import Link, LinkObserver
 from flexspec_serve.edge.controller import Policy, RoundView
 from flexspec_serve.edge.devices import CloudProfile, DeviceProfile
 from flexspec_serve.engine.generate import RoundEvent, speculative_generate
-from flexspec_serve.engine.proposer import DraftProposer, sibling_taken
+from flexspec_serve.engine.proposer import DraftProposer
 from flexspec_serve.engine.sampling import SamplingParams
+from flexspec_serve.tree import Tree, ends_on_leaf, on_chain
 
 
 @dataclass
@@ -95,7 +97,7 @@ class EmulatedDevice:
     predrafted: int = 0  # draft tokens already drafted for the next round (after a lookahead hit)
     ahead_now: bool = False  # this round drafts ahead (the device can, and its policy chose to)
     piped_sent_ms: float | None = None  # when the next round went out, if it was pipelined
-    siblings: bool = False  # rounds carry each draft step's runner-up too (see the module docstring)
+    tree: Tree = Tree.CHAIN  # the shape of a round's draft (see the module docstring)
     last_k: int = 0
     last_verified_ms: float = 0.0  # when the cloud finished verifying the last round
 
@@ -151,7 +153,7 @@ class EmulatedDevice:
         sent = piped if piped is not None else t0 + draft_ms
         arrived = self.link.up.delivery_ms(ev.bytes_up, sent)
         start = max(arrived, self.last_verified_ms) if piped is not None else arrived  # after its predecessor
-        done = start + self.cloud.verify_ms(ev.tree_nodes or ev.k)
+        done = start + self.cloud.verify_ms(len(ev.parents) if ev.parents else ev.k)
         back = max(t0, self.link.down.delivery_ms(ev.bytes_down, done))
         rec = self.account(ev, t0, draft_ms, arrived - sent, done - arrived, back - done,
                            back_ms=back if piped is not None else None, pipelined=piped is not None)
@@ -193,8 +195,10 @@ class EmulatedDevice:
             self.policy.observe_pipelined(ev.k, back - t0)
         if ev.k:  # the cache now misses only the cloud's token (and d_K when all were accepted, unless drafting
             # d_{K+1} fed it; after a hit whose wait drafted past d_{K+1}, nothing)
-            unfed = 2 if sibling_taken(ev.result.path) else 1 + (ev.accepted == ev.k and not ahead)  # a runner-up
-            self.backlog_tokens = 0 if ready else unfed  # that ended the path is fed next round, with the token
+            path = ev.result.path
+            off_chain = 1 + ends_on_leaf(path, ev.parents)  # a runner-up or branch end is fed next round
+            unfed = 1 + (ev.accepted == ev.k and not ahead) if on_chain(path) else off_chain
+            self.backlog_tokens = 0 if ready else unfed
             self.idle_credit_ms = 0.0
         else:
             self.backlog_tokens += 1
@@ -242,14 +246,14 @@ def run_devices(devices: list[EmulatedDevice], prompts: list[list[int]], propose
     """Device i generates for prompts[i] until max_new_tokens; returns one summary per device."""
     if len(devices) != len(prompts):
         raise ValueError(f"{len(devices)} devices but {len(prompts)} prompts")
-    if len({d.siblings for d in devices}) > 1:
-        raise ValueError("devices of one run either all send second choices or none do")
+    if len({d.tree for d in devices}) > 1:
+        raise ValueError("devices of one run all send drafts of one shape (`tree`)")
     for dev, prompt in zip(devices, prompts):
         dev.start_session(len(prompt))
     speculative_generate(
         proposer, transport, prompts, max_new_tokens, choose_k=lambda i, r: devices[i].choose_k(), sampling=sampling,
         session_prefix=session_prefix, on_round=lambda ev: devices[ev.index].finish_round(ev), target=target,
-        draft_ahead=any(d.ahead.drafts for d in devices), siblings=bool(devices) and devices[0].siblings,
+        draft_ahead=any(d.ahead.drafts for d in devices), tree=devices[0].tree if devices else Tree.CHAIN,
     )
     return [summarize(d) for d in devices]
 

@@ -19,6 +19,7 @@ from flexspec_serve.ahead import ahead_tokens
 from flexspec_serve.engine.client import ClientSession
 from flexspec_serve.engine.proposer import DraftProposer
 from flexspec_serve.engine.sampling import SamplingParams
+from flexspec_serve.tree import Tree
 from flexspec_serve.transport import Exchange, LocalTransport, RoundFailed
 
 
@@ -35,7 +36,7 @@ class RoundEvent:
     bytes_down: int
     result: P.RoundResult
     lookahead_hit: bool = False  # draft-ahead: all K accepted and the cloud's token was the draft's d_{K+1}
-    tree_nodes: int = 0  # with second choices: the tree's nodes (K chain tokens and their siblings); else 0
+    parents: tuple[int, ...] | None = None  # a token-tree round: its nodes' parents (K stays the draft steps)
 
 
 def speculative_generate(
@@ -50,14 +51,14 @@ def speculative_generate(
     on_round: Callable[[RoundEvent], None] | None = None,
     target: str | None = None,
     draft_ahead: bool = False,
-    siblings: bool = False,
+    tree: Tree = Tree.CHAIN,
 ) -> list[ClientSession]:
     """Generate for every prompt; `proposer=None` or K = 0 means cloud-only rounds. `draft_ahead` drafts
     d_{K+1} too (not sent) and `ahead_tokens(K)` past it before the answer is applied; a lookahead hit's next
     round starts from them (`on_round` is told of hits; the output does not change in greedy mode).
 
-    `siblings`: greedy sessions send each draft step's runner-up too (a token tree of 2K nodes; the K in
-    `RoundEvent` stays the draft steps).
+    `tree`: greedy sessions send token trees of that shape (`flexspec_serve.tree`; the K in `RoundEvent` stays
+    the draft steps).
 
     `transport` is a `Transport` or a bare `Verifier` (wrapped in a `LocalTransport`).
     """
@@ -70,7 +71,7 @@ def speculative_generate(
     while running:
         ks = [0 if proposer is None else max(0, min(pick(i, round_idx), max_new_tokens - len(clients[i].tokens) - 1))
               for i in running]
-        proposals = (proposer.propose([clients[i].edge for i in running], ks, draft_ahead, siblings=siblings)
+        proposals = (proposer.propose([clients[i].edge for i in running], ks, draft_ahead, tree=tree)
                      if proposer else [None] * len(running))
         drafts = [prop.tokens if prop else [] for prop in proposals]
         trees = [prop.parents if prop else None for prop in proposals]
@@ -78,14 +79,14 @@ def speculative_generate(
             proposer.draft_ahead([clients[i].edge for i in running], [ahead_tokens(k) for k in ks])
         exchanges = round_trip_resync(transport, [clients[i] for i in running], drafts, trees)
         still = []
-        for i, k, draft, tree, ex in zip(running, ks, drafts, trees, exchanges):
+        for i, k, draft, parents, ex in zip(running, ks, drafts, trees, exchanges):
             edge = clients[i].edge
             hit = edge is not None and proposer.lookahead_hit(edge, ex.result.accepted, ex.result.token,
                                                               ex.result.path)
-            new = clients[i].commit(draft, ex.result, proposer, tree)
+            new = clients[i].commit(draft, ex.result, proposer, parents)
             if on_round:
                 on_round(RoundEvent(i, round_idx, k, ex.result.accepted, ex.bytes_up,
-                                    ex.bytes_down, ex.result, hit, len(draft) if tree else 0))
+                                    ex.bytes_down, ex.result, hit, tuple(parents) if parents else None))
             if len(clients[i].tokens) < max_new_tokens and (stop_token is None or stop_token not in new):
                 still.append(i)
         running, round_idx = still, round_idx + 1

@@ -63,6 +63,11 @@ def cache_from_tensors(kv: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCa
     return cache
 
 
+def clone_cache(cache: DynamicCache | None) -> DynamicCache | None:
+    """An independent copy (a token-tree branch grows on it while the original goes on)."""
+    return None if cache is None else cache_from_tensors([(k.clone(), v.clone()) for k, v in layer_tensors(cache)])
+
+
 def seq_length(cache: DynamicCache | None) -> int:
     return 0 if cache is None else int(cache.get_seq_length())
 

@@ -12,12 +12,15 @@ are dropped with the rest of the rejected draft. A client that already sent the 
 pipelined round (see `engine.verifier`) marks them sent with `promote`. Either way the drafted tokens are the ones drafting after
 the answer would give (greedy: the same tokens; sampling: the same distribution).
 
-Second choices (`propose(..., siblings=True)`, greedy sessions): each of the K draft steps also offers its
-runner-up token s_i as a sibling of d_i, so the round is a token tree of 2K nodes (d_1, s_1, d_2, s_2, ...;
-`Proposal.parents`) that costs no extra draft step: every drafted token keeps its step's runner-up, those
-drafted ahead too. When the target's token at position i is s_i, the round keeps d_1..d_{i-1}, s_i and the
-target's token after s_i (see `engine.verifier`); `apply_tree` commits such an answer. A round whose path
-ends on a runner-up is never a lookahead hit: what was drafted ahead followed d_i.
+Token trees (`propose(..., tree=...)`, greedy sessions; shapes in `flexspec_serve.tree`): with
+`second`, every draft step's runner-up s_i rides beside its token, so the round is a tree of 2K nodes that
+costs no extra draft step; every drafted token keeps its step's runner-up, those drafted ahead too. With
+`branches`, each runner-up is also continued greedily in the same K steps, on its own copy of the draft
+cache (a round that starts from tokens drafted ahead sends second choices only). When the target's token
+at position i is s_i, the round keeps d_1..d_{i-1}, s_i, what of its branch the target also chose, and the
+target's token after that (see `engine.verifier`); `apply_tree` commits such an answer and keeps the
+branch's cache. A round whose path leaves the chain is never a lookahead hit: what was drafted ahead
+followed d_K.
 
 It does not choose K (the controller in `edge/` does) and does not talk to the cloud.
 """
@@ -29,13 +32,17 @@ from dataclasses import dataclass, field
 
 import torch
 
+from flexspec_serve.engine import hf_compat
 from flexspec_serve.engine import sampling as S
 from flexspec_serve.engine.ragged import CachedSequence, decode_max_tokens, run_ragged_by_shape
+from flexspec_serve.tree import Tree, continuations, on_chain, tree_parents
+
+Step = tuple[int, float, int]  # a draft step: (token, q(token), runner-up; -1 in sampling sessions)
 
 
 @dataclass
 class Proposal:
-    tokens: list[int]  # d_1..d_K (with siblings: d_1, s_1, d_2, s_2, ..., the nodes of a token tree)
+    tokens: list[int]  # d_1..d_K (a token tree: then s_1 and its branch, s_2 and its branch, ...)
     q_token_probs: list[float]  # q_i(d_i), for accounting; the cloud recomputes full q itself
     parents: list[int] | None = None  # a token tree: each node's parent (-1: the last committed token)
 
@@ -51,9 +58,12 @@ class EdgeSession:
     # draft-ahead: the last proposal's draft (d_1..d_K, then d_{K+1} and what was drafted ahead past it),
     # how many of it were sent (K), and what a lookahead hit left for the next round; (token, q, runner-up)
     # per draft step (runner-up -1 in sampling sessions)
-    drafted: list[tuple[int, float, int]] = field(default_factory=list)
+    drafted: list[Step] = field(default_factory=list)
     sent: int = 0
-    ready: list[tuple[int, float, int]] = field(default_factory=list)
+    ready: list[Step] = field(default_factory=list)
+    # `branches`: position i -> the branch after runner-up s_{i+1} (its tokens past s, and a draft cache that
+    # covers the committed tokens, d_1..d_i, s and all of it but the last token)
+    branches: dict[int, tuple[list[int], CachedSequence]] = field(default_factory=dict)
 
     @property
     def generated(self) -> list[int]:
@@ -65,6 +75,7 @@ class DraftProposer:
         self.model = draft.eval()
         self.vocab_size = int(draft.config.vocab_size)
         self.decode_max = decode_max_tokens(max_draft_tokens)  # longer first-step inputs get their own forward
+        self.max_nodes = max_draft_tokens  # a token tree's nodes must fit the verifier's limit
 
     def start(self, session_id: str, prompt: list[int], sampling: S.SamplingParams) -> EdgeSession:
         if not prompt:
@@ -78,27 +89,31 @@ class DraftProposer:
         return max(0, k - len(s.ready))
 
     def propose(self, sessions: list[EdgeSession], ks: list[int], lookahead: bool = False,
-                on_done: Callable[[int, Proposal], None] | None = None, siblings: bool = False) -> list[Proposal]:
+                on_done: Callable[[int, Proposal], None] | None = None, tree: Tree = Tree.CHAIN) -> list[Proposal]:
         """K_i draft tokens for each session, one batched draft step per draft position (tokens a lookahead
         hit left ready come first); with `lookahead`, sessions with K_i > 0 draft one more token. Ready
         tokens past K_i stay drafted; `guess` is d_{K+1} when there is one. `on_done(i, proposal)` is
         called (on this thread) as soon as session i is drafted, while longer drafts go on; that session
-        is not touched again by this call. `siblings`: greedy sessions' proposals are token trees with each
-        step's runner-up beside its token (see the module docstring)."""
+        is not touched again by this call. `tree`: greedy sessions' proposals are token trees of that shape
+        (see the module docstring)."""
+        tree = Tree(tree)
         wants = [k + (lookahead and k > 0) for k in ks]
         starts = [s.ready if k else [] for s, k in zip(sessions, ks)]  # k = 0: apply drops the cache past it
+        shapes = [tree if s.sampling.greedy else Tree.CHAIN for s in sessions]
+        conts = [continuations(k, Tree.SECOND if st else shape, self.max_nodes)
+                 for k, st, shape in zip(ks, starts, shapes)]  # a ready start has no branches
         for s in sessions:
-            s.ready = []
+            s.ready, s.branches = [], {}
         proposals: list[Proposal | None] = [None] * len(sessions)
 
-        def finish(i: int, out: list[tuple[int, float, int]]) -> None:
+        def finish(i: int, out: list[Step]) -> None:
             s, k = sessions[i], ks[i]
             s.drafted, s.sent = out, k
-            proposals[i] = proposal_of(out[:k], siblings and s.sampling.greedy)
+            proposals[i] = proposal_of(out[:k], shapes[i], {p: b for p, (b, _) in s.branches.items()})
             if on_done is not None:
                 on_done(i, proposals[i])
 
-        self._extend(sessions, starts, [max(0, w - len(st)) for w, st in zip(wants, starts)], finish)
+        self._extend(sessions, starts, [max(0, w - len(st)) for w, st in zip(wants, starts)], finish, conts)
         return proposals
 
     def draft_ahead(self, sessions: list[EdgeSession], ns: list[int]) -> None:
@@ -125,39 +140,60 @@ class DraftProposer:
 
     @staticmethod
     def lookahead_hit(s: EdgeSession, accepted: int, token: int, path: list[int] | None = None) -> bool:
-        """The cloud accepted all K sent (the chain, not a runner-up: `path` of a second-choices round) and
-        added exactly the draft's d_{K+1}."""
+        """The cloud accepted all K sent (the chain: a token tree's `path` did not leave it) and added
+        exactly the draft's d_{K+1}."""
         guess = DraftProposer.guess(s)
-        return guess is not None and accepted == s.sent and guess == token and not sibling_taken(path)
+        return guess is not None and accepted == s.sent and guess == token and on_chain(path)
 
     @torch.inference_mode()
-    def _extend(self, sessions: list[EdgeSession], starts: list[list[tuple[int, float, int]]], ns: list[int],
-                done: Callable[[int, list[tuple[int, float, int]]], None] | None = None
-                ) -> list[list[tuple[int, float, int]]]:
+    def _extend(self, sessions: list[EdgeSession], starts: list[list[Step]], ns: list[int],
+                done: Callable[[int, list[Step]], None] | None = None,
+                conts: list[list[int]] | None = None) -> list[list[Step]]:
         """Continue each session's draft `starts[i]` (tokens past the committed ones) by n_i steps, batched;
         every step feeds whatever the cache has not seen yet (the backlog, then the last draft token).
-        `done(i, out_i)` as each session gets its n_i steps."""
+        `conts[i][p]`: grow the branch of runner-up s_{p+1} by that many greedy tokens, in the same steps
+        (`starts[i]` empty). `done(i, out_i)` as each session gets its n_i steps."""
         outs = [list(st) for st in starts]
         for i in (i for i, n in enumerate(ns) if n <= 0 and done is not None):
             done(i, outs[i])
         for step in range(max(ns, default=0)):
             active = [i for i, n in enumerate(ns) if n > step]
-            inputs = [self._unfed(sessions[i], outs[i]) for i in active]
-            logits = run_ragged_by_shape(self.model, [sessions[i].cache for i in active], inputs, self.decode_max)
+            rows = [(sessions[i].cache, self._unfed(sessions[i], outs[i])) for i in active]
+            grow = self._branch_rows(sessions, outs, conts, active, step) if conts else []
+            logits = run_ragged_by_shape(self.model, [r[0] for r in rows + grow], [r[1] for r in rows + grow],
+                                         self.decode_max)
             for i, lg in zip(active, logits):
                 outs[i].append(self._choose(lg[-1], sessions[i]))
-                if ns[i] == step + 1 and done is not None:
-                    done(i, outs[i])
+            for (_, _, tokens), lg in zip(grow, logits[len(rows):]):
+                tokens.append(int(lg[-1].argmax()))
+            for i in (i for i in active if ns[i] == step + 1 and done is not None):
+                done(i, outs[i])
         return outs
 
     @staticmethod
-    def _unfed(s: EdgeSession, drafted: list[tuple[int, float, int]]) -> list[int]:
+    def _branch_rows(sessions: list[EdgeSession], outs: list[list[Step]], conts: list[list[int]], active: list[int],
+                     step: int) -> list[tuple[CachedSequence, list[int], list[int]]]:
+        """(cache, input, tokens grown) of every branch this step grows. The branch of the runner-up the
+        previous step drafted opens on a copy of its session's cache, which covers the committed tokens and
+        the chain before that runner-up, and feeds it; an open branch feeds its last token."""
+        rows = []
+        for i in active:
+            s, p = sessions[i], step - 1
+            if 0 <= p < len(conts[i]) and conts[i][p] and len(outs[i]) == step:
+                s.branches[p] = ([], CachedSequence(hf_compat.clone_cache(s.cache.cache)))
+            for q, (tokens, cache) in s.branches.items():
+                if len(tokens) < conts[i][q]:
+                    rows.append((cache, [tokens[-1]] if tokens else [outs[i][q][2]], tokens))
+        return rows
+
+    @staticmethod
+    def _unfed(s: EdgeSession, drafted: list[Step]) -> list[int]:
         """The tokens of committed + drafted that the draft cache has not fed (no copy of the context)."""
         fed, n = s.cache.length, len(s.tokens)
         head = s.tokens[fed:] if fed < n else []
         return head + [t for t, *_ in drafted[max(0, fed - n):]]
 
-    def _choose(self, logits: torch.Tensor, s: EdgeSession) -> tuple[int, float, int]:
+    def _choose(self, logits: torch.Tensor, s: EdgeSession) -> Step:
         """(token, q(token), runner-up): greedy takes the top two; sampling draws one (runner-up -1)."""
         if s.sampling.greedy:
             top = logits.topk(2).indices.tolist()
@@ -174,12 +210,13 @@ class DraftProposer:
         keep = len(s.tokens) + accepted
         s.tokens.extend(draft[:accepted])
         s.tokens.append(token)
-        s.ready, s.drafted, s.sent = (s.drafted[k + 1 :] if hit else []), [], 0
+        s.ready, s.drafted, s.sent, s.branches = (s.drafted[k + 1 :] if hit else []), [], 0, {}
         s.cache.truncate(len(s.tokens) + len(s.ready) - 1 if s.ready else keep)
 
     def apply_tree(self, s: EdgeSession, accepted: list[int], token: int) -> None:
-        """Commit a sibling tree's accepted path (d_1..d_n, or d_1..d_{i-1} and the runner-up s_i) and the
-        cloud's token: the cache keeps the accepted chain tokens it fed; the runner-up is fed next round."""
+        """Commit a token tree's accepted path (d_1..d_n, or d_1..d_{i-1}, the runner-up s_i and part of its
+        branch) and the cloud's token: the cache keeps the accepted tokens it fed (a branch's own cache when
+        the path took one); what it did not feed is fed next round."""
         chain = [t for t, *_ in s.drafted[: s.sent]]
         n = 0
         while n < len(accepted) and n < len(chain) and accepted[n] == chain[n]:
@@ -187,8 +224,12 @@ class DraftProposer:
         if n == len(accepted):
             self.apply(s, chain, n, token)
             return
+        branch = s.branches.get(n)
         self.apply(s, chain, n, accepted[n])  # the runner-up stands in for the cloud's token at its position
         s.tokens.extend(accepted[n + 1 :] + [token])
+        if branch is not None:
+            s.cache = branch[1]
+            s.cache.truncate(len(s.tokens) - 1)
 
     @staticmethod
     def promote(s: EdgeSession, k: int) -> None:
@@ -200,28 +241,17 @@ class DraftProposer:
 
     def resync(self, s: EdgeSession) -> None:
         """Forget the draft cache (it is rebuilt from the committed tokens on the next proposal)."""
-        s.cache, s.ready, s.drafted, s.sent = CachedSequence(), [], [], 0
+        s.cache, s.ready, s.drafted, s.sent, s.branches = CachedSequence(), [], [], 0, {}
 
 
-def proposal_of(steps: list[tuple[int, float, int]], siblings: bool = False) -> Proposal:
-    """The proposal of these drafted steps (token, q, runner-up): a chain, or with `siblings` (greedy) the
-    token tree with each step's runner-up beside its token."""
+def proposal_of(steps: list[Step], tree: Tree = Tree.CHAIN, branches: dict[int, list[int]] | None = None) -> Proposal:
+    """The proposal of these drafted steps (token, q, runner-up): a chain, or (greedy) a token tree with each
+    step's runner-up beside its token, followed by the tokens `branches[i]` grown after runner-up i."""
     chain = Proposal([t for t, *_ in steps], [q for _, q, _ in steps])
-    return with_siblings(chain, [alt for *_, alt in steps]) if siblings and steps else chain
-
-
-def with_siblings(chain: Proposal, runner_up: list[int]) -> Proposal:
-    """The token tree d_1, s_1, d_2, s_2, ...: s_i (the step's runner-up) is d_i's sibling, a leaf."""
-    tokens, q, parents = [], [], []
-    for i, (d, qd, alt) in enumerate(zip(chain.tokens, chain.q_token_probs, runner_up)):
-        parent = 2 * (i - 1) if i else -1  # d_{i-1}'s node index
-        tokens += [d, alt]
-        q += [qd, 0.0]
-        parents += [parent, parent]
-    return Proposal(tokens, q, parents)
-
-
-def sibling_taken(path: list[int] | None) -> bool:
-    """A second-choices round whose accepted path ends on a runner-up (odd node index in `with_siblings`)."""
-    return bool(path) and path[-1] % 2 == 1
-
+    if not (Tree(tree).siblings and steps):
+        return chain
+    branches = branches or {}
+    grown = [[alt, *branches.get(i, [])] for i, (*_, alt) in enumerate(steps)]
+    tokens = chain.tokens + [t for b in grown for t in b]
+    q = chain.q_token_probs + [0.0] * (len(tokens) - len(steps))
+    return Proposal(tokens, q, tree_parents(len(steps), [len(b) - 1 for b in grown]))

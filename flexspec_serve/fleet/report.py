@@ -172,7 +172,7 @@ def run_label(s: dict) -> str:
     if s["policy"] == "cloud-only":
         return s["policy"]
     return (s["policy"] + {"pipeline": " + pipelined", "draft": " + draft-ahead"}.get(s.get("ahead"), "")
-            + (" + second choices" if s.get("siblings") else ""))
+            + {"second": " + second choices", "branches": " + branches"}.get(s.get("tree"), ""))
 
 
 def compare_rows(summaries: list[dict]) -> list[dict]:

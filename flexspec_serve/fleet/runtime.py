@@ -19,8 +19,9 @@ the round carries what it assumes its predecessor commits. After a lookahead hit
 (`Flight`); after a miss the cloud refuses it and its traffic is booked on the miss. At most two rounds of
 a device are on the air at once.
 
-Second choices (`FleetSpec.siblings`, greedy): each round also carries every draft step's runner-up (a token
-tree of 2K nodes, computed in the same draft steps); the answer names the accepted path.
+Token trees (`FleetSpec.tree`, greedy): each round also carries every draft step's runner-up, and with
+`branches` each runner-up's greedy continuation, all computed in the same draft steps (a pipelined round,
+drafted ahead, carries runner-ups only); the answer names the accepted path.
 
 Failures: a `resync_required` answer resends the round with the full context; an overloaded answer waits
 for its Retry-After; a broken path (`TransportError`) retries with capped exponential backoff and full
@@ -52,6 +53,7 @@ from flexspec_serve.engine.proposer import DraftProposer, Proposal, proposal_of
 from flexspec_serve.engine.sampling import SamplingParams
 from flexspec_serve.fleet.spec import DevicePlan, FleetSpec
 from flexspec_serve.transport import AsyncTransport, TransportError
+from flexspec_serve.tree import Tree
 
 RETRYABLE_CODES = frozenset({"overloaded", "rate_limited", "unavailable"})
 MAX_ATTEMPTS = 8
@@ -229,7 +231,7 @@ class Shard:
             fut.get_loop().call_soon_threadsafe(_resolve, fut, proposal)
 
         self.proposer.propose([s for s, _, _ in items], [k for _, k, _ in items], on_done=done,
-                              siblings=self.spec.siblings)
+                              tree=self.spec.tree)
         return [None] * len(items)
 
     def _ahead_batch(self, items: list[tuple]) -> list:
@@ -243,7 +245,7 @@ class Shard:
         if not k:
             return None
         if self.proposer.steps_needed(client.edge, k) == 0:
-            return self.proposer.propose([client.edge], [k], siblings=self.spec.siblings)[0]
+            return self.proposer.propose([client.edge], [k], tree=self.spec.tree)[0]
         proposal = asyncio.get_running_loop().create_future()
         wait_ms = min(self.spec.draft_batch_wait_ms, DRAFT_GATHER_SHARE * draft_ms)
         batch = asyncio.ensure_future(self.drafter.submit((client.edge, k, proposal), wait_ms))
@@ -299,8 +301,8 @@ class Shard:
         profile = DEVICE_CLASSES[plan.device_class]
         cloud = ObservedCloud(self.cloud)
         dev = EmulatedDevice(plan.device_id, profile, make_link(plan.channel, plan.seed, plan.offset_ms),
-                             make_policy(spec.policy, profile, cloud, spec.max_draft_tokens, spec.ahead, spec.siblings),
-                             cloud, ahead=spec.ahead, siblings=spec.siblings)
+                             make_policy(spec.policy, profile, cloud, spec.max_draft_tokens, spec.ahead, spec.tree),
+                             cloud, ahead=spec.ahead, tree=spec.tree)
         self.devices.append(dev)
         due, n = rng.uniform(0.0, spec.arrival.start_within_s * 1e3), 0
         while due < spec.duration_s * 1e3:  # no session starts after the arrival window
@@ -402,7 +404,7 @@ class Shard:
             return None
         await self.ahead_drafter.submit((edge, 1 + k_next))
         chain, ahead = edge.drafted[:k], edge.drafted[k + 1 : k + 1 + k_next]  # (token, q, runner-up) each
-        nxt = proposal_of(ahead, self.spec.siblings and client.sampling.greedy)
+        nxt = proposal_of(ahead, self.spec.tree if client.sampling.greedy else Tree.CHAIN)  # no branches ahead
         msg = client.pipelined_message([t for t, *_ in chain] + [self.proposer.guess(edge)], nxt.tokens, nxt.parents)
         if msg is None or head.task.done():
             return None
@@ -457,7 +459,7 @@ class Shard:
         cloud_ms = d.cloud_ms if f.pipelined else back - f.t0 - f.draft_ms - d.up_ms - d.down_ms
         dev.cloud.record(len(f.draft), cloud_ms)  # by verified positions (a tree's nodes)
         ev = RoundEvent(0, result.seq, f.k, result.accepted, d.bytes_up, d.bytes_down, result, hit,
-                        len(f.draft) if f.parents else 0)
+                        tuple(f.parents) if f.parents else None)
         rec = dev.account(ev, f.t0, f.draft_ms, d.up_ms, cloud_ms, d.down_ms, back_ms=back if f.pipelined else None,
                           session=client.session_id, rate_up_bps=round(dev.observer.rate_bps["up"], 1),
                           lag_ms=round(max(f.lags), 3), queue_ms=result.timings.queue_ms,

@@ -19,6 +19,7 @@ from pydantic import Field, field_validator, model_validator
 from flexspec_serve.ahead import Ahead
 from flexspec_serve.config import StrictModel
 from flexspec_serve.edge.devices import DEVICE_CLASSES
+from flexspec_serve.tree import Tree
 
 POLICY_PATTERN = r"^(adaptive|cloud-only|accept-adaptive|fixed-[0-9]+)$"
 
@@ -48,9 +49,10 @@ class FleetSpec(StrictModel):
                          "next round's draft is ready (the fleet actor runs that draft work for real); pipeline: also "
                          "send that next round as soon as it is drafted, before the answer (the cloud verifies it only "
                          "after a lookahead hit; the fleet actor drafts ahead on every round)")
-    siblings: bool = Field(False, description="second choices: each round also sends every draft step's runner-up "
-                           "beside its token (a token tree of 2K nodes that count against the server's "
-                           "max_draft_tokens; no extra draft step; greedy sessions only)")
+    tree: Tree = Field(Tree.CHAIN, description="the shape of a round's draft (greedy sessions; others send chains). "
+                       "chain: K tokens; second: each draft step's runner-up beside its token too (2K nodes, no "
+                       "extra draft step); branches: each runner-up also continued by the draft for up to 2 more "
+                       "tokens in the same K steps. Nodes count against the server's max_draft_tokens (16 assumed)")
     max_new_tokens: int = Field(64, ge=1, le=4096)
     temperature: float = Field(0.0, ge=0, le=10, description="0 = greedy")
     top_p: float = Field(1.0, gt=0, le=1)
@@ -81,12 +83,12 @@ class FleetSpec(StrictModel):
     @model_validator(mode="before")
     @classmethod
     def _renamed(cls, data):
-        """Fleet files from before `ahead`: name the replacement instead of only rejecting the field."""
+        """Fleet files from before `ahead` and `tree`: name the replacement instead of only rejecting the field."""
         if isinstance(data, dict):
-            for old, mode in (("draft_ahead", "draft"), ("pipeline", "pipeline")):
+            for old, new in (("draft_ahead", "ahead: draft"), ("pipeline", "ahead: pipeline"),
+                             ("siblings", "tree: second")):
                 if old in data:
-                    raise ValueError(f"{old}: {data[old]!r} is no longer a field; write `ahead: {mode}` "
-                                     "(or `ahead: off`) instead")
+                    raise ValueError(f"{old}: {data[old]!r} is no longer a field; write `{new}` instead")
         return data
 
     @model_validator(mode="after")

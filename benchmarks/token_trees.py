@@ -1,15 +1,15 @@
-"""Second choices in emulated time (`python -m benchmarks.second_choices [--profile default]`).
+"""Token trees in emulated time (`python -m benchmarks.token_trees [--profile default]`).
 
 The same devices, prompts, traces and seeds run through the in-process emulator (real frozen draft, real
-target, real wire encoding; device, link and cloud times from their models) in six ways: rounds that send
-the K draft tokens as a chain, or also each draft step's runner-up beside its token (a token tree of 2K
-nodes, verified in one forward pass; no extra draft step, 2K verified positions and more uplink bytes),
-each with the device idle during the wait, drafting ahead, or pipelining. Greedy. Decode tokens/s against
-cloud-only, pooled over the LTE traces for the adaptive controller and fixed K = 4, and per device class
-and trace for the adaptive controller; tokens per round.
+target, real wire encoding; device, link and cloud times from their models) in nine ways: rounds that send
+the K draft tokens as a chain, with second choices (each draft step's runner-up beside its token: 2K nodes,
+no extra draft step) or with branches (each runner-up also continued greedily by the draft in the same K
+steps; `flexspec_serve.tree`), each with the device idle during the wait, drafting ahead, or pipelining.
+Greedy. Decode tokens/s against cloud-only, pooled over the LTE traces for the adaptive controller and
+fixed K = 4, and per device class and trace for the adaptive controller; tokens per round.
 
-`benchmarks.tree_headroom` modelled this tree as `chain-K+1`; this measures it. Writes
-docs/results/second_choices.md.
+`benchmarks.tree_headroom` modelled these shapes (`chain-K+1`, `branches-K`); this measures them. Writes
+docs/results/token_trees.md.
 """
 
 from __future__ import annotations
@@ -24,12 +24,10 @@ from flexspec_serve.ahead import Ahead
 from flexspec_serve.edge.bench import BenchConfig, Cell, run_bench
 from flexspec_serve.edge.channels import trace_names
 from flexspec_serve.reports import machine, md_table
+from flexspec_serve.tree import Tree
 
-MODES = {  # column label: (what devices do during the wait, second choices)
-    "chain": (Ahead.OFF, False), "second": (Ahead.OFF, True),
-    "chain + draft-ahead": (Ahead.DRAFT, False), "second + draft-ahead": (Ahead.DRAFT, True),
-    "chain + pipelined": (Ahead.PIPELINE, False), "second + pipelined": (Ahead.PIPELINE, True),
-}
+WAITS = {Ahead.OFF: "", Ahead.DRAFT: " + draft-ahead", Ahead.PIPELINE: " + pipelined"}
+MODES = {f"{tree.value}{label}": (ahead, tree) for ahead, label in WAITS.items() for tree in Tree}  # label: (wait, shape)
 
 
 def rows(runs: dict[str, list[Cell]], policy: str) -> list[dict]:
@@ -41,8 +39,8 @@ def rows(runs: dict[str, list[Cell]], policy: str) -> list[dict]:
         cells = {mode: by[(cls, setting, policy, mode)] for mode in MODES}
         out.append({"device class": cls, "trace": setting,
                     **{mode: round(c.tokens_per_s / base, 2) for mode, c in cells.items()},
-                    "tokens/round chain / second": f"{cells['chain'].tokens / max(1, cells['chain'].rounds):.2f} / "
-                                                   f"{cells['second'].tokens / max(1, cells['second'].rounds):.2f}"})
+                    "tokens/round chain / second / branches": " / ".join(
+                        f"{cells[t].tokens / max(1, cells[t].rounds):.2f}" for t in ("chain", "second", "branches"))})
     return out
 
 
@@ -55,28 +53,29 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = dict(family=paths.family_dir(args.profile), classes=CLASSES, settings=tuple(trace_names()), fixed_ks=(4,),
                devices_per_cell=args.devices_per_cell)
-    runs = {mode: run_bench(BenchConfig(**cfg, ahead=ahead, siblings=siblings))
-            for mode, (ahead, siblings) in MODES.items()}
+    runs = {mode: run_bench(BenchConfig(**cfg, ahead=ahead, tree=tree)) for mode, (ahead, tree) in MODES.items()}
     lte = {mode: [c for c in cells if "LTE" in c.setting] for mode, cells in runs.items()}
     base = pooled(lte["chain"], "cloud-only")
     summary = [{"mode": mode, **{f"{p} vs cloud-only": round(pooled(lte[mode], p) / base, 2)
                                  for p in ("adaptive", "fixed-4")}} for mode in MODES]
     lines = [
-        "# Second choices: each draft step's runner-up sent beside its token (emulated time)\n",
-        f"Command: `python -m benchmarks.second_choices --profile {args.profile}`  \n"
+        "# Token trees: second choices and branches against chains (emulated time)\n",
+        f"Command: `python -m benchmarks.token_trees --profile {args.profile}`  \n"
         f"machine: {machine()}; family {args.profile}, frozen draft against v1; {args.devices_per_cell} devices "
         f"per cell x 48 new tokens, greedy; the same devices, traces and seeds both ways; devices idle during "
         "the wait\n",
         "## LTE traces, pooled over both phone classes: decode tokens/s against cloud-only\n", md_table(summary),
         "## Adaptive controller, per device class and trace: decode tokens/s against cloud-only\n",
         md_table(rows(runs, "adaptive")),
-        "`second`: each draft step's runner-up sent beside its token (2K tree nodes). `draft-ahead`: the device "
-        "drafts during the wait, and a lookahead hit (all K chain tokens accepted and the guess right) starts the "
-        "next round drafted; `pipelined`: that round is also sent before the answer. A round whose path ends on "
-        "a runner-up is a miss for the lookahead.",
+        "`second`: each draft step's runner-up sent beside its token (2K tree nodes). `branches`: each runner-up "
+        "also continued greedily by the draft, in the same K draft steps (a step over several rows costs one "
+        "row's time: a memory-bound phone). `draft-ahead`: the device drafts during the wait, and a lookahead hit "
+        "(all K chain tokens accepted and the guess right) starts the next round drafted (a round that starts so "
+        "carries runner-ups, no branches); `pipelined`: that round is also sent before the answer. A round whose "
+        "path leaves the chain is a miss for the lookahead.",
     ]
     text = "\n".join(lines) + "\n"
-    (args.out / "second_choices.md").write_text(text)
+    (args.out / "token_trees.md").write_text(text)
     print(text)
 
 
