@@ -35,7 +35,7 @@ import torch
 from flexspec_serve.engine import hf_compat
 from flexspec_serve.engine import sampling as S
 from flexspec_serve.engine.ragged import CachedSequence, decode_max_tokens, run_ragged_by_shape
-from flexspec_serve.tree import Tree, continuations, on_chain, tree_parents
+from flexspec_serve.tree import MAX_NODES, Tree, continuations, on_chain, tree_parents
 
 Step = tuple[int, float, int]  # a draft step: (token, q(token), runner-up; -1 in sampling sessions)
 
@@ -71,7 +71,7 @@ class EdgeSession:
 
 
 class DraftProposer:
-    def __init__(self, draft: torch.nn.Module, max_draft_tokens: int = 16):
+    def __init__(self, draft: torch.nn.Module, max_draft_tokens: int = MAX_NODES):
         self.model = draft.eval()
         self.vocab_size = int(draft.config.vocab_size)
         self.decode_max = decode_max_tokens(max_draft_tokens)  # longer first-step inputs get their own forward
