@@ -86,3 +86,19 @@ class MicroBatcher(Generic[T, R]):
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
+
+
+def resolve(fut: asyncio.Future, value) -> None:
+    """Answer `fut` unless it already is (a cancelled caller's future)."""
+    if not fut.done():
+        fut.set_result(value)
+
+
+def fail_if_unanswered(fut: asyncio.Future, batch: asyncio.Future) -> None:
+    """A batch that ended (failed, cancelled) without answering `fut` passes that on."""
+    if fut.done():
+        return
+    if batch.cancelled():
+        fut.cancel()
+    else:
+        fut.set_exception(batch.exception() or RuntimeError("the batch ended without answering this item"))

@@ -175,7 +175,7 @@ def test_observed_cloud_learns_the_cost_per_verified_position_when_k_varies():
     import random
 
     from flexspec_serve.edge.devices import CloudProfile
-    from flexspec_serve.fleet.runtime import ObservedCloud
+    from flexspec_serve.fleet.clock import ObservedCloud
 
     rng = random.Random(1)
     varied, steady = ObservedCloud(CloudProfile()), ObservedCloud(CloudProfile())  # prior: 18 ms + 0.8 ms/position

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flexspec_serve.fleet.runtime import ShardResult
+from flexspec_serve.fleet.records import ShardResult
 from flexspec_serve.reports import md_table
 
 PLOTS = ("latency_cdf.png", "tokens_per_s.png", "acceptance_by_version.png", "k_vs_rate.png", "bytes_energy.png")

@@ -35,13 +35,11 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
-from array import array
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 from flexspec_serve import protocol as P
 from flexspec_serve.ahead import ahead_tokens
-from flexspec_serve.batching import MicroBatcher
+from flexspec_serve.batching import MicroBatcher, fail_if_unanswered, resolve
 from flexspec_serve.edge.channels import make_link
 from flexspec_serve.edge.controller import make_policy
 from flexspec_serve.edge.devices import DEVICE_CLASSES, CloudProfile
@@ -51,6 +49,8 @@ from flexspec_serve.engine.errors import ConditionNotMet
 from flexspec_serve.engine.generate import RoundEvent
 from flexspec_serve.engine.proposer import DraftProposer, Proposal, proposal_of
 from flexspec_serve.engine.sampling import SamplingParams
+from flexspec_serve.fleet.clock import FleetClock, ObservedCloud
+from flexspec_serve.fleet.records import Delivery, Flight, LiveCounters, ShardResult
 from flexspec_serve.fleet.spec import DevicePlan, FleetSpec
 from flexspec_serve.transport import AsyncTransport, TransportError
 from flexspec_serve.tree import Tree
@@ -65,143 +65,9 @@ class SessionFailed(Exception):
     pass
 
 
-def _resolve(fut: asyncio.Future, value) -> None:
-    if not fut.done():
-        fut.set_result(value)
-
-
-def _fail_if_unanswered(fut: asyncio.Future, batch: asyncio.Future) -> None:
-    """A batch that ended (failed, cancelled) without answering `fut` passes that on."""
-    if fut.done():
-        return
-    if batch.cancelled():
-        fut.cancel()
-    else:
-        fut.set_exception(batch.exception() or RuntimeError("the draft batch ended without this proposal"))
-
-
-LAG_KINDS = ("session_start", "draft", "uplink", "downlink", "pipelined_send", "answer_applied")
-
-
-class FleetClock:
-    """Milliseconds since the run's start epoch (wall time, so every actor of a run agrees). Keeps every
-    lag by the kind of event (`LAG_KINDS`), to tell which part of the emulation falls behind."""
-
-    def __init__(self, start_epoch_s: float):
-        self.start = start_epoch_s
-        self.by_kind: dict[str, array] = {kind: array("d") for kind in LAG_KINDS}  # 8 bytes a lag (soak runs)
-
-    def now_ms(self) -> float:
-        return (time.time() - self.start) * 1e3
-
-    async def sleep_until(self, due_ms: float, kind: str) -> float:
-        """Wait for an emulated event; returns how late it fired (the emulation lag, ms)."""
-        delay = due_ms - self.now_ms()
-        if delay > 0:
-            await asyncio.sleep(delay / 1e3)
-        return self.late(due_ms, kind)
-
-    def late(self, due_ms: float, kind: str) -> float:
-        """How late it is for something due at `due_ms` (booked under `kind`)."""
-        lag = max(0.0, self.now_ms() - due_ms)
-        self.by_kind[kind].append(lag)
-        return lag
-
-
-class ObservedCloud:
-    """The cloud's answer time as one device sees it (arrival -> answer), in `CloudProfile`'s shape (base +
-    per verified position), so the controller plans with the real service instead of a guess. Both terms
-    are fitted online: exponentially weighted least squares of time on positions, the slope shrunk toward
-    the prior's with `prior_weight` (in positions squared), so a device whose K barely varies keeps the
-    prior slope and fits only the base. A GPU verifies extra positions almost free; this host's CPU does not.
-    """
-
-    def __init__(self, prior: CloudProfile, smoothing: float = 0.1, prior_weight: float = 1.0):
-        self.base_ms, self.per_token_ms, self.a = prior.verify_base_ms, prior.verify_ms_per_token, smoothing
-        self.prior_slope, self.prior_weight = prior.verify_ms_per_token, prior_weight
-        self.moments: list[float] | None = None  # EW means of x, y, x^2, xy (x: positions, y: ms)
-
-    def verify_ms(self, k: int) -> float:
-        return self.base_ms + self.per_token_ms * (k + 1)
-
-    def record(self, k: int, elapsed_ms: float) -> None:
-        """A round verifying k draft tokens (tree nodes) took `elapsed_ms` from arrival to answer."""
-        x, y = k + 1.0, max(0.0, elapsed_ms)
-        obs = [x, y, x * x, x * y]
-        m = self.moments = obs if self.moments is None else [(1 - self.a) * m + self.a * o
-                                                            for m, o in zip(self.moments, obs)]
-        var, cov = m[2] - m[0] ** 2, m[3] - m[0] * m[1]
-        self.per_token_ms = max(0.0, (cov + self.prior_weight * self.prior_slope) / (max(0.0, var) + self.prior_weight))
-        self.base_ms = max(0.0, m[1] - self.per_token_ms * m[0])
-
-
 def backoff_ms(attempt: int, rng: random.Random) -> float:
     """Capped exponential backoff with full jitter (attempt 0, 1, 2, ...)."""
     return rng.uniform(0.0, min(BACKOFF_CAP_MS, BACKOFF_BASE_MS * 2**attempt))
-
-
-@dataclass
-class LiveCounters:
-    devices: int
-    in_session: int = 0
-    mid_round: int = 0
-    sessions_started: int = 0
-    sessions_completed: int = 0
-    sessions_failed: int = 0
-    rounds: int = 0
-    tokens: int = 0
-    retries: int = 0
-    resyncs: int = 0
-
-
-@dataclass
-class ShardResult:
-    rounds: list[dict] = field(default_factory=list)  # one RoundRecord per round
-    sessions: list[dict] = field(default_factory=list)  # one per session, with its generated tokens
-    lags_by_kind: dict[str, array] = field(default_factory=dict)  # every emulated event's lateness, by kind
-    timeline: list[dict] = field(default_factory=list)  # sampled once a second
-    draft_mean_batch: float = 0.0
-    sessions_started: int = 0
-    device_crashes: list[str] = field(default_factory=list)  # a bug, not a service error: never expected
-
-    @property
-    def lags_ms(self) -> list[float]:
-        """Every emulated event's lateness (all kinds)."""
-        return [lag for lags in self.lags_by_kind.values() for lag in lags]
-
-
-@dataclass
-class Delivery:
-    """One round's trip: the answer (a result, or the error a pipelined round got), bytes over all attempts,
-    and the last attempt's uplink, cloud and downlink times and when its answer reached the device."""
-
-    result: P.RoundResult | P.ErrorBody
-    bytes_up: int
-    bytes_down: int
-    up_ms: float
-    cloud_ms: float
-    down_ms: float
-    attempts: int
-    back_ms: float
-
-
-@dataclass
-class Flight:
-    """A round on the air: K, its draft, where it starts on the device's critical path (`t0`: when drafting
-    began, or for a pipelined round the previous answer), its critical draft time, the lags of its events, draft-ahead tasks, when it was sent, and the task that delivers its answer."""
-
-    k: int
-    draft: list[int]
-    t0: float
-    draft_ms: float
-    lags: list[float] = field(default_factory=list)
-    guess: asyncio.Task | None = None
-    after: list[asyncio.Task] = field(default_factory=list)
-    sent: float = 0.0
-    pipelined: bool = False
-    assume: list[int] | None = None  # a pipelined round: what the round before it had to commit
-    task: asyncio.Task | None = None
-    parents: list[int] | None = None  # the draft is a token tree (second choices)
 
 
 class Shard:
@@ -228,7 +94,7 @@ class Shard:
 
         def done(i: int, proposal: Proposal) -> None:
             fut: asyncio.Future = items[i][2]
-            fut.get_loop().call_soon_threadsafe(_resolve, fut, proposal)
+            fut.get_loop().call_soon_threadsafe(resolve, fut, proposal)
 
         self.proposer.propose([s for s, _, _ in items], [k for _, k, _ in items], on_done=done,
                               tree=self.spec.tree)
@@ -249,7 +115,7 @@ class Shard:
         proposal = asyncio.get_running_loop().create_future()
         wait_ms = min(self.spec.draft_batch_wait_ms, DRAFT_GATHER_SHARE * draft_ms)
         batch = asyncio.ensure_future(self.drafter.submit((client.edge, k, proposal), wait_ms))
-        batch.add_done_callback(lambda b: _fail_if_unanswered(proposal, b))
+        batch.add_done_callback(lambda b: fail_if_unanswered(proposal, b))
         return await proposal
 
     def _start_guess(self, dev: EmulatedDevice, client: ClientSession, k: int) -> asyncio.Task | None:
