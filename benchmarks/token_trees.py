@@ -70,8 +70,8 @@ def main() -> None:
         "`second`: each draft step's runner-up sent beside its token (2K tree nodes). `branches`: each runner-up "
         "also continued greedily by the draft, in the same K draft steps (a step over several rows costs one "
         "row's time: a memory-bound phone). `draft-ahead`: the device drafts during the wait, and a lookahead hit "
-        "(all K chain tokens accepted and the guess right) starts the next round drafted (a round that starts so "
-        "carries runner-ups, no branches); `pipelined`: that round is also sent before the answer. A round whose "
+        "(all K chain tokens accepted and the guess right) starts the next round drafted (its branches grown during "
+        "the wait too); `pipelined`: that round is also sent before the answer. A round whose "
         "path leaves the chain is a miss for the lookahead.",
     ]
     text = "\n".join(lines) + "\n"

@@ -6,7 +6,8 @@
   tokens (never deeper than d_K). The draft feeds s_i beside d_{i+1}'s step and each branch's last token
   beside later steps, so a round still takes K draft steps, each over 1 + (open branches) rows. That costs
   about one row's time on a memory-bound phone, the assumption `benchmarks.tree_headroom` states; its table
-  puts this shape within a few percent of the best tree of any shape.
+  puts this shape within a few percent of the best tree of any shape. Tokens drafted ahead grow their
+  branches the same way, for a next round of the same K.
 
 Node order on the wire: d_1..d_K first, then for each i, s_i followed by its continuation. A root path is
 the chain's exactly when it is 0, 1, ..., n-1 (`on_chain`). Nodes past the server's limit are not grown:

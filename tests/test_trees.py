@@ -269,6 +269,35 @@ def test_a_branch_is_the_drafts_greedy_continuation_and_taking_it_keeps_a_true_d
     assert proposer.propose([s], [3])[0].tokens == proposer.propose([fresh], [3])[0].tokens == greedy(s.tokens, 3)
 
 
+def test_tokens_drafted_ahead_grow_their_branches_and_a_hit_keeps_them_true(family_models, humaneval_prompts):
+    from flexspec_serve.engine.proposer import DraftProposer
+    from flexspec_serve.engine.sampling import SamplingParams
+    from flexspec_serve.tree import Tree, continuations
+
+    draft = family_models["draft"]
+    proposer, prompt = DraftProposer(draft), humaneval_prompts[1][-30:]
+
+    def greedy(context, n):
+        return draft.generate(torch.tensor([context]), max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False)[0, len(context):].tolist() if n else []
+
+    s = proposer.start("s", prompt, SamplingParams())
+    first = proposer.propose([s], [3], lookahead=True, tree=Tree.BRANCHES)[0]
+    proposer.draft_ahead([s], [4])  # d_4, then the next round's 3 tokens and its guess
+    ahead = proposer.ahead_proposal(s, 3)  # what a pipelining device would send now
+    chain, guess = first.tokens[:3], proposer.guess(s)
+    proposer.apply_tree(s, chain, guess)  # a lookahead hit: the cloud accepted d_1..d_3 and said d_4
+    nxt = proposer.propose([s], [3], tree=Tree.BRANCHES)[0]
+    assert nxt.tokens == ahead.tokens and nxt.parents == ahead.parents  # the round sent ahead is this round
+    assert nxt.tokens[:3] == greedy(s.tokens, 3) and len(nxt.tokens) == 6 + sum(continuations(3, Tree.BRANCHES))
+    runner_up, grown = nxt.tokens[3], nxt.tokens[4:6]  # s_1 and its branch
+    assert grown == greedy(s.tokens + [runner_up], 2)
+    proposer.apply_tree(s, [runner_up, grown[0]], 77)  # the path took the branch grown during the wait
+    assert proposer.backlog(s) == 1
+    fresh = proposer.start("f", s.tokens, SamplingParams())
+    assert proposer.propose([s], [3])[0].tokens == proposer.propose([fresh], [3])[0].tokens == greedy(s.tokens, 3)
+
+
 @pytest.mark.parametrize("tree", ["second", "branches"])
 def test_token_trees_with_draft_ahead_keep_greedy_output_and_an_off_chain_path_is_never_a_hit(
         family_models, humaneval_prompts, tree):
@@ -286,3 +315,6 @@ def test_token_trees_with_draft_ahead_keep_greedy_output_and_an_off_chain_path_i
     assert [c.tokens for c in out] == want
     assert any(e.lookahead_hit for e in events) and any(not on_chain(e.result.path) for e in events)
     assert not any(e.lookahead_hit and not on_chain(e.result.path) for e in events)
+    if tree == "branches":  # a round drafted ahead grew its branches too
+        after_hit = {(e.index, e.round_index + 1) for e in events if e.lookahead_hit}
+        assert any(_has_branch(e.parents) for e in events if (e.index, e.round_index) in after_hit and e.k > 1)

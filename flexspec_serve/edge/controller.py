@@ -26,8 +26,8 @@ after the other; learned online, 0 at first).
 Token trees (a device option, greedy; `flexspec_serve.tree`): each round also sends every draft step's
 runner-up beside its token (`second`: 2K nodes, no extra draft step), and with `branches` each runner-up's
 greedy continuation. The estimator then learns how deep the tree's accepted path goes at each position,
-and the round's cost counts the tree's verified positions and the nodes' ids and parents uplink (a round
-that starts from tokens drafted ahead sends second choices only). With draft-ahead it takes that depth
+and the round's cost counts the tree's verified positions and the nodes' ids and parents uplink. With
+draft-ahead it takes that depth
 rate for the chain's too when it prices a lookahead hit, which only the chain can give: it expects hits
 somewhat more often than they come. K stops where the tree would not fit the server's node limit.
 
@@ -189,23 +189,21 @@ class FlexSpecController(Policy):
         prefill = 0.0 if view.predrafted else view.prefill_ms  # a hit's pre-draft already fed the context
         return prefill + self.device.draft_ms(self.draft_steps(k, view))
 
-    def nodes(self, k: int, view: RoundView | None = None) -> int:
-        """Draft tokens a K-step round sends and the cloud verifies (a token tree's nodes; a round starting
-        from tokens drafted ahead has no branches)."""
-        tree = Tree.SECOND if self.tree is Tree.BRANCHES and view is not None and view.predrafted else self.tree
-        return tree_nodes(k, tree, self.max_nodes)
+    def nodes(self, k: int) -> int:
+        """Draft tokens a K-step round sends and the cloud verifies (a token tree's nodes)."""
+        return tree_nodes(k, self.tree, self.max_nodes)
 
     def up_ms(self, k: int, view: RoundView) -> float:
         if not (self.tree.siblings and k):
             return view.up_total_ms(k)
-        n = self.nodes(k, view)
+        n = self.nodes(k)
         return view.up_total_ms(n) + view.up_ms_per_byte * n  # ids, and a parent byte each
 
-    def verify_ms(self, k: int, view: RoundView | None = None) -> float:
-        return self.cloud.verify_ms(self.nodes(k, view))
+    def verify_ms(self, k: int) -> float:
+        return self.cloud.verify_ms(self.nodes(k))
 
     def wait_ms(self, k: int, view: RoundView) -> float:
-        return self.up_ms(k, view) + self.verify_ms(k, view) + view.down_ms
+        return self.up_ms(k, view) + self.verify_ms(k) + view.down_ms
 
     def ahead_steps(self, k: int, view: RoundView, ahead: bool | None = None) -> int:
         on = self.ahead.drafts if ahead is None else ahead
@@ -228,7 +226,7 @@ class FlexSpecController(Policy):
         d = self.device
         compute_ms = d.draft_ms(self.draft_steps(k, view) + self.ahead_steps(k, view, ahead))
         return (compute_ms * d.compute_w + self.up_ms(k, view) * d.tx_w + view.down_ms * d.rx_w
-                + self.verify_ms(k, view) * d.idle_w) / 1e3
+                + self.verify_ms(k) * d.idle_w) / 1e3
 
     def plan(self, view: RoundView) -> list[tuple[int, float, float, bool]]:
         """(K, expected tokens/s, expected J/token, draft ahead) for every K, with and without drafting
@@ -236,7 +234,7 @@ class FlexSpecController(Policy):
         rows = []
         for ahead in ((False, True) if self.ahead.drafts else (False,)):
             for k in range(self.k_max + 1):
-                if self.nodes(k, view) > self.max_nodes:
+                if self.nodes(k) > self.max_nodes:
                     break
                 tau = self.estimator.expected_tau(k)
                 rows.append((k, tau / self.round_ms(k, view, ahead) * 1e3, self.round_j(k, view, ahead) / tau,

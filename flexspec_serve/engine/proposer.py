@@ -16,7 +16,8 @@ Token trees (`propose(..., tree=...)`, greedy sessions; shapes in `flexspec_serv
 `second`, every draft step's runner-up s_i rides beside its token, so the round is a tree of 2K nodes that
 costs no extra draft step; every drafted token keeps its step's runner-up, those drafted ahead too. With
 `branches`, each runner-up is also continued greedily in the same K steps, on its own copy of the draft
-cache (a round that starts from tokens drafted ahead sends second choices only). When the target's token
+cache; tokens drafted ahead grow their branches too (for a next round of the same K), so a round that
+starts from them carries its branches as well. When the target's token
 at position i is s_i, the round keeps d_1..d_{i-1}, s_i, what of its branch the target also chose, and the
 target's token after that (see `engine.verifier`); `apply_tree` commits such an answer and keeps the
 branch's cache. A round whose path leaves the chain is never a lookahead hit: what was drafted ahead
@@ -38,6 +39,7 @@ from flexspec_serve.engine.ragged import CachedSequence, decode_max_tokens, run_
 from flexspec_serve.tree import MAX_NODES, Tree, continuations, on_chain, tree_parents
 
 Step = tuple[int, float, int]  # a draft step: (token, q(token), runner-up; -1 in sampling sessions)
+Branch = tuple[list[int], CachedSequence]  # a runner-up's continuation and its own draft cache
 
 
 @dataclass
@@ -61,9 +63,13 @@ class EdgeSession:
     drafted: list[Step] = field(default_factory=list)
     sent: int = 0
     ready: list[Step] = field(default_factory=list)
-    # `branches`: position i -> the branch after runner-up s_{i+1} (its tokens past s, and a draft cache that
-    # covers the committed tokens, d_1..d_i, s and all of it but the last token)
-    branches: dict[int, tuple[list[int], CachedSequence]] = field(default_factory=dict)
+    shape: Tree = Tree.CHAIN  # the shape of the session's rounds
+    # token-tree branches: drafted index i -> the branch after the runner-up of step i (its tokens past that
+    # runner-up, and a draft cache covering the committed tokens, the draft before step i, the runner-up and
+    # all of the branch but its last token); `branches` for the round in flight (index = position in it),
+    # `ahead_branches` for the tokens drafted ahead (index into `drafted`)
+    branches: dict[int, Branch] = field(default_factory=dict)
+    ahead_branches: dict[int, Branch] = field(default_factory=dict)
 
     @property
     def generated(self) -> list[int]:
@@ -96,30 +102,42 @@ class DraftProposer:
         called (on this thread) as soon as session i is drafted, while longer drafts go on; that session
         is not touched again by this call. `tree`: greedy sessions' proposals are token trees of that shape
         (see the module docstring)."""
-        tree = Tree(tree)
         wants = [k + (lookahead and k > 0) for k in ks]
         starts = [s.ready if k else [] for s, k in zip(sessions, ks)]  # k = 0: apply drops the cache past it
-        shapes = [tree if s.sampling.greedy else Tree.CHAIN for s in sessions]
-        conts = [continuations(k, Tree.SECOND if st else shape, self.max_nodes)
-                 for k, st, shape in zip(ks, starts, shapes)]  # a ready start has no branches
-        for s in sessions:
-            s.ready, s.branches = [], {}
+        for s, st in zip(sessions, starts):
+            s.shape = Tree(tree) if s.sampling.greedy else Tree.CHAIN
+            s.ready, s.ahead_branches, s.branches = [], {}, s.branches if st else {}  # a hit's grown branches stay
+        plans = [self._plan(s.shape, k) for s, k in zip(sessions, ks)]
         proposals: list[Proposal | None] = [None] * len(sessions)
 
         def finish(i: int, out: list[Step]) -> None:
             s, k = sessions[i], ks[i]
             s.drafted, s.sent = out, k
-            proposals[i] = proposal_of(out[:k], shapes[i], {p: b for p, (b, _) in s.branches.items()})
+            proposals[i] = proposal_of(out[:k], s.shape, {p: b for p, (b, _) in s.branches.items()}, self.max_nodes)
             if on_done is not None:
                 on_done(i, proposals[i])
 
-        self._extend(sessions, starts, [max(0, w - len(st)) for w, st in zip(wants, starts)], finish, conts)
+        self._extend(sessions, starts, [max(0, w - len(st)) for w, st in zip(wants, starts)], finish,
+                     grow=[(plan, s.branches) for plan, s in zip(plans, sessions)])
         return proposals
+
+    def ahead_proposal(self, s: EdgeSession, k: int) -> Proposal:
+        """The next round as drafted ahead (its first k tokens past d_{K+1}, with their branches): what a
+        pipelining device sends before this round's answer."""
+        base = s.sent + 1
+        return proposal_of(s.drafted[base : base + k], s.shape,
+                           {j - base: b for j, (b, _) in s.ahead_branches.items() if j >= base}, self.max_nodes)
+
+    def _plan(self, shape: Tree, k: int, offset: int = 0) -> dict[int, int]:
+        """Drafted index -> tokens to grow after that step's runner-up, for a K-token round starting there."""
+        return {offset + p: n for p, n in enumerate(continuations(k, shape, self.max_nodes)) if n}
 
     def draft_ahead(self, sessions: list[EdgeSession], ns: list[int]) -> None:
         """While the round waits: n_i more draft tokens past what each session has drafted (d_{K+1} first)."""
         go = [i for i, (s, n) in enumerate(zip(sessions, ns)) if s.sent and n > 0]
-        more = self._extend([sessions[i] for i in go], [sessions[i].drafted for i in go], [ns[i] for i in go])
+        grow = [(self._plan(s.shape, s.sent, s.sent + 1), s.ahead_branches) for s in (sessions[i] for i in go)]
+        more = self._extend([sessions[i] for i in go], [sessions[i].drafted for i in go], [ns[i] for i in go],
+                            grow=grow)  # the next round's branches, assuming it has this one's K
         for i, out in zip(go, more):
             sessions[i].drafted = out
 
@@ -148,43 +166,41 @@ class DraftProposer:
     @torch.inference_mode()
     def _extend(self, sessions: list[EdgeSession], starts: list[list[Step]], ns: list[int],
                 done: Callable[[int, list[Step]], None] | None = None,
-                conts: list[list[int]] | None = None) -> list[list[Step]]:
+                grow: list[tuple[dict[int, int], dict[int, Branch]]] | None = None) -> list[list[Step]]:
         """Continue each session's draft `starts[i]` (tokens past the committed ones) by n_i steps, batched;
         every step feeds whatever the cache has not seen yet (the backlog, then the last draft token).
-        `conts[i][p]`: grow the branch of runner-up s_{p+1} by that many greedy tokens, in the same steps
-        (`starts[i]` empty). `done(i, out_i)` as each session gets its n_i steps."""
+        `grow[i] = (plan, branches)`: the branch after the runner-up of drafted step j grows to plan[j] greedy
+        tokens in the same steps, kept in `branches[j]`. `done(i, out_i)` as each session gets its n_i steps."""
         outs = [list(st) for st in starts]
         for i in (i for i, n in enumerate(ns) if n <= 0 and done is not None):
             done(i, outs[i])
         for step in range(max(ns, default=0)):
             active = [i for i, n in enumerate(ns) if n > step]
             rows = [(sessions[i].cache, self._unfed(sessions[i], outs[i])) for i in active]
-            grow = self._branch_rows(sessions, outs, conts, active, step) if conts else []
-            logits = run_ragged_by_shape(self.model, [r[0] for r in rows + grow], [r[1] for r in rows + grow],
+            twigs = [r for i, (cache, x) in zip(active, rows) if grow
+                     for r in self._branch_rows(cache, x, outs[i], *grow[i])]
+            logits = run_ragged_by_shape(self.model, [r[0] for r in rows + twigs], [r[1] for r in rows + twigs],
                                          self.decode_max)
             for i, lg in zip(active, logits):
                 outs[i].append(self._choose(lg[-1], sessions[i]))
-            for (_, _, tokens), lg in zip(grow, logits[len(rows):]):
+            for (_, _, tokens), lg in zip(twigs, logits[len(rows):]):
                 tokens.append(int(lg[-1].argmax()))
             for i in (i for i in active if ns[i] == step + 1 and done is not None):
                 done(i, outs[i])
         return outs
 
     @staticmethod
-    def _branch_rows(sessions: list[EdgeSession], outs: list[list[Step]], conts: list[list[int]], active: list[int],
-                     step: int) -> list[tuple[CachedSequence, list[int], list[int]]]:
-        """(cache, input, tokens grown) of every branch this step grows. The branch of the runner-up the
-        previous step drafted opens on a copy of its session's cache, which covers the committed tokens and
-        the chain before that runner-up, and feeds it; an open branch feeds its last token."""
-        rows = []
-        for i in active:
-            s, p = sessions[i], step - 1
-            if 0 <= p < len(conts[i]) and conts[i][p] and len(outs[i]) == step:
-                s.branches[p] = ([], CachedSequence(hf_compat.clone_cache(s.cache.cache)))
-            for q, (tokens, cache) in s.branches.items():
-                if len(tokens) < conts[i][q]:
-                    rows.append((cache, [tokens[-1]] if tokens else [outs[i][q][2]], tokens))
-        return rows
+    def _branch_rows(cache: CachedSequence, fed: list[int], out: list[Step], plan: dict[int, int],
+                     branches: dict[int, Branch]) -> list[tuple[CachedSequence, list[int], list[int]]]:
+        """(cache, input, tokens grown) of every branch of one session this step grows, while its chain feeds
+        `fed` on `cache`. The branch of the runner-up of the step just drafted opens on a copy of that cache,
+        which then covers everything before that step's token (when the chain feeds that token alone), and
+        feeds the runner-up; an open branch feeds its last token."""
+        j = len(out) - 1
+        if plan.get(j) and j not in branches and len(fed) == 1:
+            branches[j] = ([], CachedSequence(hf_compat.clone_cache(cache.cache)))
+        return [(c, [tokens[-1]] if tokens else [out[q][2]], tokens)
+                for q, (tokens, c) in branches.items() if len(tokens) < plan.get(q, 0)]
 
     @staticmethod
     def _unfed(s: EdgeSession, drafted: list[Step]) -> list[int]:
@@ -210,7 +226,9 @@ class DraftProposer:
         keep = len(s.tokens) + accepted
         s.tokens.extend(draft[:accepted])
         s.tokens.append(token)
-        s.ready, s.drafted, s.sent, s.branches = (s.drafted[k + 1 :] if hit else []), [], 0, {}
+        s.ready = s.drafted[k + 1 :] if hit else []
+        s.branches = {j - k - 1: b for j, b in s.ahead_branches.items() if j > k} if hit else {}
+        s.drafted, s.sent, s.ahead_branches = [], 0, {}
         s.cache.truncate(len(s.tokens) + len(s.ready) - 1 if s.ready else keep)
 
     def apply_tree(self, s: EdgeSession, accepted: list[int], token: int) -> None:
@@ -241,17 +259,19 @@ class DraftProposer:
 
     def resync(self, s: EdgeSession) -> None:
         """Forget the draft cache (it is rebuilt from the committed tokens on the next proposal)."""
-        s.cache, s.ready, s.drafted, s.sent, s.branches = CachedSequence(), [], [], 0, {}
+        s.cache, s.ready, s.drafted, s.sent, s.branches, s.ahead_branches = CachedSequence(), [], [], 0, {}, {}
 
 
-def proposal_of(steps: list[Step], tree: Tree = Tree.CHAIN, branches: dict[int, list[int]] | None = None) -> Proposal:
+def proposal_of(steps: list[Step], tree: Tree = Tree.CHAIN, branches: dict[int, list[int]] | None = None,
+                max_nodes: int = MAX_NODES) -> Proposal:
     """The proposal of these drafted steps (token, q, runner-up): a chain, or (greedy) a token tree with each
-    step's runner-up beside its token, followed by the tokens `branches[i]` grown after runner-up i."""
+    step's runner-up beside its token, followed by what of the tokens `branches[i]` grown after runner-up i
+    the shape has room for at this K."""
     chain = Proposal([t for t, *_ in steps], [q for _, q, _ in steps])
     if not (Tree(tree).siblings and steps):
         return chain
-    branches = branches or {}
-    grown = [[alt, *branches.get(i, [])] for i, (*_, alt) in enumerate(steps)]
+    branches, room = branches or {}, continuations(len(steps), Tree(tree), max_nodes)
+    grown = [[alt, *branches.get(i, [])[:n]] for i, ((*_, alt), n) in enumerate(zip(steps, room))]
     tokens = chain.tokens + [t for b in grown for t in b]
     q = chain.q_token_probs + [0.0] * (len(tokens) - len(steps))
     return Proposal(tokens, q, tree_parents(len(steps), [len(b) - 1 for b in grown]))

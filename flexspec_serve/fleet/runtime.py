@@ -20,8 +20,8 @@ the round carries what it assumes its predecessor commits. After a lookahead hit
 a device are on the air at once.
 
 Token trees (`FleetSpec.tree`, greedy): each round also carries every draft step's runner-up, and with
-`branches` each runner-up's greedy continuation, all computed in the same draft steps (a pipelined round,
-drafted ahead, carries runner-ups only); the answer names the accepted path.
+`branches` each runner-up's greedy continuation, all computed in the same draft steps (drafting ahead
+included); the answer names the accepted path.
 
 Failures: a `resync_required` answer resends the round with the full context; an overloaded answer waits
 for its Retry-After; a broken path (`TransportError`) retries with capped exponential backoff and full
@@ -47,13 +47,12 @@ from flexspec_serve.edge.emulator import EmulatedDevice, RoundRecord
 from flexspec_serve.engine.client import ClientSession
 from flexspec_serve.engine.errors import ConditionNotMet
 from flexspec_serve.engine.generate import RoundEvent
-from flexspec_serve.engine.proposer import DraftProposer, Proposal, proposal_of
+from flexspec_serve.engine.proposer import DraftProposer, Proposal
 from flexspec_serve.engine.sampling import SamplingParams
 from flexspec_serve.fleet.clock import FleetClock, ObservedCloud
 from flexspec_serve.fleet.records import Delivery, Flight, LiveCounters, ShardResult
 from flexspec_serve.fleet.spec import DevicePlan, FleetSpec
 from flexspec_serve.transport import AsyncTransport, TransportError
-from flexspec_serve.tree import Tree
 
 RETRYABLE_CODES = frozenset({"overloaded", "rate_limited", "unavailable"})
 MAX_ATTEMPTS = 8
@@ -269,8 +268,7 @@ class Shard:
         if not (k and dev.ahead_now) or k_next <= 0:
             return None
         await self.ahead_drafter.submit((edge, 1 + k_next))
-        chain, ahead = edge.drafted[:k], edge.drafted[k + 1 : k + 1 + k_next]  # (token, q, runner-up) each
-        nxt = proposal_of(ahead, self.spec.tree if client.sampling.greedy else Tree.CHAIN)  # no branches ahead
+        chain, nxt = edge.drafted[:k], self.proposer.ahead_proposal(edge, k_next)
         msg = client.pipelined_message([t for t, *_ in chain] + [self.proposer.guess(edge)], nxt.tokens, nxt.parents)
         if msg is None or head.task.done():
             return None
