@@ -1,8 +1,9 @@
 """Verify cost of a Llama-8B-shaped target on a GPU: torch + transformers only (no Ray, no project code).
 
-A random-weight target (hidden 4096, 32 layers, 8 KV heads, vocab 128256, bf16) verifies K = 6 tokens per
-session on top of a 512-token cache, rolled back after every step, at several batch sizes. Prints ms/step
-and the ratio to the memory floor (weight bytes / measured device-to-device copy bandwidth).
+A random-weight target (hidden 4096, 32 layers, 8 KV heads, vocab 128256, bf16) verifies K tokens per
+session (6 by default; `--k 6 9 13 16` for the node counts of token trees, whose cost is their verified
+positions) on top of a 512-token cache, rolled back after every step, at several batch sizes. Prints
+ms/step and the ratio to the memory floor (weight bytes / measured device-to-device copy bandwidth).
 
 Modes: `eager` (DynamicCache, crop(-K) rollback) and `static` (StaticCache written at fixed positions, so a
 rollback is free; with `--compile` the step is captured by torch.compile in reduce-overhead mode, i.e.
@@ -117,7 +118,7 @@ def main() -> None:
     ap.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke test)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--ctx", type=int, default=512)
-    ap.add_argument("--k", type=int, default=6)
+    ap.add_argument("--k", type=int, nargs="+", default=[6], help="verified positions per session (one run each)")
     ap.add_argument("--mode", nargs="+", default=["eager", "static"], choices=["eager", "static"])
     ap.add_argument("--compile", action="store_true", help="torch.compile the static step (CUDA graphs)")
     ap.add_argument("--warmup", type=int, default=3)
@@ -136,17 +137,18 @@ def main() -> None:
 
     lines = [f"device {name}; torch {torch.__version__}; transformers {transformers.__version__}; {dtype}",
              f"weights {weight_bytes / 1e9:.2f} GB; copy bandwidth {bw / 1e9:.0f} GB/s; memory floor {floor_ms:.2f} ms",
-             f"{'mode':>16} | {'batch':>5} | {'ms/step':>8} | {'x floor':>7}"]
+             f"{'mode':>16} | {'K':>3} | {'batch':>5} | {'ms/step':>8} | {'x floor':>7}"]
     print("\n".join(lines))
     for mode in args.mode:
-        for b in args.batches:
-            if mode == "eager":
-                ms = eager_ms(model, b, args.ctx, args.k, args.device, args.warmup, args.reps)
-            else:
-                ms = static_ms(model, b, args.ctx, args.k, args.device, args.warmup, args.reps, args.compile)
-            label = mode + ("+compile" if mode == "static" and args.compile else "")
-            lines.append(f"{label:>16} | {b:>5} | {ms:>8.2f} | {ms / floor_ms:>7.2f}")
-            print(lines[-1])
+        for k in args.k:
+            for b in args.batches:
+                if mode == "eager":
+                    ms = eager_ms(model, b, args.ctx, k, args.device, args.warmup, args.reps)
+                else:
+                    ms = static_ms(model, b, args.ctx, k, args.device, args.warmup, args.reps, args.compile)
+                label = mode + ("+compile" if mode == "static" and args.compile else "")
+                lines.append(f"{label:>16} | {k:>3} | {b:>5} | {ms:>8.2f} | {ms / floor_ms:>7.2f}")
+                print(lines[-1])
     if args.out:
         with open(args.out, "w") as fh:
             fh.write(f"# GPU verify cost (Llama-8B shape, random weights)\n\nCommand: `python -m benchmarks.gpu_verify "

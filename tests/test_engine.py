@@ -285,8 +285,11 @@ def test_gpu_verify_script_runs_on_cpu_in_small_shape():
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_verify.py"
     out = subprocess.run([sys.executable, str(script), "--small", "--device", "cpu", "--batches", "1", "2",
-                          "--reps", "2", "--warmup", "1"], capture_output=True, text=True, timeout=300, check=True)
-    assert "eager" in out.stdout and "static" in out.stdout and "x floor" in out.stdout
+                          "--k", "2", "5", "--reps", "2", "--warmup", "1"], capture_output=True, text=True,
+                         timeout=300, check=True)
+    rows = [line.split("|") for line in out.stdout.splitlines() if line.count("|") == 4]
+    assert {(r[0].strip(), int(r[1]), int(r[2])) for r in rows[1:]} == {
+        (m, k, b) for m in ("eager", "static") for k in (2, 5) for b in (1, 2)}  # every mode, K and batch
 
 
 def test_draft_ahead_keeps_greedy_output_and_guesses_the_next_draft_token(family_models, humaneval_prompts,
