@@ -125,6 +125,15 @@ def test_controller_drafts_more_when_the_round_trip_grows():
     assert controller(0.8).choose(view(200, 200)) > controller(0.8).choose(view(10, 10))
 
 
+@pytest.mark.parametrize("tree, most_k", [("chain", 12), ("second", 8), ("branches", 8)])
+def test_controller_never_picks_a_k_whose_token_tree_the_server_would_refuse(tree, most_k):
+    """16 nodes at most: K + K runner-ups (+ branch tokens, grown only within the limit)."""
+    est = AcceptanceEstimator(prior_a=999.0, prior_b=1.0)  # acceptance so high that longer always pays
+    c = FlexSpecController(PHONE, CloudProfile(18.0, 0.0), k_max=12, estimator=est, tree=tree)
+    k = c.choose(view(300, 300))
+    assert k == most_k and c.nodes(k) <= 16 and [k for k, *_ in c.plan(view(300, 300))][-1] == most_k
+
+
 def test_controller_picks_cloud_only_when_drafting_cannot_pay():
     slow = DeviceProfile("slow", 400.0, 10.0, 2.0, 1.0, 1.0, 0.1, 5.0, 512)
     assert controller(0.6, device=slow).choose(view()) == 0
