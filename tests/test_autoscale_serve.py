@@ -17,6 +17,7 @@ from deployments.app import deploy  # noqa: E402
 from deployments.config import AppConfig, AutoscalingSpec, VersionSpec, deployment_name, version_app_name  # noqa: E402
 from flexspec_serve import protocol as P  # noqa: E402
 from flexspec_serve.engine.client import ClientSession  # noqa: E402
+from flexspec_serve.engine.proposer import Proposal  # noqa: E402
 from flexspec_serve.engine.sampling import SamplingParams  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.serve]
@@ -26,7 +27,7 @@ async def session(handle, sid: str, prompt: list[int], rounds: int, pause_s: flo
     """A client that drafts 4 arbitrary ids per round; when scaling moves it to a new replica, it resyncs."""
     client = ClientSession.start(sid, prompt, SamplingParams(), None, "v1")
     for _ in range(rounds):
-        draft = client.committed[-4:]
+        draft = Proposal(client.committed[-4:])
         for _attempt in range(3):
             status, body = await handle.round_compact.remote(P.encode_round(client.message(draft)))
             if status == 200:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from flexspec_serve import protocol as P
-from flexspec_serve.engine.proposer import DraftProposer, EdgeSession
+from flexspec_serve.engine.proposer import DraftProposer, EdgeSession, Proposal
 from flexspec_serve.engine.ragged import tree_depth
 from flexspec_serve.engine.sampling import SamplingParams
 from flexspec_serve.engine.stats import AcceptanceStats
@@ -51,35 +51,33 @@ class ClientSession:
     def committed(self) -> list[int]:
         return self.prompt + self.tokens
 
-    def message(self, draft: list[int], assume: list[int] | None = None,
-                parents: list[int] | None = None) -> P.DraftRound:
-        """The wire message for this round's draft d_1..d_K (K may be 0). `assume`: the round was sent
-        pipelined with it (a resend carries it too, so the cloud recognises a round it already verified);
-        dropped when the message carries the full context. `parents`: the draft is a token tree."""
+    def message(self, draft: Proposal | None, assume: list[int] | None = None) -> P.DraftRound:
+        """The wire message for this round's draft (None: K = 0; a chain or a token tree). `assume`: the round
+        was sent pipelined with it (a resend carries it too, so the cloud recognises a round it already
+        verified); dropped when the message carries the full context."""
         full = self.needs_context
         s = self.sampling
         return P.DraftRound(
-            session_id=self.session_id, seq=self.seq, target=self.version or self.target, draft_tokens=draft,
-            full_context=self.committed if full else None,
+            session_id=self.session_id, seq=self.seq, target=self.version or self.target,
+            draft_tokens=draft.tokens if draft else [], full_context=self.committed if full else None,
             sampling=P.Sampling(temperature=s.temperature, top_p=s.top_p, seed=s.seed) if full else None,
-            assume=None if full else assume, tree_parents=parents,
+            assume=None if full else assume, tree_parents=draft.parents if draft else None,
         )
 
-    def pipelined_message(self, assume: list[int], draft: list[int],
-                          parents: list[int] | None = None) -> P.DraftRound | None:
+    def pipelined_message(self, assume: list[int], draft: Proposal) -> P.DraftRound | None:
         """The next round (seq + 1), sent before this one's answer: verified only if this round commits exactly
-        `assume` (its drafts and the draft's guess of the cloud's token); `parents`: the draft is a token tree.
-        None while the session cannot pipeline (before the first answer names its version, or while it must
-        resend its context)."""
-        if self.needs_context or self.version is None or not draft:
+        `assume` (its drafts and the draft's guess of the cloud's token). None while the session cannot
+        pipeline (before the first answer names its version, or while it must resend its context)."""
+        if self.needs_context or self.version is None or not draft.tokens:
             return None
-        return P.DraftRound(session_id=self.session_id, seq=self.seq + 1, target=self.version, draft_tokens=draft,
-                            assume=assume, tree_parents=parents)
+        return P.DraftRound(session_id=self.session_id, seq=self.seq + 1, target=self.version,
+                            draft_tokens=draft.tokens, assume=assume, tree_parents=draft.parents)
 
-    def commit(self, draft: list[int], result: P.RoundResult, proposer: DraftProposer | None = None,
-               parents: list[int] | None = None) -> list[int]:
-        """Apply the cloud's verdict; returns the tokens this round added (accepted drafts + one). A token
-        tree's (`parents`) answer names the accepted path."""
+    def commit(self, proposal: Proposal | None, result: P.RoundResult,
+               proposer: DraftProposer | None = None) -> list[int]:
+        """Apply the cloud's verdict on this round's draft (None: K = 0); returns the tokens this round added
+        (accepted drafts + one). A token tree's answer names the accepted path."""
+        draft, parents = (proposal.tokens, proposal.parents) if proposal else ([], None)
         path = accepted_path(result, parents)
         if result.seq != self.seq or path is None or any(not 0 <= j < len(draft) for j in path):
             raise ValueError(f"answer for seq {result.seq} ({result.accepted} accepted, path {result.path}) does "

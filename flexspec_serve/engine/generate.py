@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from flexspec_serve import protocol as P
 from flexspec_serve.ahead import ahead_tokens
 from flexspec_serve.engine.client import ClientSession
-from flexspec_serve.engine.proposer import DraftProposer
+from flexspec_serve.engine.proposer import DraftProposer, Proposal
 from flexspec_serve.engine.sampling import SamplingParams
 from flexspec_serve.tree import Tree
 from flexspec_serve.transport import Exchange, LocalTransport, RoundFailed
@@ -73,20 +73,19 @@ def speculative_generate(
               for i in running]
         proposals = (proposer.propose([clients[i].edge for i in running], ks, draft_ahead, tree=tree)
                      if proposer else [None] * len(running))
-        drafts = [prop.tokens if prop else [] for prop in proposals]
-        trees = [prop.parents if prop else None for prop in proposals]
         if proposer and draft_ahead:  # what the devices draft while the round is on the air
             proposer.draft_ahead([clients[i].edge for i in running], [ahead_tokens(k) for k in ks])
-        exchanges = round_trip_resync(transport, [clients[i] for i in running], drafts, trees)
+        exchanges = round_trip_resync(transport, [clients[i] for i in running], proposals)
         still = []
-        for i, k, draft, parents, ex in zip(running, ks, drafts, trees, exchanges):
+        for i, k, prop, ex in zip(running, ks, proposals, exchanges):
             edge = clients[i].edge
             hit = edge is not None and proposer.lookahead_hit(edge, ex.result.accepted, ex.result.token,
                                                               ex.result.path)
-            new = clients[i].commit(draft, ex.result, proposer, parents)
+            new = clients[i].commit(prop, ex.result, proposer)
             if on_round:
-                on_round(RoundEvent(i, round_idx, k, ex.result.accepted, ex.bytes_up,
-                                    ex.bytes_down, ex.result, hit, tuple(parents) if parents else None))
+                parents = tuple(prop.parents) if prop and prop.parents else None
+                on_round(RoundEvent(i, round_idx, k, ex.result.accepted, ex.bytes_up, ex.bytes_down, ex.result,
+                                    hit, parents))
             if len(clients[i].tokens) < max_new_tokens and (stop_token is None or stop_token not in new):
                 still.append(i)
         running, round_idx = still, round_idx + 1
@@ -95,16 +94,14 @@ def speculative_generate(
     return clients
 
 
-def round_trip_resync(transport, clients: list[ClientSession], drafts: list[list[int]],
-                      trees: list[list[int] | None] | None = None) -> list[Exchange]:
-    """Send one round per client (`trees[j]`: round j's draft is a token tree with these parents); a round the
-    server answers with `resync_required` is resent once with the full context (byte counts add up both
-    attempts). Any other error raises `RoundFailed`."""
-    trees = trees or [None] * len(drafts)
-    exchanges = transport.round_trip([c.message(d, parents=t) for c, d, t in zip(clients, drafts, trees)])
+def round_trip_resync(transport, clients: list[ClientSession], drafts: list[Proposal | None]) -> list[Exchange]:
+    """Send one round per client (its draft: a chain, a token tree, or None for K = 0); a round the server
+    answers with `resync_required` is resent once with the full context (byte counts add up both attempts).
+    Any other error raises `RoundFailed`."""
+    exchanges = transport.round_trip([c.message(d) for c, d in zip(clients, drafts)])
     again = [j for j, ex in enumerate(exchanges) if isinstance(ex.result, P.ErrorBody) and clients[j].on_error(ex.result)]
     if again:
-        retried = transport.round_trip([clients[j].message(drafts[j], parents=trees[j]) for j in again])
+        retried = transport.round_trip([clients[j].message(drafts[j]) for j in again])
         for j, ex in zip(again, retried):
             first = exchanges[j]
             exchanges[j] = Exchange(ex.result, first.bytes_up + ex.bytes_up, first.bytes_down + ex.bytes_down)

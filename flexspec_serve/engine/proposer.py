@@ -44,8 +44,10 @@ Branch = tuple[list[int], CachedSequence]  # a runner-up's continuation and its 
 
 @dataclass
 class Proposal:
+    """A round's draft as it goes on the wire: a chain, or the nodes of a token tree with their parents."""
+
     tokens: list[int]  # d_1..d_K (a token tree: then s_1 and its branch, s_2 and its branch, ...)
-    q_token_probs: list[float]  # q_i(d_i), for accounting; the cloud recomputes full q itself
+    q_token_probs: list[float] = field(default_factory=list)  # q_i(d_i), for accounting (the cloud recomputes q)
     parents: list[int] | None = None  # a token tree: each node's parent (-1: the last committed token)
 
 

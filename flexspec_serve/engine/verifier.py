@@ -38,6 +38,7 @@ from flexspec_serve.engine.errors import (ConditionNotMet, ContextTooLong, Engin
 from flexspec_serve.engine.ragged import (CachedSequence, decode_max_tokens, run_ragged, shape_groups, tree_depth,
                                           tree_depths)
 from flexspec_serve.engine.stats import AcceptanceStats
+from flexspec_serve.tree import ends_on_leaf
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +305,7 @@ class Verifier:
         depth = tree_depth(list(req.parents)) if tree else k  # positions a round could accept
         session.stats.record(depth, n)
         self.stats.record(depth, n)
-        bonus = not any(par == (path[-1] if path else -1) for par in req.parents) if tree else n == k
+        bonus = ends_on_leaf(path, req.parents) if tree else n == k  # nothing was drafted past the path
         outcome = RoundOutcome(req.session_id, req.seq, n, token, bonus, len(session.tokens), round(verify_ms, 3),
                                batch_size, hit, tuple(path) if tree else None)
         # keep round s's answer beside this one's: its retry may come after pipelined round s + 1 was verified

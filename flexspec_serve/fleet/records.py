@@ -7,8 +7,12 @@ from __future__ import annotations
 import asyncio
 from array import array
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from flexspec_serve import protocol as P
+
+if TYPE_CHECKING:
+    from flexspec_serve.engine.proposer import Proposal
 
 
 @dataclass
@@ -62,7 +66,7 @@ class Flight:
     began, or for a pipelined round the previous answer), its critical draft time, the lags of its events, draft-ahead tasks, when it was sent, and the task that delivers its answer."""
 
     k: int
-    draft: list[int]
+    draft: Proposal | None  # None: K = 0
     t0: float
     draft_ms: float
     lags: list[float] = field(default_factory=list)
@@ -72,4 +76,3 @@ class Flight:
     pipelined: bool = False
     assume: list[int] | None = None  # a pipelined round: what the round before it had to commit
     task: asyncio.Task | None = None
-    parents: list[int] | None = None  # the draft is a token tree: each node's parent

@@ -229,7 +229,7 @@ class Shard:
         finally:
             c.mid_round -= 1
         back = self.clock.now_ms()
-        client.commit(head.draft, d.result, proposer, head.parents)
+        client.commit(head.draft, d.result, proposer)
         rec = self._account(dev, client, head, d, hit, back)
         if nxt is not None and not hit:
             self._discard(nxt, dev, rec)  # its assumption failed: the cloud refuses it, nobody waits for that
@@ -244,10 +244,8 @@ class Shard:
         clock = self.clock
         t0 = clock.now_ms()
         dev.clock_ms = t0
-        f = Flight(k, [], t0, dev.draft_latency_ms(k))
-        proposal = await self._propose(client, k, f.draft_ms)
-        f.draft = proposal.tokens if proposal else []
-        f.parents = proposal.parents if proposal else None
+        f = Flight(k, None, t0, dev.draft_latency_ms(k))
+        f.draft = await self._propose(client, k, f.draft_ms)
         f.lags.append(await clock.sleep_until(t0 + f.draft_ms, "draft"))
         f.sent = clock.now_ms()
         on_answer = None
@@ -256,7 +254,7 @@ class Shard:
             if dev.ahead_now and k:
                 on_answer = lambda res: f.after.append(  # noqa: E731
                     asyncio.create_task(self._after_answer(client, k, res, f.guess)))
-        f.task = asyncio.create_task(self._deliver(dev, client, f.draft, f.lags, rng, on_answer, parents=f.parents))
+        f.task = asyncio.create_task(self._deliver(dev, client, f.draft, f.lags, rng, on_answer))
         return f
 
     async def _pipeline(self, dev: EmulatedDevice, client: ClientSession, head: Flight) -> Flight | None:
@@ -269,7 +267,7 @@ class Shard:
             return None
         await self.ahead_drafter.submit((edge, 1 + k_next))
         chain, nxt = edge.drafted[:k], self.proposer.ahead_proposal(edge, k_next)
-        msg = client.pipelined_message([t for t, *_ in chain] + [self.proposer.guess(edge)], nxt.tokens, nxt.parents)
+        msg = client.pipelined_message([t for t, *_ in chain] + [self.proposer.guess(edge)], nxt)
         if msg is None or head.task.done():
             return None
         timer = asyncio.create_task(self.clock.sleep_until(max(head.sent + dev.profile.draft_ms(1 + k_next),
@@ -278,8 +276,8 @@ class Shard:
         if head.task.done():  # the answer came first: plain draft-ahead, its tokens are ready on a hit
             timer.cancel()
             return None
-        f = Flight(k_next, msg.draft_tokens, 0.0, 0.0, lags=[timer.result()], sent=self.clock.now_ms(),
-                   pipelined=True, assume=msg.assume, parents=msg.tree_parents)
+        f = Flight(k_next, nxt, 0.0, 0.0, lags=[timer.result()], sent=self.clock.now_ms(), pipelined=True,
+                   assume=msg.assume)
         f.task = asyncio.create_task(self._trip(dev, msg, f.lags))
         return f
 
@@ -294,7 +292,7 @@ class Shard:
             return d
         self.counters.retries += 1
         head.pipelined = False
-        again = await self._deliver(dev, client, head.draft, head.lags, rng, assume=head.assume, parents=head.parents)
+        again = await self._deliver(dev, client, head.draft, head.lags, rng, assume=head.assume)
         again.bytes_up, again.bytes_down = again.bytes_up + d.bytes_up, again.bytes_down + d.bytes_down
         return again
 
@@ -321,9 +319,10 @@ class Shard:
         # a plain round's parts add up to its time (the cloud's share takes any lag); a pipelined round's
         # overlap the round before it: it took from that answer to its own
         cloud_ms = d.cloud_ms if f.pipelined else back - f.t0 - f.draft_ms - d.up_ms - d.down_ms
-        dev.cloud.record(len(f.draft), cloud_ms)  # by verified positions (a tree's nodes)
+        nodes, parents = (len(f.draft.tokens), f.draft.parents) if f.draft else (0, None)
+        dev.cloud.record(nodes, cloud_ms)  # by verified positions (a tree's nodes)
         ev = RoundEvent(0, result.seq, f.k, result.accepted, d.bytes_up, d.bytes_down, result, hit,
-                        tuple(f.parents) if f.parents else None)
+                        tuple(parents) if parents else None)
         rec = dev.account(ev, f.t0, f.draft_ms, d.up_ms, cloud_ms, d.down_ms, back_ms=back if f.pipelined else None,
                           session=client.session_id, rate_up_bps=round(dev.observer.rate_bps["up"], 1),
                           lag_ms=round(max(f.lags), 3), queue_ms=result.timings.queue_ms,
@@ -366,15 +365,14 @@ class Shard:
         lags.append(await clock.sleep_until(back, "downlink"))
         return Delivery(ex.result, nbytes, ex.bytes_down, arrive - sent, answered - arrive, back - answered, 1, back)
 
-    async def _deliver(self, dev: EmulatedDevice, client: ClientSession, draft: list[int], lags: list[float],
-                       rng: random.Random, on_answer=None, assume: list[int] | None = None,
-                       parents: list[int] | None = None) -> Delivery:
+    async def _deliver(self, dev: EmulatedDevice, client: ClientSession, draft: Proposal | None, lags: list[float],
+                       rng: random.Random, on_answer=None, assume: list[int] | None = None) -> Delivery:
         """Trips with resync and retries (bytes summed over attempts; times of the last). `assume`: a
         pipelined round's resend (dropped if the cloud refuses it, e.g. after losing the session; then resync
-        as usual). `parents`: the draft is a token tree."""
+        as usual)."""
         bytes_up = bytes_down = 0
         for attempt in range(MAX_ATTEMPTS):
-            d = await self._trip(dev, client.message(draft, assume, parents), lags, on_answer)
+            d = await self._trip(dev, client.message(draft, assume), lags, on_answer)
             bytes_up, bytes_down = bytes_up + d.bytes_up, bytes_down + d.bytes_down
             if isinstance(d.result, P.RoundResult):
                 d.bytes_up, d.bytes_down, d.attempts = bytes_up, bytes_down, attempt + 1
