@@ -127,7 +127,7 @@ def test_lost_answers_are_retried_and_sessions_still_match(family_models, humane
     spec = small_fleet(devices=6)
     flaky = FlakyTransport(AsyncLocalTransport(Verifier(family_models["v1"], family_models["draft"], name="v1")))
     res = run_shard(spec, prompts, family_models, transport=flaky)
-    assert all(s["completed"] for s in res.sessions)
+    assert all(s["completed"] for s in res.sessions), [s["error"] for s in res.sessions if not s["completed"]]
     assert sum(r["attempts"] - 1 for r in res.rounds) > 0
     ref = greedy_reference(family_models, prompts, spec.max_new_tokens)
     assert all(s["tokens"] == ref[s["prompt_index"]] for s in res.sessions)
