@@ -64,7 +64,7 @@ class DraftRound(_Wire):
                                          description="pipelined round: the tokens round seq-1 must have committed "
                                          "(its drafts and the draft's guess); else condition_not_met")
     tree_parents: list[Annotated[int, Field(ge=-1, lt=MAX_DRAFT_TOKENS_WIRE)]] | None = Field(
-        None, max_length=MAX_DRAFT_TOKENS_WIRE, description="a token tree (greedy sessions): the parent of each "
+        None, max_length=MAX_DRAFT_TOKENS_WIRE, description="a token tree: the parent of each "
         "draft token, -1 for the last context token, else an earlier draft token's index")
 
     def to_request(self) -> VerifyRequest:

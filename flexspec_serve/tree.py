@@ -1,8 +1,9 @@
-"""The shape of a round's draft: a chain, or a token tree grown from the draft's own steps (greedy sessions).
+"""The shape of a round's draft: a chain, or a token tree grown from the draft's own steps.
 
 - `chain`: d_1..d_K, one per draft step.
 - `second`: second choices. Each step's runner-up s_i rides beside d_i as a leaf: 2K nodes, no extra draft step.
-- `branches`: second choices, and each runner-up continued greedily by the draft for up to `BRANCH_TOKENS` more
+  Greedy sessions take q's top two; sampling sessions draw s_i from q without d_i.
+- `branches`: second choices, and each runner-up continued by the draft for up to `BRANCH_TOKENS` more
   tokens (never deeper than d_K). The draft feeds s_i beside d_{i+1}'s step and each branch's last token
   beside later steps, so a round still takes K draft steps, each over 1 + (open branches) rows. That costs
   about one row's time on a memory-bound phone, the assumption `benchmarks.tree_headroom` states; its table

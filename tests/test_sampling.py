@@ -10,6 +10,7 @@ import torch
 from flexspec_serve.engine import sampling as S
 
 N_SAMPLES = 20_000
+N_TREE_SAMPLES = 8_000  # a tree round costs more to draw; the wrong tree rule still scores p ~ 1e-35 at this size
 
 
 def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor, min_expected: float = 5.0) -> float:
@@ -124,3 +125,87 @@ def test_sampling_params_reject_bad_values():
         S.SamplingParams(1.0, 0.0, 0)
     with pytest.raises(ValueError, match="temperature"):
         S.SamplingParams(-1.0)
+
+
+# --------------------------------------------------------------------------- token trees
+
+
+def draw_tree(q_row, k, shape, gen):
+    """A K-step tree as a sampling device draws it (context-free q): d_i ~ q, s_i ~ q without d_i, branch
+    tokens ~ q; nodes and parents in wire order (`flexspec_serve.tree`)."""
+    from flexspec_serve.tree import Tree, continuations, tree_parents
+
+    conts = continuations(k, Tree(shape))
+    chain = [S.sample(q_row, gen) for _ in range(k)]
+    grown = [[S.sample_without(q_row, [d], gen)] + [S.sample(q_row, gen) for _ in range(n)]
+             for d, n in zip(chain, conts)]
+    return chain + [t for b in grown for t in b], tree_parents(k, [len(b) - 1 for b in grown])
+
+
+def wrong_tree_rule(p, q, draft, parents, generator):
+    """A plausible bug: every candidate is tried against the same p and q (no residual, q keeps the
+    rejected candidates)."""
+    u = torch.rand(len(draft), generator=generator)
+    path, at = [], -1
+    while True:
+        kids = [j for j, parent in enumerate(parents) if parent == at]
+        nxt = next((j for j in kids if u[j] <= p[at + 1, draft[j]] / q[at + 1, draft[j]]), None)
+        if nxt is None:
+            return path, S.sample(S.residual(p[at + 1], q[at + 1]), generator)
+        path.append(nxt)
+        at = nxt
+
+
+def emitted_first_two_from_trees(rule, p_row, q_row, k, shape, n, seed):
+    """`emitted_first_two` for token-tree rounds: [V*V] joint counts of the first two tokens out."""
+    gen = torch.Generator().manual_seed(seed)
+    v = p_row.numel()
+    counts = torch.zeros(v, v)
+    for _ in range(n):
+        out: list[int] = []
+        while len(out) < 2:
+            draft, parents = draw_tree(q_row, k, shape, gen)
+            rows = len(draft) + 1
+            path, token = rule(p_row.expand(rows, v), q_row.expand(rows, v), draft, parents, gen)
+            out += [draft[j] for j in path] + [token]
+        counts[out[0], out[1]] += 1
+    return counts.flatten()
+
+
+@pytest.mark.parametrize("shape", ["second", "branches"])
+def test_tree_sampling_emits_tokens_iid_from_target(shape):
+    p, q = _skewed_pair()
+    counts = emitted_first_two_from_trees(S.accept_sampling_tree, p, q, k=3, shape=shape, n=N_TREE_SAMPLES, seed=1)
+    assert chi_square_p_value(counts, torch.outer(p, p).flatten()) > 1e-3
+
+
+def test_wrong_tree_rule_fails_the_same_test():
+    p, q = _skewed_pair()
+    counts = emitted_first_two_from_trees(wrong_tree_rule, p, q, k=3, shape="second", n=N_TREE_SAMPLES, seed=1)
+    assert chi_square_p_value(counts, torch.outer(p, p).flatten()) < 1e-6
+
+
+def test_a_candidate_q_cannot_have_drawn_is_rejected_and_leaves_p_whole():
+    """q puts all its mass on token 0, so the device has nothing left to draw a runner-up from and sends
+    another token; the output still follows p."""
+    p = torch.tensor([0.2, 0.5, 0.3])
+    q = torch.tensor([1.0, 0.0, 0.0])
+    gen = torch.Generator().manual_seed(3)
+    counts = torch.zeros(3)
+    for _ in range(N_SAMPLES):
+        path, token = S.accept_sampling_tree(p.expand(3, 3), q.expand(3, 3), [0, 2], [-1, -1], gen)
+        counts[[0, 2][path[0]] if path else token] += 1
+        assert path != [1]  # the runner-up q gives no mass is never accepted
+    assert chi_square_p_value(counts, p) > 1e-3
+
+
+def test_a_chain_decided_as_a_tree_matches_the_chain_rule():
+    """The two rules draw the same random numbers, so on a chain they give the same answer."""
+    p, q = _skewed_pair()
+    for seed in range(200):
+        gen = torch.Generator().manual_seed(seed)
+        draft = [S.sample(q, gen) for _ in range(3)]
+        a = S.accept_sampling(p.expand(4, -1), q.expand(3, -1), draft, torch.Generator().manual_seed(seed))
+        path, token = S.accept_sampling_tree(p.expand(4, -1), q.expand(4, -1), draft, [-1, 0, 1],
+                                             torch.Generator().manual_seed(seed))
+        assert a == (len(path), token) and path == list(range(len(path)))

@@ -120,18 +120,19 @@ def test_a_malformed_tree_is_refused_naming_parents(family_models, parents, why)
     assert isinstance(out, InvalidRequest) and out.field == "parents" and why in str(out)
 
 
-def test_trees_are_refused_in_sampling_sessions_and_a_pipelined_tree_waits_for_its_predecessor(family_models):
+def test_sampled_trees_need_a_draft_copy_and_a_pipelined_tree_waits_for_its_predecessor(family_models):
     from flexspec_serve.engine import InvalidRequest
     from flexspec_serve.engine.errors import ConditionNotMet
     from flexspec_serve.engine.sampling import SamplingParams
-    from flexspec_serve.engine.verifier import Verifier, VerifyRequest
+    from flexspec_serve.engine.verifier import RoundOutcome, Verifier, VerifyRequest
 
-    v = Verifier(family_models["v1"], family_models["draft"])
     sampled = VerifyRequest("s", 0, (4, 5), full_context=(1, 2, 3), sampling=SamplingParams(0.8), parents=(-1, -1))
     piped = VerifyRequest("t", 1, (4, 5), assume=(7, 8), parents=(-1, 0))
-    refused, waiting = v.verify([sampled, piped])
-    assert isinstance(refused, InvalidRequest) and refused.field == "parents"
+    refused, waiting = Verifier(family_models["v1"]).verify([sampled, piped])
+    assert isinstance(refused, InvalidRequest) and refused.field == "sampling"  # q needs the draft copy
     assert isinstance(waiting, ConditionNotMet)  # a well-formed tree; its assumption is what is checked
+    decided = Verifier(family_models["v1"], family_models["draft"]).verify([sampled])[0]
+    assert isinstance(decided, RoundOutcome) and decided.path in ((), (0,), (1,))
 
 
 def test_tree_rounds_and_their_answers_round_trip_both_encodings():

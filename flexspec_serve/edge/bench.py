@@ -19,6 +19,7 @@ from flexspec_serve.edge.controller import make_policy
 from flexspec_serve.edge.devices import DEVICE_CLASSES, CloudProfile
 from flexspec_serve.edge.emulator import EmulatedDevice, run_devices
 from flexspec_serve.engine.proposer import DraftProposer
+from flexspec_serve.engine.sampling import SamplingParams
 from flexspec_serve.engine.verifier import Verifier
 from flexspec_serve.transport import LocalTransport
 from flexspec_serve.tree import Tree
@@ -38,7 +39,8 @@ class BenchConfig:
     prompt_tokens: int = 192  # prompts are cut to their last N tokens
     seed: int = 0
     ahead: Ahead = Ahead.OFF  # what devices do while each round waits for its answer
-    tree: Tree = Tree.CHAIN  # the shape of a round's draft (greedy token trees: `flexspec_serve.tree`)
+    tree: Tree = Tree.CHAIN  # the shape of a round's draft (token trees: `flexspec_serve.tree`)
+    temperature: float = 0.0  # 0: greedy; else sampling at this temperature (each session its own seed)
 
     def policies(self) -> list[str]:
         return ["adaptive", "cloud-only", "accept-adaptive"] + [f"fixed-{k}" for k in self.fixed_ks]
@@ -89,7 +91,7 @@ def run_bench(cfg: BenchConfig) -> list[Cell]:
                     cell_of.append((cls, setting))
         run_devices(devices, [prompts[i % len(prompts)] for i in range(len(devices))], DraftProposer(draft),
                     LocalTransport(Verifier(target, draft, name=cfg.target)), cfg.max_new_tokens,
-                    session_prefix=f"{policy}-")
+                    sampling=SamplingParams(cfg.temperature, 1.0, cfg.seed), session_prefix=f"{policy}-")
         cells += _aggregate(devices, cell_of, policy)
     return cells
 

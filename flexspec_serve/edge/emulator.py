@@ -22,7 +22,7 @@ device had drafted before the answer came, that round was already sent then, wit
 1 + K draft steps after its predecessor, and the cloud verified it after its predecessor. The in-process
 loop still verifies it after the answer (the same tokens); only the emulated clock differs.
 
-Token trees (`EmulatedDevice.tree`, greedy; shapes in `flexspec_serve.tree`): the cloud's verify time
+Token trees (`EmulatedDevice.tree`; shapes in `flexspec_serve.tree`): the cloud's verify time
 counts the round's nodes, the draft time only its K steps (a branch grows in the chain's steps). A path
 that ends on a node the draft never fed (a leaf) leaves that node unfed with the cloud's token.
 

@@ -22,6 +22,11 @@ recovered (correction) token
     normalize(max(0, p_{n+1} - q_{n+1})) (sampling). It makes the output follow p exactly.
 bonus token
     When all K drafts are accepted, one extra token from p_{K+1} for free (argmax or sample).
+token tree
+    A round whose draft tokens are nodes with parents, several candidates per position (shapes in
+    `flexspec_serve.tree`). The *accepted path* runs from the root: greedy follows argmax p; sampling tries a
+    node's candidates in the order the draft drew them, by recursive rejection sampling (`engine.sampling`).
+    The bonus token follows a path that ends on a leaf; otherwise the token after the path is recovered.
 acceptance length (tau)
     Tokens gained per round: accepted + 1 (the recovered or bonus token). Cloud-only rounds (K = 0)
     have tau = 1.

@@ -57,7 +57,7 @@ def speculative_generate(
     d_{K+1} too (not sent) and `ahead_tokens(K)` past it before the answer is applied; a lookahead hit's next
     round starts from them (`on_round` is told of hits; the output does not change in greedy mode).
 
-    `tree`: greedy sessions send token trees of that shape (`flexspec_serve.tree`; the K in `RoundEvent` stays
+    `tree`: sessions send token trees of that shape (`flexspec_serve.tree`; the K in `RoundEvent` stays
     the draft steps).
 
     `transport` is a `Transport` or a bare `Verifier` (wrapped in a `LocalTransport`).

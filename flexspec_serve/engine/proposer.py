@@ -12,10 +12,12 @@ are dropped with the rest of the rejected draft. A client that already sent the 
 pipelined round (see `engine.verifier`) marks them sent with `promote`. Either way the drafted tokens are the ones drafting after
 the answer would give (greedy: the same tokens; sampling: the same distribution).
 
-Token trees (`propose(..., tree=...)`, greedy sessions; shapes in `flexspec_serve.tree`): with
-`second`, every draft step's runner-up s_i rides beside its token, so the round is a tree of 2K nodes that
-costs no extra draft step; every drafted token keeps its step's runner-up, those drafted ahead too. With
-`branches`, each runner-up is also continued greedily in the same K steps, on its own copy of the draft
+Token trees (`propose(..., tree=...)`; shapes in `flexspec_serve.tree`): with `second`, every draft step's
+runner-up s_i rides beside its token, so the round is a tree of 2K nodes that costs no extra draft step;
+every drafted token keeps its step's runner-up, those drafted ahead too. Greedy sessions take the top two
+tokens of q; sampling sessions draw d_i from q and s_i from q without d_i (what the cloud's recursive
+rejection sampling expects, `engine.sampling`). With `branches`, each runner-up is also continued by the
+draft (greedy or sampled, as the session decodes) in the same K steps, on its own copy of the draft
 cache; tokens drafted ahead grow their branches too (for a next round of the same K), so a round that
 starts from them carries its branches as well. When the target's token
 at position i is s_i, the round keeps d_1..d_{i-1}, s_i, what of its branch the target also chose, and the
@@ -38,7 +40,7 @@ from flexspec_serve.engine import sampling as S
 from flexspec_serve.engine.ragged import CachedSequence, decode_max_tokens, run_ragged_by_shape
 from flexspec_serve.tree import MAX_NODES, Tree, continuations, on_chain, tree_parents
 
-Step = tuple[int, float, int]  # a draft step: (token, q(token), runner-up; -1 in sampling sessions)
+Step = tuple[int, float, int]  # a draft step: (token, q(token), runner-up; -1 in sampling chain sessions)
 Branch = tuple[list[int], CachedSequence]  # a runner-up's continuation and its own draft cache
 
 
@@ -102,12 +104,12 @@ class DraftProposer:
         hit left ready come first); with `lookahead`, sessions with K_i > 0 draft one more token. Ready
         tokens past K_i stay drafted; `guess` is d_{K+1} when there is one. `on_done(i, proposal)` is
         called (on this thread) as soon as session i is drafted, while longer drafts go on; that session
-        is not touched again by this call. `tree`: greedy sessions' proposals are token trees of that shape
-        (see the module docstring)."""
+        is not touched again by this call. `tree`: the proposals are token trees of that shape (see the
+        module docstring)."""
         wants = [k + (lookahead and k > 0) for k in ks]
         starts = [s.ready if k else [] for s, k in zip(sessions, ks)]  # k = 0: apply drops the cache past it
         for s, st in zip(sessions, starts):
-            s.shape = Tree(tree) if s.sampling.greedy else Tree.CHAIN
+            s.shape = Tree(tree)
             s.ready, s.ahead_branches, s.branches = [], {}, s.branches if st else {}  # a hit's grown branches stay
         plans = [self._plan(s.shape, k) for s, k in zip(sessions, ks)]
         proposals: list[Proposal | None] = [None] * len(sessions)
@@ -171,7 +173,7 @@ class DraftProposer:
                 grow: list[tuple[dict[int, int], dict[int, Branch]]] | None = None) -> list[list[Step]]:
         """Continue each session's draft `starts[i]` (tokens past the committed ones) by n_i steps, batched;
         every step feeds whatever the cache has not seen yet (the backlog, then the last draft token).
-        `grow[i] = (plan, branches)`: the branch after the runner-up of drafted step j grows to plan[j] greedy
+        `grow[i] = (plan, branches)`: the branch after the runner-up of drafted step j grows to plan[j]
         tokens in the same steps, kept in `branches[j]`. `done(i, out_i)` as each session gets its n_i steps."""
         outs = [list(st) for st in starts]
         for i in (i for i, n in enumerate(ns) if n <= 0 and done is not None):
@@ -179,14 +181,14 @@ class DraftProposer:
         for step in range(max(ns, default=0)):
             active = [i for i, n in enumerate(ns) if n > step]
             rows = [(sessions[i].cache, self._unfed(sessions[i], outs[i])) for i in active]
-            twigs = [r for i, (cache, x) in zip(active, rows) if grow
+            twigs = [(i, *r) for i, (cache, x) in zip(active, rows) if grow
                      for r in self._branch_rows(cache, x, outs[i], *grow[i])]
-            logits = run_ragged_by_shape(self.model, [r[0] for r in rows + twigs], [r[1] for r in rows + twigs],
-                                         self.decode_max)
+            logits = run_ragged_by_shape(self.model, [r[0] for r in rows] + [t[1] for t in twigs],
+                                         [r[1] for r in rows] + [t[2] for t in twigs], self.decode_max)
             for i, lg in zip(active, logits):
                 outs[i].append(self._choose(lg[-1], sessions[i]))
-            for (_, _, tokens), lg in zip(twigs, logits[len(rows):]):
-                tokens.append(int(lg[-1].argmax()))
+            for (i, _, _, tokens), lg in zip(twigs, logits[len(rows):]):
+                tokens.append(self._choose(lg[-1], sessions[i], runner_up=False)[0])
             for i in (i for i in active if ns[i] == step + 1 and done is not None):
                 done(i, outs[i])
         return outs
@@ -211,14 +213,21 @@ class DraftProposer:
         head = s.tokens[fed:] if fed < n else []
         return head + [t for t, *_ in drafted[max(0, fed - n):]]
 
-    def _choose(self, logits: torch.Tensor, s: EdgeSession) -> Step:
-        """(token, q(token), runner-up): greedy takes the top two; sampling draws one (runner-up -1)."""
+    def _choose(self, logits: torch.Tensor, s: EdgeSession, runner_up: bool = True) -> Step:
+        """(token, q(token), runner-up): greedy takes the top two. Sampling draws the token from q and, when
+        the session sends trees, the runner-up from q without it (-1 in chains; when q has nothing else, the
+        top other logit, which the cloud then never accepts)."""
         if s.sampling.greedy:
             top = logits.topk(2).indices.tolist()
             return top[0], 1.0, top[1]
         q = S.probs(logits[None], s.sampling)[0]  # [V]
         token = S.sample(q, s.generator)
-        return token, float(q[token]), -1
+        if not (runner_up and s.shape.siblings):
+            return token, float(q[token]), -1
+        alt = S.sample_without(q, [token], s.generator)
+        if alt is None:
+            alt = next(t for t in logits.topk(2).indices.tolist() if t != token)
+        return token, float(q[token]), alt
 
     def apply(self, s: EdgeSession, draft: list[int], accepted: int, token: int) -> None:
         """Commit d_1..d_n and the cloud's token; keep the cache only over committed tokens (and, after a
@@ -266,12 +275,12 @@ class DraftProposer:
 
 def proposal_of(steps: list[Step], tree: Tree = Tree.CHAIN, branches: dict[int, list[int]] | None = None,
                 max_nodes: int = MAX_NODES) -> Proposal:
-    """The proposal of these drafted steps (token, q, runner-up): a chain, or (greedy) a token tree with each
+    """The proposal of these drafted steps (token, q, runner-up): a chain, or a token tree with each
     step's runner-up beside its token, followed by what of the tokens `branches[i]` grown after runner-up i
     the shape has room for at this K."""
     chain = Proposal([t for t, *_ in steps], [q for _, q, _ in steps])
-    if not (Tree(tree).siblings and steps):
-        return chain
+    if not (Tree(tree).siblings and steps) or any(alt < 0 for *_, alt in steps):
+        return chain  # (steps drafted for a chain have no runner-ups)
     branches, room = branches or {}, continuations(len(steps), Tree(tree), max_nodes)
     grown = [[alt, *branches.get(i, [])[:n]] for i, ((*_, alt), n) in enumerate(zip(steps, room))]
     tokens = chain.tokens + [t for b in grown for t in b]

@@ -1,8 +1,16 @@
 """Turning logits into distributions, and the speculative accept/reject rule — defined once.
 
 Shapes: K draft tokens; `p` target probs [K+1, V] (the last row for the bonus token); `q` draft probs
-[K, V]; `draft` token ids [K]. Greedy mode (temperature 0) needs only argmax p; it also decides token trees
-(`accept_greedy_tree`: K nodes with parents, the accepted path and the token after it).
+[K, V]; `draft` token ids [K]. Greedy mode (temperature 0) needs only argmax p.
+
+Token trees: K nodes with parents (-1: the token before the tree); row 0 of p and q is the distribution
+after the token before the tree, row j + 1 the one after node j, so both are [K+1, V]. A node's children are
+its candidates, in the order the draft drew them. Greedy (`accept_greedy_tree`) follows the target's
+argmax; sampling (`accept_sampling_tree`) tries the candidates in turn by recursive rejection sampling
+(Jeon et al. 2024, "Recursive Speculative Decoding"): candidate c_1 ~ q is accepted with probability
+min(1, p(c_1) / q(c_1)); when it is rejected, p becomes normalize(max(0, p - q)) and q becomes q without
+c_1, renormalized, the distribution the device drew c_2 from (`sample_without`), and so on. When every
+candidate is rejected the token comes from what is left of p. Either way the output follows p exactly.
 """
 
 from __future__ import annotations
@@ -53,6 +61,21 @@ def sample(dist: torch.Tensor, generator: torch.Generator) -> int:
     return int(torch.multinomial(dist, 1, generator=generator).item())
 
 
+def sample_without(dist: torch.Tensor, taken: list[int], generator: torch.Generator) -> int | None:
+    """One token from a [V] probability vector with the `taken` tokens removed and the rest renormalized
+    (a token tree's next candidate at a position); None when nothing else has any probability."""
+    rest = dist.clone()
+    rest[taken] = 0.0
+    return sample(rest, generator) if rest.sum() > 0 else None
+
+
+def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """normalize(max(0, p - q)) [V]: what a rejected candidate leaves of p (p itself when that is nothing)."""
+    rest = (p - q).clamp_min(0.0)
+    total = rest.sum()
+    return rest / total if total > 0 else p
+
+
 def accept_greedy(target_logits: torch.Tensor, draft: list[int]) -> tuple[int, int]:
     """target_logits [K+1, V] -> (accepted n, recovered-or-bonus token = argmax p_{n+1})."""
     choice = target_logits.argmax(dim=-1).tolist()  # [K+1]
@@ -99,6 +122,34 @@ def accept_sampling(
         n = 0
     if n == k:
         return n, sample(p[k], generator)  # bonus token ~ p_{K+1}
-    residual = (p[n] - q[n]).clamp_min(0.0)  # recovered token ~ normalize(max(0, p - q))
-    total = residual.sum()
-    return n, sample(residual / total if total > 0 else p[n], generator)
+    return n, sample(residual(p[n], q[n]), generator)  # recovered token ~ normalize(max(0, p - q))
+
+
+def accept_sampling_tree(p: torch.Tensor, q: torch.Tensor, draft: list[int], parents: list[int],
+                         generator: torch.Generator) -> tuple[list[int], int]:
+    """Lossless speculative sampling over a token tree: p, q [K+1, V] (rows as in the module docstring) ->
+    (accepted path, node indices from the root; the recovered or bonus token after it).
+
+    Each node's candidates (its children, in draw order) are tried by recursive rejection sampling. Node j
+    uses uniform u_j; K uniforms are drawn first and one token last, whatever the outcome, as in
+    `accept_sampling`."""
+    u = torch.rand(len(draft), generator=generator)  # [K]
+    children: dict[int, list[int]] = {}
+    for j, parent in enumerate(parents):
+        children.setdefault(parent, []).append(j)
+    path, at = [], -1
+    while True:
+        p_at, q_at = p[at + 1], q[at + 1].clone()  # [V] each: target and draft after the path so far
+        for j in children.get(at, ()):
+            c = draft[j]
+            if q_at[c] <= 0:  # not a draw from q_at (the device had nothing left to draw): rejected, p unchanged
+                continue
+            if u[j] * q_at[c] <= p_at[c]:  # accept c with probability min(1, p(c) / q(c))
+                path.append(j)
+                break
+            p_at = residual(p_at, q_at)  # the rest of p, and q without c
+            q_at[c] = 0.0
+            q_at = q_at / q_at.sum() if q_at.sum() > 0 else q_at
+        else:
+            return path, sample(p_at, generator)  # bonus (a leaf: no candidates) or recovered token
+        at = path[-1]

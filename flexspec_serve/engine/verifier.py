@@ -14,10 +14,12 @@ verified only if that is what round s committed; otherwise it answers `Condition
 (it is also refused when round s has not been verified yet: the client then resends it).
 A verified pipelined round is an ordinary round on the true context, so outputs stay lossless.
 
-Token trees (`VerifyRequest.parents`, greedy sessions only): the K draft tokens are the nodes of a tree
-(several candidates per position), verified in the same forward pass under a tree attention mask. The
-accepted path (`RoundOutcome.path`) follows the target's greedy choice from the root; its tokens and the
-target's token after it are committed, and the target cache keeps only that path's positions.
+Token trees (`VerifyRequest.parents`): the K draft tokens are the nodes of a tree (several candidates per
+position), verified in the same forward pass under a tree attention mask. The accepted path
+(`RoundOutcome.path`) follows the target's greedy choice from the root, or in sampling mode the candidates
+recursive rejection sampling accepts (`engine.sampling`), with q from the draft copy run over the same tree;
+the path's tokens and the target's token after it are committed, and the caches keep only that path's
+positions.
 
 It does not batch across time (the caller hands it a batch) and knows nothing of Serve or the network.
 """
@@ -259,8 +261,6 @@ class Verifier:
             tree_depths(parents)
         except ValueError as err:
             raise InvalidRequest("parents", parents, str(err)) from None
-        if not req.sampling.greedy:
-            raise InvalidRequest("parents", parents, "token trees are verified in greedy sessions only")
 
     def _check_length(self, req: VerifyRequest, session: _Session) -> None:
         total = len(session.tokens) + len(req.new_context) + len(req.draft_tokens) + 1
@@ -268,30 +268,35 @@ class Verifier:
             raise ContextTooLong(total, self.max_positions)
 
     def _draft_probs(self, requests, ready) -> dict[int, torch.Tensor]:
-        """q [K, V] per sampling-mode request, recomputed with the cloud's copy of the frozen draft."""
+        """q per sampling-mode request, recomputed with the cloud's copy of the frozen draft: [K, V] for a
+        chain (fed d_1..d_{K-1}), [K+1, V] for a token tree (fed every node under its tree mask)."""
         rows = [(i, s) for i, s, _ in ready if not s.sampling.greedy and requests[i].draft_tokens]
         if not rows:
             return {}
-        inputs = [s.tokens[s.draft.length :] + list(requests[i].draft_tokens[:-1]) for i, s in rows]
-        logits = run_ragged(self.draft, [s.draft for _, s in rows], inputs)
+        trees = [list(requests[i].parents) if requests[i].parents else None for i, _ in rows]
+        inputs = [s.tokens[s.draft.length :] + list(requests[i].draft_tokens[: None if tree else -1])
+                  for (i, s), tree in zip(rows, trees)]
+        logits = run_ragged(self.draft, [s.draft for _, s in rows], inputs, trees=trees)
         out = {}
-        for (i, s), lg in zip(rows, logits):
+        for (i, s), tree, lg in zip(rows, trees, logits):
             k = len(requests[i].draft_tokens)
-            out[i] = S.probs(lg[-k:], s.sampling)  # [K, V]
+            out[i] = S.probs(lg[-(k + 1 if tree else k):], s.sampling)
         return out
 
     def _decide(self, req, session: _Session, logits: torch.Tensor, q: torch.Tensor | None
                 ) -> tuple[list[int], int]:
         """(accepted nodes, root first: d_1..d_n for a chain; the recovered or bonus token)."""
-        draft = list(req.draft_tokens)
-        if req.parents is not None:
-            return S.accept_greedy_tree(logits, draft, list(req.parents))
+        draft, parents = list(req.draft_tokens), req.parents and list(req.parents)
         if session.sampling.greedy:
+            if parents:
+                return S.accept_greedy_tree(logits, draft, parents)
             n, token = S.accept_greedy(logits, draft)
-        else:
-            generator = torch.Generator().manual_seed((session.seed * 1_000_003 + req.seq) % (1 << 63))
-            p = S.probs(logits, session.sampling)  # [K+1, V]
-            n, token = S.accept_sampling(p, q if q is not None else p[:0], draft, generator)
+            return list(range(n)), token
+        generator = torch.Generator().manual_seed((session.seed * 1_000_003 + req.seq) % (1 << 63))
+        p = S.probs(logits, session.sampling)  # [K+1, V]
+        if parents:
+            return S.accept_sampling_tree(p, q, draft, parents, generator)
+        n, token = S.accept_sampling(p, q if q is not None else p[:0], draft, generator)
         return list(range(n)), token
 
     def _commit(self, req, session: _Session, path: list[int], token: int, verify_ms, batch_size, hit
@@ -301,7 +306,8 @@ class Verifier:
         session.tokens.extend(req.draft_tokens[j] for j in path)
         session.tokens.append(token)
         session.target.keep(before, path)  # drop rejected drafts; `token` is fed next round
-        session.draft.truncate(before + n)
+        if not session.sampling.greedy:  # the draft copy fed this round's nodes (greedy sessions keep none)
+            session.draft.keep(before, path)
         depth = tree_depth(list(req.parents)) if tree else k  # positions a round could accept
         session.stats.record(depth, n)
         self.stats.record(depth, n)

@@ -19,8 +19,8 @@ the round carries what it assumes its predecessor commits. After a lookahead hit
 (`Flight`); after a miss the cloud refuses it and its traffic is booked on the miss. At most two rounds of
 a device are on the air at once.
 
-Token trees (`FleetSpec.tree`, greedy): each round also carries every draft step's runner-up, and with
-`branches` each runner-up's greedy continuation, all computed in the same draft steps (drafting ahead
+Token trees (`FleetSpec.tree`): each round also carries every draft step's runner-up, and with
+`branches` each runner-up's continuation, all computed in the same draft steps (drafting ahead
 included); the answer names the accepted path.
 
 Failures: a `resync_required` answer resends the round with the full context; an overloaded answer waits

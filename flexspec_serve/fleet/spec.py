@@ -49,7 +49,7 @@ class FleetSpec(StrictModel):
                          "next round's draft is ready (the fleet actor runs that draft work for real); pipeline: also "
                          "send that next round as soon as it is drafted, before the answer (the cloud verifies it only "
                          "after a lookahead hit; the fleet actor drafts ahead on every round)")
-    tree: Tree = Field(Tree.CHAIN, description="the shape of a round's draft (greedy sessions; others send chains). "
+    tree: Tree = Field(Tree.CHAIN, description="the shape of a round's draft (greedy and sampling sessions). "
                        "chain: K tokens; second: each draft step's runner-up beside its token too (2K nodes, no "
                        "extra draft step); branches: each runner-up also continued by the draft for up to 2 more "
                        "tokens in the same K steps. Nodes count against the server's max_draft_tokens (16 assumed)")
