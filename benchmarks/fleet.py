@@ -6,6 +6,8 @@
    adaptive controller, fixed K = 4 and cloud-only, and the adaptive controller on devices that draft
    ahead and on devices that pipeline, each with chains, second choices and branches (token trees); decode
    tokens/s per policy and the ratio.
+3. Sampling (temperature 0.8) on the same LTE fleet: chains, branches, and branches drafting ahead against
+   cloud-only at the same temperature (token trees decided by recursive rejection sampling).
 
 Writes docs/results/fleet.md (and the two load-test reports under docs/results/fleet/).
 """
@@ -42,15 +44,21 @@ LTE_RUNS = tuple(("adaptive", ahead, tree) for tree in Tree for ahead in Ahead) 
     ("fixed-4", Ahead.OFF, Tree.CHAIN), ("cloud-only", Ahead.OFF, Tree.CHAIN))
 
 
-def run_dir(policy: str, ahead: Ahead, tree: Tree) -> str:
+SAMPLING_TEMPERATURE = 0.8
+SAMPLING_RUNS = (("adaptive", Ahead.OFF, Tree.CHAIN), ("adaptive", Ahead.OFF, Tree.BRANCHES),
+                 ("adaptive", Ahead.DRAFT, Tree.BRANCHES), ("cloud-only", Ahead.OFF, Tree.CHAIN))
+
+
+def run_dir(policy: str, ahead: Ahead, tree: Tree, temperature: float = 0.0) -> str:
     mode = {Ahead.OFF: "", Ahead.DRAFT: "ahead", Ahead.PIPELINE: "pipeline"}[ahead]
-    return "-".join(filter(None, ("lte", policy, mode, "" if tree is Tree.CHAIN else tree.value)))
+    return "-".join(filter(None, ("lte", policy, mode, "" if tree is Tree.CHAIN else tree.value,
+                                  f"T{temperature:g}" if temperature else "")))
 
 
-def lte_spec(args, policy: str, ahead: Ahead, tree: Tree) -> FleetSpec:
+def lte_spec(args, policy: str, ahead: Ahead, tree: Tree, temperature: float = 0.0) -> FleetSpec:
     return FleetSpec(
         name="lte", devices=args.lte_devices, actors=2, actor_num_cpus=0.2, max_new_tokens=48, target="stable",
-        policy=policy, ahead=ahead, tree=tree, mix=[{"device_class": "flagship-phone", "share": 0.5, "channel": LTE[0]},
+        temperature=temperature, policy=policy, ahead=ahead, tree=tree, mix=[{"device_class": "flagship-phone", "share": 0.5, "channel": LTE[0]},
                                          {"device_class": "midrange-phone", "share": 0.5, "channel": LTE[1]}],
         arrival={"start_within_s": 6, "think_time_s": 6}, duration_s=args.lte_duration)
 
@@ -67,7 +75,7 @@ def main() -> None:
     ap.add_argument("--lte-devices", type=int, default=12)
     ap.add_argument("--lte-duration", type=float, default=40.0)
     ap.add_argument("--out", type=Path, default=Path("docs/results"))
-    ap.add_argument("--parts", nargs="+", choices=["scale", "lte"], default=["scale", "lte"],
+    ap.add_argument("--parts", nargs="+", choices=["scale", "lte", "sampling"], default=["scale", "lte", "sampling"],
                     help="run only these parts (fleet.md then shows only them: use another --out)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -81,11 +89,16 @@ def main() -> None:
     summaries = [run_report(lte_spec(args, *run), prompts, draft, args.out / "fleet" / run_dir(*run),
                             command="python -m benchmarks.fleet")
                  for run in (LTE_RUNS if "lte" in args.parts else ())]
+    sampled = [run_report(lte_spec(args, *run, SAMPLING_TEMPERATURE), prompts, draft,
+                          args.out / "fleet" / run_dir(*run, SAMPLING_TEMPERATURE), command="python -m benchmarks.fleet")
+               for run in (SAMPLING_RUNS if "sampling" in args.parts else ())]
     lines = [
         "# Fleet benchmark (local Ray + Serve, CPU)\n",
         f"Command: `python -m benchmarks.fleet --profile {args.profile} --devices {args.devices}`  \n"
         f"machine: {machine()}; family {args.profile} seed 0, versions v1 (stable) + v2\n",
         *(scale_section(args, scales, runs) if runs else []), *(lte_section(args, summaries) if summaries else []),
+        *([f"## Sampling at temperature {SAMPLING_TEMPERATURE:g} (the same LTE fleet)\n",
+           md_table(compare_rows(sampled)), md_table(class_compare_rows(sampled))] if sampled else []),
         "Reports: `docs/results/fleet/scale-think*/report.md`, `docs/results/fleet/lte-*/report.md`.",
     ]
     (args.out / "fleet.md").write_text("\n".join(lines) + "\n")

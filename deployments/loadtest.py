@@ -31,7 +31,7 @@ def register(sub) -> None:
                    help="override the fleet's ahead: what devices do while a round waits (off; draft: draft-ahead; "
                    "pipeline: also send the round drafted ahead before the answer, verified only after a hit)")
     p.add_argument("--tree", choices=[t.value for t in Tree],
-                   help="override the fleet's draft shape (greedy fleets): chain; second: each draft step's runner-up "
+                   help="override the fleet's draft shape: chain; second: each draft step's runner-up "
                    "too; branches: each runner-up also continued by the draft")
     p.add_argument("--compare", nargs="*", metavar="POLICY",
                    help="also replay the fleet with these policies (default: fixed-4 cloud-only)")

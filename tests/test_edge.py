@@ -349,6 +349,30 @@ def test_controller_that_pipelines_expects_a_hit_to_cost_only_its_draft_steps_an
     assert piped.round_ms(2, v) == pytest.approx(quick + piped.estimator.p_all(3) * piped.pipe_extra_ms)
 
 
+def test_a_controller_whose_guesses_miss_stops_counting_on_lookahead_hits():
+    """Two pipelining controllers see the same rounds, all K accepted; one's guesses d_{K+1} are always the
+    cloud's token (a greedy chain), the other's never (a sampling session: the token ~ p, the guess ~ q)."""
+    midrange, v = DEVICE_CLASSES["midrange-phone"], view(50, 50)
+    right, wrong = (FlexSpecController(midrange, CLOUD, k_max=8, ahead=Ahead.PIPELINE,
+                                       estimator=AcceptanceEstimator(prior_a=660, prior_b=340)) for _ in range(2))
+    assert right.estimator.p_hit(3) == pytest.approx(right.estimator.p_all(4))  # nothing seen: the chain's rate
+    for _ in range(40):
+        right.observe(2, 2, hit=True)
+        wrong.observe(2, 2, hit=False)
+        right.observe(3, 1, hit=False)  # a round that did not accept all K says nothing about the guess
+        wrong.observe(3, 1, hit=True)
+    assert right.estimator.p_all(3) == pytest.approx(wrong.estimator.p_all(3))
+    unguessed = AcceptanceEstimator()
+    for _ in range(10):
+        unguessed.update(2, 2, hit=None)  # no guess drafted: nothing learned about guesses
+    assert unguessed.guess_rate(2) == pytest.approx(unguessed.position_alpha(2))
+    assert wrong.estimator.guess_rate(2) < 0.15 < 0.85 < right.estimator.guess_rate(2)
+    fresh = wrong.draft_ms(2, v) + wrong.wait_ms(2, v)
+    assert right.round_ms(2, v) < 0.75 * fresh  # hits expected: the next round is mostly free
+    assert wrong.round_ms(2, v) > 0.95 * fresh  # misses expected: pipelining saves next to nothing
+    assert wrong.choose(v) >= right.choose(v)  # hits no longer pay for short rounds
+
+
 def test_emulated_pipelining_sends_after_a_hit_without_waiting_and_takes_less_time(family_models, humaneval_prompts):
     from flexspec_serve.edge.emulator import EmulatedDevice, run_devices
     from flexspec_serve.engine.proposer import DraftProposer

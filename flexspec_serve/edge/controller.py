@@ -11,7 +11,7 @@ that has sat out rounds must first feed the tokens the cloud produced meanwhile)
 
 Draft-ahead (a device option): while a round waits for its answer the device drafts d_{K+1} (its guess of
 the cloud's bonus token) and then the next round's tokens. On a lookahead hit (all K accepted and the
-guess right, probability ~ prod of the position alphas up to K+1) the next round starts with those tokens
+guess right, `AcceptanceEstimator.p_hit`) the next round starts with those tokens
 already drafted (`RoundView.predrafted`), so the controller counts the expected saving against T_round(K)
 and the pre-draft's energy (spent hit or miss) in J/token; it chooses K and whether to draft ahead at all
 this round together (`ahead_now`), so a tight energy budget buys a longer draft rather than a pre-draft.
@@ -23,13 +23,16 @@ expected time per round is  h ((1 + K) t_draft + e) + (1 - h) T_round(K),  h = P
 how much later than that the pipelined answers were seen to come (the cloud verifies the two rounds one
 after the other; learned online, 0 at first).
 
-Token trees (a device option, greedy; `flexspec_serve.tree`): each round also sends every draft step's
+Token trees (a device option; `flexspec_serve.tree`): each round also sends every draft step's
 runner-up beside its token (`second`: 2K nodes, no extra draft step), and with `branches` each runner-up's
-greedy continuation. The estimator then learns how deep the tree's accepted path goes at each position,
-and the round's cost counts the tree's verified positions and the nodes' ids and parents uplink. With
-draft-ahead it takes that depth
-rate for the chain's too when it prices a lookahead hit, which only the chain can give: it expects hits
-somewhat more often than they come. K stops where the tree would not fit the server's node limit.
+continuation. The estimator then learns how deep the tree's accepted path goes at each position,
+and the round's cost counts the tree's verified positions and the nodes' ids and parents uplink. K stops
+where the tree would not fit the server's node limit.
+
+A lookahead hit needs all K accepted (the depth rates above) and then the guess right, on the chain: the
+estimator learns that second part from the hits it sees (`guess_rate`), starting from position K+1's
+alpha, which is what it is for greedy chains. Sampling sessions guess right far less often (the cloud's
+token is drawn from p, the guess from q), and a tree's path can reach depth K through a branch.
 
 Everything above is chosen subject to the expected energy per generated token staying within the device's budget; alpha is an
 online estimate per (device, target version): Beta posteriors with exponential forgetting, pooled and
@@ -77,8 +80,11 @@ class AcceptanceEstimator:
         self.s = self.f = 0.0  # discounted successes / failures (pooled)
         self.reached = [0.0] * k_max  # discounted rounds in which position i was drafted after i accepted drafts
         self.kept = [0.0] * k_max  # ... and position i was accepted
+        self.guessed = 0.0  # discounted rounds that accepted all K while the draft's guess d_{K+1} was drafted
+        self.guessed_right = 0.0  # ... and were lookahead hits
 
-    def update(self, k: int, accepted: int) -> None:
+    def update(self, k: int, accepted: int, hit: bool | None = None) -> None:
+        """One round's outcome; `hit`: whether it was a lookahead hit (None: no guess was drafted)."""
         if k == 0:
             return
         self.s = self.decay * self.s + accepted
@@ -89,6 +95,11 @@ class AcceptanceEstimator:
         for i in range(min(k, accepted + 1, len(self.reached))):
             self.reached[i] += 1
             self.kept[i] += i < accepted
+        self.guessed *= self.decay
+        self.guessed_right *= self.decay
+        if hit is not None and accepted == k:
+            self.guessed += 1
+            self.guessed_right += bool(hit)
 
     @property
     def alpha(self) -> float:
@@ -106,6 +117,16 @@ class AcceptanceEstimator:
             p *= self.position_alpha(i)
         return p
 
+    def guess_rate(self, k: int) -> float:
+        """P(lookahead hit | all K accepted), learned from the hits seen, shrunk toward position K's alpha (which
+        it is for a greedy chain). It is lower when sampling (the cloud's token ~ p and the guess ~ q are drawn
+        apart) and for token trees (a path through a branch reaches depth K off the chain)."""
+        return (self.guessed_right + self.strength * self.position_alpha(k)) / (self.guessed + self.strength)
+
+    def p_hit(self, k: int) -> float:
+        """Probability that a K-token round is a lookahead hit."""
+        return self.p_all(k) * self.guess_rate(k)
+
     def expected_tau(self, k: int) -> float:
         total, survive = 1.0, 1.0
         for i in range(k):
@@ -117,6 +138,7 @@ class AcceptanceEstimator:
         self.s = self.f = 0.0
         self.reached = [0.0] * len(self.reached)
         self.kept = [0.0] * len(self.kept)
+        self.guessed = self.guessed_right = 0.0
 
 
 @dataclass
@@ -127,8 +149,8 @@ class Policy:
     def choose(self, view: RoundView) -> int:
         raise NotImplementedError
 
-    def observe(self, k: int, accepted: int) -> None:
-        pass
+    def observe(self, k: int, accepted: int, hit: bool | None = None) -> None:
+        """A K-token round's outcome; `hit`: whether it was a lookahead hit (None: no guess was drafted)."""
 
     def observe_pipelined(self, k: int, round_ms: float) -> None:
         """A pipelined K-token round's answer came `round_ms` after the previous round's."""
@@ -164,7 +186,7 @@ class AcceptanceAdaptive(Policy):
     def choose(self, view: RoundView) -> int:
         return self.k
 
-    def observe(self, k: int, accepted: int) -> None:
+    def observe(self, k: int, accepted: int, hit: bool | None = None) -> None:
         self.k = min(self.k_max, self.k + 2) if accepted == k else max(1, self.k - 1)
 
 
@@ -215,11 +237,11 @@ class FlexSpecController(Policy):
         device's next answer follows a hit by the 1 + K steps that drafted that round."""
         on = self.ahead.drafts if ahead is None else ahead
         if self.ahead.sends and on and k:
-            hit = self.estimator.p_all(k + 1)
+            hit = self.estimator.p_hit(k)
             fresh = self.draft_ms(k, view) + self.wait_ms(k, view)
             return hit * min(fresh, self.device.draft_ms(1 + k) + self.pipe_extra_ms) + (1 - hit) * fresh
         saved_steps = max(0, min(k, self.ahead_steps(k, view, ahead) - 1))
-        saving = self.estimator.p_all(k + 1) * self.device.draft_ms(saved_steps) if saved_steps else 0.0
+        saving = self.estimator.p_hit(k) * self.device.draft_ms(saved_steps) if saved_steps else 0.0
         return self.draft_ms(k, view) + self.wait_ms(k, view) - saving
 
     def round_j(self, k: int, view: RoundView, ahead: bool | None = None) -> float:
@@ -250,8 +272,8 @@ class FlexSpecController(Policy):
         self.ahead_now = best[3]
         return best[0]
 
-    def observe(self, k: int, accepted: int) -> None:
-        self.estimator.update(k, accepted)
+    def observe(self, k: int, accepted: int, hit: bool | None = None) -> None:
+        self.estimator.update(k, accepted, hit)
 
     def observe_pipelined(self, k: int, round_ms: float, smoothing: float = 0.2) -> None:
         extra = max(0.0, round_ms - self.device.draft_ms(1 + k))
