@@ -373,6 +373,25 @@ def test_a_controller_whose_guesses_miss_stops_counting_on_lookahead_hits():
     assert wrong.choose(v) >= right.choose(v)  # hits no longer pay for short rounds
 
 
+def test_an_emulated_device_teaches_its_controller_the_guess_rate_only_from_rounds_that_drafted_a_guess():
+    from flexspec_serve import protocol as P
+    from flexspec_serve.edge.emulator import EmulatedDevice
+    from flexspec_serve.engine.generate import RoundEvent
+
+    result = P.RoundResult(session_id="s", seq=0, accepted=3, token=7, bonus=True, version="v1", context_len=40)
+    rates = []
+    for guessed in (False, True):
+        policy = FlexSpecController(DEVICE_CLASSES["flagship-phone"], CLOUD, ahead=Ahead.DRAFT)
+        dev = EmulatedDevice("d", DEVICE_CLASSES["flagship-phone"], make_link("good", 0), policy, CLOUD,
+                             ahead=Ahead.DRAFT)
+        for _ in range(30):  # all 3 accepted, never a hit: the guess was wrong, or (last round) never drafted
+            dev.ahead_now = True
+            dev.account(RoundEvent(0, 0, 3, 3, 30, 20, result, False, None, guessed), dev.clock_ms, 27.0, 30, 20, 30)
+        rates.append((policy.estimator.guess_rate(3), policy.estimator.position_alpha(3)))
+    (unguessed, alpha), (missed, _) = rates
+    assert unguessed == pytest.approx(alpha) and missed < 0.2 * alpha
+
+
 def test_emulated_pipelining_sends_after_a_hit_without_waiting_and_takes_less_time(family_models, humaneval_prompts):
     from flexspec_serve.edge.emulator import EmulatedDevice, run_devices
     from flexspec_serve.engine.proposer import DraftProposer

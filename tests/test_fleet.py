@@ -111,7 +111,8 @@ def test_pipelining_devices_still_emit_the_targets_greedy_output(family_models, 
 def test_pipelining_devices_sampling_finish_and_the_cloud_decides_their_pipelined_rounds(family_models,
                                                                                           humaneval_prompts):
     prompts = [p[-40:] for p in humaneval_prompts[:6]]
-    spec = small_fleet(ahead="pipeline", max_new_tokens=24, temperature=0.8)
+    spec = small_fleet(ahead="pipeline", max_new_tokens=24, temperature=0.8,
+                       policy="fixed-2")  # always pipelines: the adaptive one may learn that sampled guesses rarely hit
     verifier = Verifier(family_models["v1"], family_models["draft"], name="v1")
     res = run_shard(spec, prompts, family_models, verifier=verifier)
     assert res.sessions and all(s["completed"] for s in res.sessions) and not res.device_crashes

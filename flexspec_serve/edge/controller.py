@@ -118,8 +118,8 @@ class AcceptanceEstimator:
         return p
 
     def guess_rate(self, k: int) -> float:
-        """P(lookahead hit | all K accepted), learned from the hits seen, shrunk toward position K's alpha (which
-        it is for a greedy chain). It is lower when sampling (the cloud's token ~ p and the guess ~ q are drawn
+        """P(lookahead hit | all K accepted), learned from the rounds that drafted a guess, shrunk toward the
+        acceptance rate of the position after d_K (which it is for a greedy chain). It is lower when sampling (the cloud's token ~ p and the guess ~ q are drawn
         apart) and for token trees (a path through a branch reaches depth K off the chain)."""
         return (self.guessed_right + self.strength * self.position_alpha(k)) / (self.guessed + self.strength)
 

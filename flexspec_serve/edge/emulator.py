@@ -187,7 +187,7 @@ class EmulatedDevice:
         predrafted, self.predrafted = self.predrafted, ready
         self.observer.record("up", ev.bytes_up, up_ms)
         self.observer.record("down", ev.bytes_down, down_ms)
-        self.policy.observe(ev.k, ev.accepted, ev.lookahead_hit if self.ahead_now else None)  # hit: a guess was drafted
+        self.policy.observe(ev.k, ev.accepted, ev.lookahead_hit if ev.guessed else None)
         energy = (compute_ms * p.compute_w + up_ms * p.tx_w + down_ms * p.rx_w + verify_ms * p.idle_w) / 1e3
         back = t0 + draft_ms + up_ms + verify_ms + down_ms if back_ms is None else back_ms
         self.clock_ms = back

@@ -37,6 +37,7 @@ class RoundEvent:
     result: P.RoundResult
     lookahead_hit: bool = False  # draft-ahead: all K accepted and the cloud's token was the draft's d_{K+1}
     parents: tuple[int, ...] | None = None  # a token-tree round: its nodes' parents (K stays the draft steps)
+    guessed: bool = False  # draft-ahead: the draft's guess d_{K+1} was drafted (so a hit was possible)
 
 
 def speculative_generate(
@@ -81,11 +82,12 @@ def speculative_generate(
             edge = clients[i].edge
             hit = edge is not None and proposer.lookahead_hit(edge, ex.result.accepted, ex.result.token,
                                                               ex.result.path)
+            guessed = edge is not None and proposer.guess(edge) is not None
             new = clients[i].commit(prop, ex.result, proposer)
             if on_round:
                 parents = tuple(prop.parents) if prop and prop.parents else None
                 on_round(RoundEvent(i, round_idx, k, ex.result.accepted, ex.bytes_up, ex.bytes_down, ex.result,
-                                    hit, parents))
+                                    hit, parents, guessed))
             if len(clients[i].tokens) < max_new_tokens and (stop_token is None or stop_token not in new):
                 still.append(i)
         running, round_idx = still, round_idx + 1

@@ -76,6 +76,14 @@ def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return rest / total if total > 0 else p
 
 
+def tree_children(parents: list[int]) -> dict[int, list[int]]:
+    """Node (-1: the token before the tree) -> its children's indices, in wire order (the draw order)."""
+    children: dict[int, list[int]] = {}
+    for j, parent in enumerate(parents):
+        children.setdefault(parent, []).append(j)
+    return children
+
+
 def accept_greedy(target_logits: torch.Tensor, draft: list[int]) -> tuple[int, int]:
     """target_logits [K+1, V] -> (accepted n, recovered-or-bonus token = argmax p_{n+1})."""
     choice = target_logits.argmax(dim=-1).tolist()  # [K+1]
@@ -91,9 +99,7 @@ def accept_greedy_tree(target_logits: torch.Tensor, draft: list[int], parents: l
     indices from the root, and the target's token after it). From the root, the path follows the child whose
     token is the target's choice there (its first such child) until none is."""
     choice = target_logits.argmax(dim=-1).tolist()  # [K+1]
-    children: dict[int, list[int]] = {}
-    for j, parent in enumerate(parents):
-        children.setdefault(parent, []).append(j)
+    children = tree_children(parents)
     path, at = [], -1
     while True:
         nxt = next((j for j in children.get(at, ()) if draft[j] == choice[at + 1]), None)
@@ -134,9 +140,7 @@ def accept_sampling_tree(p: torch.Tensor, q: torch.Tensor, draft: list[int], par
     uses uniform u_j; K uniforms are drawn first and one token last, whatever the outcome, as in
     `accept_sampling`."""
     u = torch.rand(len(draft), generator=generator)  # [K]
-    children: dict[int, list[int]] = {}
-    for j, parent in enumerate(parents):
-        children.setdefault(parent, []).append(j)
+    children = tree_children(parents)
     path, at = [], -1
     while True:
         p_at, q_at = p[at + 1], q[at + 1].clone()  # [V] each: target and draft after the path so far
