@@ -42,6 +42,17 @@ def greedy_reference(family_models, prompts, max_new) -> list[list[int]]:
     return [r.tokens for r in speculative_generate(None, Verifier(family_models["v1"]), prompts, max_new)]
 
 
+class WireSpy:
+    """Passes rounds on to `inner`, keeping every round sent in `sent`."""
+
+    def __init__(self, inner):
+        self.inner, self.sent = inner, []
+
+    async def send(self, rnd):
+        self.sent.append(rnd)
+        return await self.inner.send(rnd)
+
+
 class FlakyTransport:
     """Every third call fails on the path (before or after reaching the verifier), like a dropped link."""
 

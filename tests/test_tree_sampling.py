@@ -118,25 +118,16 @@ def test_a_sampled_tree_session_resynced_mid_run_continues_identically(family_mo
 def test_sampling_fleet_devices_send_trees_and_every_round_the_cloud_decided_is_used(family_models,
                                                                                      humaneval_prompts, path, ahead):
     from flexspec_serve.transport import AsyncLocalTransport
-    from tests.test_fleet import FlakyTransport, run_shard, small_fleet
+    from tests.test_fleet import FlakyTransport, WireSpy, run_shard, small_fleet
 
     prompts = [p[-40:] for p in humaneval_prompts[:6]]
     spec = small_fleet(tree="branches", ahead=ahead, max_new_tokens=24, devices=8, temperature=0.8,
                        policy="fixed-2")  # always pipelines: the adaptive one may learn that sampled guesses rarely hit
     verifier = Verifier(family_models["v1"], family_models["draft"], name="v1")
-    sent = []
-
-    class Spy:  # what went on the wire
-        def __init__(self, inner):
-            self.inner = inner
-
-        async def send(self, rnd):
-            sent.append(rnd)
-            return await self.inner.send(rnd)
-
     inner = AsyncLocalTransport(verifier)
-    res = run_shard(spec, prompts, family_models, transport=Spy(FlakyTransport(inner) if path == "flaky" else inner),
-                    verifier=verifier)
+    spy = WireSpy(FlakyTransport(inner) if path == "flaky" else inner)
+    res = run_shard(spec, prompts, family_models, transport=spy, verifier=verifier)
+    sent = spy.sent  # what went on the wire
     assert res.sessions and all(s["completed"] for s in res.sessions) and not res.device_crashes
     assert all(len(s["tokens"]) == 24 for s in res.sessions)
     assert all(r.tree_parents for r in sent if r.draft_tokens)  # sampling devices send trees too

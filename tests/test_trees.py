@@ -189,23 +189,14 @@ def test_fleet_devices_sending_token_trees_emit_the_targets_greedy_output(family
                                                                           ahead, tree):
     from flexspec_serve.engine.verifier import Verifier, VerifierLimits
     from flexspec_serve.transport import AsyncLocalTransport
-    from tests.test_fleet import FlakyTransport, greedy_reference, run_shard, small_fleet
+    from tests.test_fleet import FlakyTransport, WireSpy, greedy_reference, run_shard, small_fleet
 
     prompts = [p[-40:] for p in humaneval_prompts[:6]]
     spec = small_fleet(tree=tree, ahead=ahead, max_new_tokens=24, devices=8)
     verifier = Verifier(family_models["v1"], family_models["draft"], name="v1",
                         limits=VerifierLimits(max_sessions=2 if path == "evicting" else 4096))
-    sent = []
-
-    class Spy:  # what went on the wire
-        def __init__(self, inner):
-            self.inner = inner
-
-        async def send(self, rnd):
-            sent.append(rnd)
-            return await self.inner.send(rnd)
-
-    transport = Spy(FlakyTransport(AsyncLocalTransport(verifier)) if path == "flaky" else AsyncLocalTransport(verifier))
+    transport = WireSpy(FlakyTransport(AsyncLocalTransport(verifier)) if path == "flaky" else AsyncLocalTransport(verifier))
+    sent = transport.sent  # what went on the wire
     res = run_shard(spec, prompts, family_models, transport=transport, verifier=verifier)
     assert res.sessions and all(s["completed"] for s in res.sessions) and not res.device_crashes
     ref = greedy_reference(family_models, prompts, spec.max_new_tokens)

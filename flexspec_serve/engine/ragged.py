@@ -41,8 +41,9 @@ class CachedSequence:
 
     def keep(self, prefix: int, extra: list[int]) -> None:
         """Keep the first `prefix` positions and then positions prefix + e for e in `extra` (ascending):
-        the accepted path of a token tree fed after `prefix` positions."""
-        if extra == list(range(len(extra))):
+        the accepted path of a token tree fed after `prefix` positions. A cache that never fed past `prefix`
+        (or none) is left as it is."""
+        if extra == list(range(len(extra))) or self.length <= prefix:
             self.truncate(prefix + len(extra))
             return
         kept = torch.tensor(list(range(prefix)) + [prefix + e for e in extra])

@@ -306,8 +306,7 @@ class Verifier:
         session.tokens.extend(req.draft_tokens[j] for j in path)
         session.tokens.append(token)
         session.target.keep(before, path)  # drop rejected drafts; `token` is fed next round
-        if not session.sampling.greedy:  # the draft copy fed this round's nodes (greedy sessions keep none)
-            session.draft.keep(before, path)
+        session.draft.keep(before, path)  # (sampling: the draft copy fed this round's nodes; greedy: it holds none)
         depth = tree_depth(list(req.parents)) if tree else k  # positions a round could accept
         session.stats.record(depth, n)
         self.stats.record(depth, n)
