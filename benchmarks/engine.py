@@ -1,9 +1,14 @@
-"""Engine benchmarks on CPU (printed tables; `python -m benchmarks.engine [--profile default]`).
+"""Engine benchmarks (printed tables; `python -m benchmarks.engine [--profile default] [--device cuda]`).
 
-1. verify time vs batch size (K = 4 on a 256-token context, rolled back after every call);
+0. on the chosen device, greedy speculative output equals the target's own greedy output (a check, not a
+   timing: the engine's first run on a GPU should show it);
+1. verify time vs batch size (K = 4 by default, `--k 4 8 16` for more, on a 256-token context, rolled back
+   after every call);
 2. batched vs one-at-a-time verification throughput at batch 16;
 3. speculative vs cloud-only generation, with zero network delay and with an emulated round trip,
    split into draft time, verify time and round trips so it is clear where the win comes from.
+
+Ray-free: it runs where torch and transformers are (a GPU machine without Ray, too).
 """
 
 from __future__ import annotations
@@ -36,23 +41,40 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--rtt-ms", type=float, default=50.0)
+    ap.add_argument("--device", default="cpu", help="where draft and target run: cpu, cuda, cuda:1, ...")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--k", type=int, nargs="+", default=[4], help="draft tokens per verify call (one table each)")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     fam = paths.family_dir(args.profile) if args.family is None else args.family
-    tok, draft, target = load_tokenizer(f"{fam}/v1"), load_causal_lm(f"{fam}/draft"), load_causal_lm(f"{fam}/v1")
-    print(f"family {fam}; torch threads {args.threads}")
+    tok = load_tokenizer(f"{fam}/v1")
+    draft, target = (load_causal_lm(f"{fam}/{m}", args.dtype, device=args.device) for m in ("draft", "v1"))
+    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else f"{args.threads} threads"
+    print(f"family {fam}; device {args.device} ({where}); {args.dtype}; torch {torch.__version__}")
 
-    per_b = cost_profile(Verifier(target, draft), benchmark_contexts(tok, 32), 4, reps=args.reps)
-    rows = [[b, ms, ms / b, b * 5 / ms * 1e3] for b, ms in per_b.items()]
-    table("verify time vs batch size (K = 4, 256-token context)", ["batch", "ms/call", "ms/session", "verified tok/s"],
-          rows)
+    prompts = [tok(p.prompt, add_special_tokens=False)["input_ids"] for p in humaneval_problems(16)]
+    equal = greedy_check(draft, target, prompts, 48)
+    print(f"\ngreedy check: speculative (K = 4) output equals the target's greedy output for {equal}/{len(prompts)} "
+          "prompts (48 tokens)")
 
+    contexts = benchmark_contexts(tok, max(args.batches))
+    profiles = {}
+    for k in args.k:
+        per_b = profiles[k] = cost_profile(Verifier(target, draft), contexts, k, batches=args.batches, reps=args.reps)
+        rows = [[b, ms, ms / b, b * (k + 1) / ms * 1e3] for b, ms in per_b.items()]
+        table(f"verify time vs batch size (K = {k}, 256-token context)",
+              ["batch", "ms/call", "ms/session", "verified tok/s"], rows)
+    k, per_b = args.k[0], profiles[args.k[0]]
+    if 1 not in per_b or 16 not in per_b:
+        return
     single, batched = per_b[1], per_b[16]
-    table("batched vs one at a time (16 sessions, K = 4)", ["mode", "ms for 16", "verified tok/s"],
-          [["one-at-a-time", 16 * single, 16 * 5 / (16 * single) * 1e3], ["batched", batched, 16 * 5 / batched * 1e3],
+    table(f"batched vs one at a time (16 sessions, K = {k})", ["mode", "ms for 16", "verified tok/s"],
+          [["one-at-a-time", 16 * single, 16 * (k + 1) / (16 * single) * 1e3],
+           ["batched", batched, 16 * (k + 1) / batched * 1e3],
            ["speedup", 16 * single / batched, ""]])
 
-    prompts = [tok(p.prompt, add_special_tokens=False)["input_ids"] for p in humaneval_problems(4)]
+    prompts = prompts[:4]
     rows = []
     for name, k in (("cloud-only", 0), ("speculative-K4", 4)):
         timing = {"draft": 0.0, "verify": 0.0}
@@ -99,6 +121,17 @@ def uplink_table(draft, target, prompts) -> None:
                      j["bytes"] / j["drafts"]])
     table("uplink payload per round after the first (ids only; session id, seq and version included)",
           ["K", "compact B/round", "compact B/draft", "JSON B/round", "JSON B/draft"], rows)
+
+
+def greedy_check(draft, target, prompts: list[list[int]], n: int) -> int:
+    """How many prompts' greedy speculative output (K = 4) equals `target.generate`'s greedy output."""
+    out = speculative_generate(DraftProposer(draft), Verifier(target, draft), prompts, n, 4, session_prefix="check")
+    equal = 0
+    for p, client in zip(prompts, out):
+        want = target.generate(torch.tensor([p], device=target.device), max_new_tokens=n, min_new_tokens=n,
+                               do_sample=False)[0, len(p):].tolist()
+        equal += client.tokens == want
+    return equal
 
 
 def _timed(fn, acc: dict, key: str):

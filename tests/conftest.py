@@ -26,12 +26,14 @@ def tiny_family() -> Path:
 
 @pytest.fixture(scope="session")
 def family_models(tiny_family):
-    """name -> loaded model, for every member of the tiny family."""
+    """name -> loaded model, for every member of the tiny family, on FLEXSPEC_TEST_DEVICE (default: the CPU;
+    `FLEXSPEC_TEST_DEVICE=cuda pytest tests/test_engine.py ...` runs the engine's tests on a GPU)."""
     from flexspec_serve.zoo.loading import load_causal_lm
     from flexspec_serve.zoo.manifest import Manifest
 
     manifest = Manifest.load(tiny_family)
-    return {m.name: load_causal_lm(tiny_family / m.name) for m in manifest.members}
+    device = os.environ.get("FLEXSPEC_TEST_DEVICE")
+    return {m.name: load_causal_lm(tiny_family / m.name, device=device) for m in manifest.members}
 
 
 @pytest.fixture(scope="session")

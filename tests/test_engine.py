@@ -21,7 +21,11 @@ MAX_NEW = 20
 
 
 def target_greedy(model, prompt, n):
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    """`model`'s own greedy continuation of `prompt` (n tokens), by transformers' generate, on its device."""
+    if not n:
+        return []
+    out = model.generate(torch.tensor([prompt], device=model.device), max_new_tokens=n, min_new_tokens=n,
+                         do_sample=False)
     return out[0, len(prompt):].tolist()
 
 

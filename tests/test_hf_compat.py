@@ -25,5 +25,5 @@ def test_cache_bytes_count_keys_and_values():
 def test_forward_uses_the_installed_versions_cache_argument(family_models):
     model = family_models["v1"]
     cache = hf_compat.cache_from_tensors([])
-    logits = hf_compat.forward_logits(model, torch.tensor([[1, 2, 3]]), cache)
+    logits = hf_compat.forward_logits(model, torch.tensor([[1, 2, 3]], device=model.device), cache)
     assert logits.shape == (1, 3, model.config.vocab_size) and hf_compat.seq_length(cache) == 3

@@ -80,10 +80,10 @@ def test_wrong_acceptance_rule_fails_the_same_test():
 def test_first_token_follows_real_target_distribution(family_models, humaneval_prompts, top_p):
     """Real draft and target at a fixed position of a HumanEval prompt, temperature 1."""
     params = S.SamplingParams(1.0, top_p, 0)
-    ids = torch.tensor([humaneval_prompts[2][:40]])
+    ids = torch.tensor([humaneval_prompts[2][:40]], device=family_models["v2"].device)
     with torch.inference_mode():
-        p_row = S.probs(family_models["v2"](input_ids=ids).logits[0, -1:], params)[0]
-        q_row = S.probs(family_models["draft"](input_ids=ids).logits[0, -1:], params)[0]
+        p_row = S.probs(family_models["v2"](input_ids=ids).logits[0, -1:], params)[0].cpu()
+        q_row = S.probs(family_models["draft"](input_ids=ids).logits[0, -1:], params)[0].cpu()
     gen = torch.Generator().manual_seed(2)
     k = 2
     q = q_row.expand(k, -1)

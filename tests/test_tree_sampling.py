@@ -13,6 +13,7 @@ from flexspec_serve.engine.sampling import SamplingParams, probs
 from flexspec_serve.engine.verifier import Verifier, VerifyRequest
 from flexspec_serve.transport import LocalTransport
 from flexspec_serve.tree import on_chain
+from test_engine import target_greedy
 from test_sampling import chi_square_p_value
 
 N_SESSIONS = 1500
@@ -25,7 +26,8 @@ def test_sampled_trees_emit_the_targets_first_token_distribution(family_models, 
     prompt = humaneval_prompts[5][:40]
     params = SamplingParams(0.7, 1.0, 5)
     with torch.inference_mode():
-        p_row = probs(family_models["v2"](input_ids=torch.tensor([prompt])).logits[0, -1:], params)[0]  # [V]
+        ids = torch.tensor([prompt], device=family_models["v2"].device)
+        p_row = probs(family_models["v2"](input_ids=ids).logits[0, -1:], params)[0].cpu()  # [V]
     clients = speculative_generate(DraftProposer(family_models["draft"]),
                                    Verifier(family_models["v2"], family_models["draft"]),
                                    [prompt] * N_SESSIONS, 4, 3, sampling=params, tree=tree)
@@ -41,8 +43,7 @@ def test_a_vanishing_top_p_decodes_a_sampled_tree_as_greedy_and_never_takes_a_ru
     """q keeps one token only, so the device has no runner-up to draw and sends another token, which the cloud
     must never accept: the output is the target's greedy one and every path stays on the chain."""
     prompts = humaneval_prompts[:6]
-    want = [family_models["v1"].generate(torch.tensor([p]), max_new_tokens=16, min_new_tokens=16,
-                                         do_sample=False)[0, len(p):].tolist() for p in prompts]
+    want = [target_greedy(family_models["v1"], p, 16) for p in prompts]
     clients = speculative_generate(DraftProposer(family_models["draft"]),
                                    Verifier(family_models["v1"], family_models["draft"]), prompts, 16, 3,
                                    sampling=SamplingParams(1.0, 1e-9, 3), tree="branches")

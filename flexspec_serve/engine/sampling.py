@@ -11,6 +11,10 @@ argmax; sampling (`accept_sampling_tree`) tries the candidates in turn by recurs
 min(1, p(c_1) / q(c_1)); when it is rejected, p becomes normalize(max(0, p - q)) and q becomes q without
 c_1, renormalized, the distribution the device drew c_2 from (`sample_without`), and so on. When every
 candidate is rejected the token comes from what is left of p. Either way the output follows p exactly.
+
+Devices: p and q may live on the GPU that computed them; the random numbers always come from the session's
+CPU `torch.Generator` (the uniforms are drawn on the CPU and the distributions a token is drawn from are
+copied there, V floats), so a seeded round decides the same way on any device.
 """
 
 from __future__ import annotations
@@ -57,8 +61,8 @@ def probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def sample(dist: torch.Tensor, generator: torch.Generator) -> int:
-    """One token from a [V] probability vector."""
-    return int(torch.multinomial(dist, 1, generator=generator).item())
+    """One token from a [V] probability vector (drawn on the CPU, where `generator` lives)."""
+    return int(torch.multinomial(dist.cpu(), 1, generator=generator).item())
 
 
 def sample_without(dist: torch.Tensor, taken: list[int], generator: torch.Generator) -> int | None:
@@ -120,8 +124,8 @@ def accept_sampling(
     k = len(draft)
     u = torch.rand(k, generator=generator)  # [K]
     if k:
-        idx = torch.arange(k)
-        ratio = p[idx, draft] / q[idx, draft].clamp_min(1e-30)  # p_i(d_i) / q_i(d_i)
+        idx = torch.arange(k, device=p.device)
+        ratio = (p[idx, draft] / q[idx, draft].clamp_min(1e-30)).cpu()  # p_i(d_i) / q_i(d_i), [K]
         rejected = (u > ratio).nonzero()
         n = int(rejected[0, 0]) if rejected.numel() else k
     else:
@@ -148,7 +152,7 @@ def accept_sampling_tree(p: torch.Tensor, q: torch.Tensor, draft: list[int], par
             c = draft[j]
             if q_at[c] <= 0:  # not a draw from q_at (the device had nothing left to draw): rejected, p unchanged
                 continue
-            if u[j] * q_at[c] <= p_at[c]:  # accept c with probability min(1, p(c) / q(c))
+            if float(u[j]) * float(q_at[c]) <= float(p_at[c]):  # accept c with probability min(1, p(c) / q(c))
                 path.append(j)
                 break
             p_at = residual(p_at, q_at)  # the rest of p, and q without c
