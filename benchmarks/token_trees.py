@@ -6,11 +6,13 @@ the K draft tokens as a chain, with second choices (each draft step's runner-up 
 no extra draft step) or with branches (each runner-up also continued by the draft in the same K steps;
 `flexspec_serve.tree`), each with the device idle during the wait, drafting ahead, or pipelining. Greedy by
 default; `--temperature T` samples (the cloud decides a tree's candidates by recursive rejection sampling,
-`engine.sampling`). Decode tokens/s against cloud-only, pooled over the LTE traces for the adaptive
-controller and fixed K = 4, and per device class and trace for the adaptive controller; tokens per round.
+`engine.sampling`); `--cloud graphs-8b` prices the cloud's verify time as a CUDA-graphs 8B server measured
+on an H200 (`edge.devices.CLOUD_PROFILES`; default `eager-8b`). Decode tokens/s against cloud-only, pooled
+over the LTE traces for the adaptive controller and fixed K = 4, and per device class and trace for the adaptive
+controller; tokens per round.
 
 `benchmarks.tree_headroom` modelled these shapes (`chain-K+1`, `branches-K`); this measures them. Writes
-docs/results/token_trees.md (greedy) or token_trees_T<T>.md.
+docs/results/token_trees.md (greedy) or token_trees_T<T>.md, with `_<cloud>` added for another cloud profile.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from flexspec_serve import paths
 from flexspec_serve.ahead import Ahead
 from flexspec_serve.edge.bench import BenchConfig, Cell, run_bench
 from flexspec_serve.edge.channels import trace_names
+from flexspec_serve.edge.devices import CLOUD_PROFILES
 from flexspec_serve.reports import machine, md_table
 from flexspec_serve.tree import Tree
 
@@ -50,24 +53,28 @@ def main() -> None:
     ap.add_argument("--profile", default="default")
     ap.add_argument("--devices-per-cell", type=int, default=4)
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else sample at this temperature")
+    ap.add_argument("--cloud", default="eager-8b", choices=sorted(CLOUD_PROFILES),
+                    help="the emulated cloud's verify-time profile")
     ap.add_argument("--out", type=Path, default=Path("docs/results"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = dict(family=paths.family_dir(args.profile), classes=CLASSES, settings=tuple(trace_names()), fixed_ks=(4,),
-               devices_per_cell=args.devices_per_cell, temperature=args.temperature)
+               devices_per_cell=args.devices_per_cell, temperature=args.temperature, cloud=CLOUD_PROFILES[args.cloud])
     runs = {mode: run_bench(BenchConfig(**cfg, ahead=ahead, tree=tree)) for mode, (ahead, tree) in MODES.items()}
     lte = {mode: [c for c in cells if "LTE" in c.setting] for mode, cells in runs.items()}
     base = pooled(lte["chain"], "cloud-only")
     summary = [{"mode": mode, **{f"{p} vs cloud-only": round(pooled(lte[mode], p) / base, 2)
                                  for p in ("adaptive", "fixed-4")}} for mode in MODES]
-    sampled = args.temperature > 0
+    sampled, cloud = args.temperature > 0, CLOUD_PROFILES[args.cloud]
     decoding = f"sampling at temperature {args.temperature}" if sampled else "greedy"
     lines = [
         f"# Token trees: second choices and branches against chains (emulated time, {decoding})\n",
         f"Command: `python -m benchmarks.token_trees --profile {args.profile}"
-        f"{f' --temperature {args.temperature}' if sampled else ''}`  \n"
+        f"{f' --temperature {args.temperature}' if sampled else ''}"
+        f"{f' --cloud {args.cloud}' if args.cloud != 'eager-8b' else ''}`  \n"
         f"machine: {machine()}; family {args.profile}, frozen draft against v1; {args.devices_per_cell} devices "
-        f"per cell x 48 new tokens, {decoding}; the same devices, traces and seeds in every mode\n",
+        f"per cell x 48 new tokens, {decoding}; the same devices, traces and seeds in every mode; cloud verify "
+        f"time {cloud.verify_base_ms} ms + {cloud.verify_ms_per_token} ms per verified position ({args.cloud})\n",
         "## LTE traces, pooled over both phone classes: decode tokens/s against cloud-only\n", md_table(summary),
         "## Adaptive controller, per device class and trace: decode tokens/s against cloud-only\n",
         md_table(rows(runs, "adaptive")),
@@ -80,7 +87,9 @@ def main() -> None:
         "path leaves the chain is a miss for the lookahead.",
     ]
     text = "\n".join(lines) + "\n"
-    (args.out / ("token_trees.md" if not sampled else f"token_trees_T{args.temperature:g}.md")).write_text(text)
+    name = "token_trees" + (f"_T{args.temperature:g}" if sampled else "") + (
+        f"_{args.cloud}" if args.cloud != "eager-8b" else "")
+    (args.out / f"{name}.md").write_text(text)
     print(text)
 
 

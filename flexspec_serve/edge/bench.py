@@ -41,6 +41,7 @@ class BenchConfig:
     ahead: Ahead = Ahead.OFF  # what devices do while each round waits for its answer
     tree: Tree = Tree.CHAIN  # the shape of a round's draft (token trees: `flexspec_serve.tree`)
     temperature: float = 0.0  # 0: greedy; else sampling at this temperature (each session its own seed)
+    cloud: CloudProfile = field(default_factory=CloudProfile)  # the emulated cloud's verify time
 
     def policies(self) -> list[str]:
         return ["adaptive", "cloud-only", "accept-adaptive"] + [f"fixed-{k}" for k in self.fixed_ks]
@@ -74,7 +75,7 @@ def run_bench(cfg: BenchConfig) -> list[Cell]:
     target = load_causal_lm(cfg.family / cfg.target)
     problems = corpus_mod.humaneval_problems(cfg.devices_per_cell)
     prompts = [tok(p.prompt, add_special_tokens=False)["input_ids"][-cfg.prompt_tokens :] for p in problems]
-    cloud = CloudProfile()
+    cloud = cfg.cloud
     cells = []
     for policy in cfg.policies():
         devices, cell_of = [], []
