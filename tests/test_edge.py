@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import yaml
@@ -331,7 +333,7 @@ def test_controller_drafts_ahead_only_when_the_energy_budget_allows_it():
 
 def test_controller_that_pipelines_expects_a_hit_to_cost_only_its_draft_steps_and_drafts_shorter():
     est = lambda: AcceptanceEstimator(prior_a=660, prior_b=340)  # noqa: E731
-    midrange = DEVICE_CLASSES["midrange-phone"]
+    midrange = dataclasses.replace(DEVICE_CLASSES["midrange-phone"], energy_budget_j_per_token=10.0)  # time alone
     ahead = FlexSpecController(midrange, CLOUD, k_max=8, estimator=est(), ahead=Ahead.DRAFT)
     piped = FlexSpecController(midrange, CLOUD, k_max=8, estimator=est(), ahead=Ahead.PIPELINE)
     v = view(50, 50)
@@ -347,6 +349,23 @@ def test_controller_that_pipelines_expects_a_hit_to_cost_only_its_draft_steps_an
         piped.observe_pipelined(2, 3 * 22.0 + 40.0)
     assert piped.pipe_extra_ms == pytest.approx(40.0, rel=0.01)
     assert piped.round_ms(2, v) == pytest.approx(quick + piped.estimator.p_all(3) * piped.pipe_extra_ms)
+
+
+def test_a_pipelining_controller_pays_the_radio_energy_of_the_round_a_miss_gets_refused():
+    est = lambda: AcceptanceEstimator(prior_a=660, prior_b=340)  # noqa: E731
+    midrange, v = DEVICE_CLASSES["midrange-phone"], view(50, 50)
+    ahead = FlexSpecController(midrange, CLOUD, k_max=8, estimator=est(), ahead=Ahead.DRAFT)
+    piped = FlexSpecController(midrange, CLOUD, k_max=8, estimator=est(), ahead=Ahead.PIPELINE)
+    sent = []
+    for k in range(1, 9):
+        radio_j = (piped.up_ms(k, v) * midrange.tx_w + v.down_ms * midrange.rx_w) / 1e3
+        miss = 1 - piped.estimator.p_hit(k)
+        in_time = midrange.draft_ms(1 + k) < piped.wait_ms(k, v)  # the next round is drafted before the answer
+        sent.append(in_time)
+        assert piped.round_j(k, v) == pytest.approx(ahead.round_j(k, v) + (miss * radio_j if in_time else 0.0))
+        assert piped.round_j(k, v, ahead=False) == ahead.round_j(k, v, ahead=False)  # nothing sent ahead
+    assert piped.round_j(0, v) == ahead.round_j(0, v)
+    assert sent[0] and not sent[-1]  # 22 ms draft steps: K = 8 cannot be pipelined within a ~125 ms wait
 
 
 def test_a_controller_whose_guesses_miss_stops_counting_on_lookahead_hits():

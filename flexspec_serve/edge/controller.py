@@ -21,7 +21,8 @@ drafted it, before this round's answer; the cloud verifies it only if this round
 a hit the next answer then comes (1 + K) draft steps after this one instead of a whole round later, so the
 expected time per round is  h ((1 + K) t_draft + e) + (1 - h) T_round(K),  h = P(lookahead hit | K), where e is
 how much later than that the pipelined answers were seen to come (the cloud verifies the two rounds one
-after the other; learned online, 0 at first).
+after the other; learned online, 0 at first). On a miss the round sent behind this one is refused: its
+radio energy, (1 - h) (t_up P_tx + t_down P_rx) at this round's size, counts in J/token.
 
 Token trees (a device option; `flexspec_serve.tree`): each round also sends every draft step's
 runner-up beside its token (`second`: 2K nodes, no extra draft step), and with `branches` each runner-up's
@@ -245,10 +246,17 @@ class FlexSpecController(Policy):
         return self.draft_ms(k, view) + self.wait_ms(k, view) - saving
 
     def round_j(self, k: int, view: RoundView, ahead: bool | None = None) -> float:
+        """Expected device energy of a K-token round: its draft work (the pre-draft's too, hit or miss), its
+        radio time, idling through the verification, and for a pipelining device the round it sends behind
+        this one (when it can draft it before the answer), which the cloud refuses on a miss (its radio time is
+        spent for nothing)."""
         d = self.device
         compute_ms = d.draft_ms(self.draft_steps(k, view) + self.ahead_steps(k, view, ahead))
-        return (compute_ms * d.compute_w + self.up_ms(k, view) * d.tx_w + view.down_ms * d.rx_w
-                + self.verify_ms(k) * d.idle_w) / 1e3
+        radio_mj = self.up_ms(k, view) * d.tx_w + view.down_ms * d.rx_w
+        on = self.ahead.drafts if ahead is None else ahead
+        sends = self.ahead.sends and on and k and self.device.draft_ms(1 + k) < self.wait_ms(k, view)  # drafted in time
+        refused_mj = (1 - self.estimator.p_hit(k)) * radio_mj if sends else 0.0
+        return (compute_ms * d.compute_w + radio_mj + refused_mj + self.verify_ms(k) * d.idle_w) / 1e3
 
     def plan(self, view: RoundView) -> list[tuple[int, float, float, bool]]:
         """(K, expected tokens/s, expected J/token, draft ahead) for every K, with and without drafting
