@@ -15,7 +15,7 @@ from flexspec_serve.edge.channels import (
     trace_names,
 )
 from flexspec_serve.edge.controller import (
-    AcceptanceAdaptive, AcceptanceEstimator, CloudOnly, FixedK, FlexSpecController, RoundView, expected_tau,
+    AcceptanceAdaptive, AcceptanceEstimator, CloudOnly, FixedK, FlexSpecController, RoundView, expected_tau, make_policy,
 )
 from flexspec_serve.edge.devices import DEVICE_CLASSES, CloudProfile, DeviceProfile
 from flexspec_serve.fleet.spec import FleetSpec
@@ -349,6 +349,15 @@ def test_controller_that_pipelines_expects_a_hit_to_cost_only_its_draft_steps_an
         piped.observe_pipelined(2, 3 * 22.0 + 40.0)
     assert piped.pipe_extra_ms == pytest.approx(40.0, rel=0.01)
     assert piped.round_ms(2, v) == pytest.approx(quick + piped.estimator.p_all(3) * piped.pipe_extra_ms)
+
+
+def test_the_adaptive_controller_states_what_it_expects_of_the_round_it_chose():
+    c = FlexSpecController(PHONE, CLOUD, k_max=8, ahead=Ahead.DRAFT)
+    v = view(40, 40)
+    k = c.choose(v)
+    assert c.expected.tokens == pytest.approx(c.estimator.expected_tau(k))
+    assert c.expected.round_ms == pytest.approx(c.round_ms(k, v, c.ahead_now))
+    assert FixedK(k=3).expected is None and make_policy("cloud-only", PHONE, CLOUD).expected is None
 
 
 def test_a_pipelining_controller_pays_the_radio_energy_of_the_round_a_miss_gets_refused():

@@ -221,6 +221,16 @@ def test_report_files_have_the_documented_fields(family_models, humaneval_prompt
     assert by_kind["session_start"]["events"] == summary["sessions_started"]
     assert by_kind["uplink"]["events"] == by_kind["downlink"]["events"] == len(run.rounds)  # one trip per round
     assert sum(v["events"] for v in by_kind.values()) == summary["emulation_lag_ms"]["events"]
+    assert {"expected_tokens", "expected_round_ms"} <= set(header)  # the controller's expectation per round
+    assert all(r["expected_round_ms"] > 0 and r["expected_tokens"] >= 1 for r in run.rounds)
+    assert 0.2 < summary["model_speed_ratio"] < 5 and all(c["model_speed_ratio"] for c in summary["per_class"])
+
+
+def test_controller_fit_compares_expected_with_realized_speed_of_modelled_rounds():
+    rounds = [{"tokens": 2, "round_ms": 200.0, "expected_tokens": 2.0, "expected_round_ms": 100.0},
+              {"tokens": 1, "round_ms": 50.0, "expected_tokens": "", "expected_round_ms": ""}]  # as read from CSV
+    assert report.model_speed_ratio(rounds) == pytest.approx(2.0)  # expected twice as fast: optimistic
+    assert report.model_speed_ratio(rounds[1:]) is None  # a baseline's rounds: no model to compare
 
 
 @pytest.mark.parametrize("patch, field", [

@@ -142,10 +142,19 @@ class AcceptanceEstimator:
         self.guessed = self.guessed_right = 0.0
 
 
+@dataclass(frozen=True)
+class Expectation:
+    """What a model-based policy expected of the round it chose: tokens it adds (tau) and its time."""
+
+    tokens: float
+    round_ms: float
+
+
 @dataclass
 class Policy:
     name: str = "policy"
     ahead_now: bool = True  # may a device that can draft ahead do so this round (the adaptive controller decides)
+    expected: Expectation | None = None  # of the round just chosen (None: the policy has no model of it)
 
     def choose(self, view: RoundView) -> int:
         raise NotImplementedError
@@ -201,6 +210,7 @@ class FlexSpecController(Policy):
         self.tree, self.max_nodes = Tree(tree), max_nodes  # the shape of a round's draft, and the server's node limit
         self.pipe_extra_ms = 0.0  # e: a pipelined answer's delay past its draft steps (EMA)
         self.estimator = estimator or AcceptanceEstimator()
+        self.expected: Expectation | None = None
 
     def draft_steps(self, k: int, view: RoundView) -> int:
         """Draft steps this round still has to run (the predrafted ones are done)."""
@@ -277,8 +287,9 @@ class FlexSpecController(Policy):
         rows = self.plan(view)
         feasible = [r for r in rows if r[2] <= self.device.energy_budget_j_per_token]
         best = max(feasible, key=lambda r: r[1]) if feasible else min(rows, key=lambda r: r[2])
-        self.ahead_now = best[3]
-        return best[0]
+        k, self.ahead_now = best[0], best[3]
+        self.expected = Expectation(self.estimator.expected_tau(k), self.round_ms(k, view, self.ahead_now))
+        return k
 
     def observe(self, k: int, accepted: int, hit: bool | None = None) -> None:
         self.estimator.update(k, accepted, hit)

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 
 from flexspec_serve.ahead import Ahead
 from flexspec_serve.edge.channels import Link, LinkObserver
-from flexspec_serve.edge.controller import Policy, RoundView
+from flexspec_serve.edge.controller import Expectation, Policy, RoundView
 from flexspec_serve.edge.devices import CloudProfile, DeviceProfile
 from flexspec_serve.engine.generate import RoundEvent, speculative_generate
 from flexspec_serve.engine.proposer import DraftProposer
@@ -79,6 +79,10 @@ class RoundRecord:
     pipelined: bool = False  # sent before the previous round's answer (its round_ms: from that answer to its own)
     refused_next: bool = False  # a miss: the round pipelined behind it was sent anyway, and refused (its bytes
     # and radio energy are booked here)
+    # the adaptive controller's expectation when it chose K (None for the baselines): compare with tokens and
+    # round_ms to see how well its model fits (a pipelined round's expectation counts hits and misses alike)
+    expected_tokens: float | None = None
+    expected_round_ms: float | None = None
 
 
 @dataclass
@@ -98,6 +102,7 @@ class EmulatedDevice:
     ahead_now: bool = False  # this round drafts ahead (the device can, and its policy chose to)
     piped_sent_ms: float | None = None  # when the next round went out, if it was pipelined
     tree: Tree = Tree.CHAIN  # the shape of a round's draft (see the module docstring)
+    expected: Expectation | None = None  # the policy's expectation of the round being run
     last_k: int = 0
     last_verified_ms: float = 0.0  # when the cloud finished verifying the last round
 
@@ -120,9 +125,10 @@ class EmulatedDevice:
 
     def choose_k(self) -> int:
         if self.piped_sent_ms is not None:
-            return self.last_k  # the round is on the air already
+            return self.last_k  # the round is on the air already (the expectation of that K stands)
         k = self.policy.choose(self.view())
         self.ahead_now = self.ahead.drafts and self.policy.ahead_now and k > 0
+        self.expected = self.policy.expected
         return k
 
     def draft_latency_ms(self, k: int) -> float:
@@ -207,7 +213,10 @@ class EmulatedDevice:
         rec = RoundRecord(self.device_id, p.name, self.link.name, self.policy.name, ev.round_index, t0, ev.k,
                           ev.accepted, ev.accepted + 1, draft_ms, up_ms, verify_ms, down_ms, back - t0, energy,
                           ev.bytes_up, ev.bytes_down, alpha, ev.result.version, predrafted=predrafted,
-                          lookahead_hit=ev.lookahead_hit, **extra)
+                          lookahead_hit=ev.lookahead_hit,
+                          expected_tokens=None if self.expected is None else round(self.expected.tokens, 4),
+                          expected_round_ms=None if self.expected is None else round(self.expected.round_ms, 3),
+                          **extra)
         self.records.append(rec)
         return rec
 

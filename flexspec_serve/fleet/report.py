@@ -16,6 +16,10 @@ a round's round time runs from that answer to its own, so round times still add 
 
 Per-token latency of a round is its round time divided by the tokens it produced; decode tokens/s is
 tokens over the time devices spent in rounds (think time excluded), the speed a user of a device sees.
+
+Controller fit: `model_speed_ratio` is the adaptive controller's expected decode speed over the rounds it
+chose (expected tokens over expected round time, `RoundRecord.expected_*`) divided by the speed those rounds
+had; above 1 the model was optimistic. None for policies without a model.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ SUMMARY_FIELDS = ("policy", "devices", "sessions_started", "sessions_completed",
                   "rounds", "tokens", "fleet_tokens_per_s", "decode_tokens_per_s", "per_token_latency_ms",
                   "round_ms", "acceptance_length", "mean_k", "bytes_up_per_token", "bytes_down_per_token",
                   "energy_j_per_token", "lookahead_hit_rate", "predrafted_round_rate", "pipelined_round_rate",
+                  "model_speed_ratio",
                   "emulation_lag_ms",
                   "mid_round", "in_session", "retries", "resyncs",
                   "errors", "device_crashes", "per_class", "per_version", "version_changes")
@@ -89,7 +94,19 @@ def round_metrics(rounds: list[dict]) -> dict:
         # pipelining: share of drafting rounds sent before the previous round's answer (and verified)
         "pipelined_round_rate": round(sum(r.get("pipelined", False) for r in drafted) / len(drafted), 3)
         if drafted else None,
+        "model_speed_ratio": model_speed_ratio(rounds),
     }
+
+
+def model_speed_ratio(rounds: list[dict]) -> float | None:
+    """Expected over realized decode speed of the rounds a model-based policy chose (see the module docstring)."""
+    modelled = [r for r in rounds if r.get("expected_round_ms") not in (None, "")]
+    expected_ms = sum(float(r["expected_round_ms"]) for r in modelled)
+    realized_ms = sum(r["round_ms"] for r in modelled)
+    if not modelled or not expected_ms or not realized_ms:
+        return None
+    expected = sum(float(r["expected_tokens"]) for r in modelled) / expected_ms
+    return round(expected / (sum(r["tokens"] for r in modelled) / realized_ms), 3)
 
 
 def _group(rounds: list[dict], key: str) -> list[dict]:
@@ -103,7 +120,8 @@ def _group(rounds: list[dict], key: str) -> list[dict]:
                      "decode_tokens_per_s": m["decode_tokens_per_s"],
                      "per_token_latency_p50_ms": m["per_token_latency_ms"]["p50"],
                      "acceptance_length": m["acceptance_length"], "mean_k": m["mean_k"],
-                     "energy_j_per_token": m["energy_j_per_token"], "bytes_up_per_token": m["bytes_up_per_token"]})
+                     "energy_j_per_token": m["energy_j_per_token"], "bytes_up_per_token": m["bytes_up_per_token"],
+                     "model_speed_ratio": m["model_speed_ratio"]})
     return rows
 
 
@@ -200,7 +218,8 @@ def class_compare_rows(summaries: list[dict]) -> list[dict]:
     for s in summaries:
         for c in s["per_class"]:
             row = {"device class": c["device_class"], "policy": run_label(s), "decode tok/s": c["decode_tokens_per_s"],
-                   "tau": c["acceptance_length"], "mean K": c["mean_k"]}
+                   "tau": c["acceptance_length"], "mean K": c["mean_k"],
+                   "model / realized speed": c.get("model_speed_ratio")}
             if base_tps.get(c["device_class"]):
                 row["vs cloud-only"] = round(c["decode_tokens_per_s"] / base_tps[c["device_class"]], 2)
             rows.append(row)
