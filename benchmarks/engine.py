@@ -58,23 +58,33 @@ def main() -> None:
     print(f"\ngreedy check: speculative (K = 4) output equals the target's greedy output for {equal}/{len(prompts)} "
           "prompts (48 tokens)")
 
-    contexts = benchmark_contexts(tok, max(args.batches))
-    profiles = {}
-    for k in args.k:
-        per_b = profiles[k] = cost_profile(Verifier(target, draft), contexts, k, batches=args.batches, reps=args.reps)
+    verify_tables(Verifier(target, draft), benchmark_contexts(tok, max(args.batches)), args.k, args.batches,
+                  args.reps)
+    generation_table(draft, target, prompts[:4], args.rtt_ms)
+    uplink_table(draft, target, prompts[:4])
+
+
+def verify_tables(verifier: Verifier, contexts: list[list[int]], ks: list[int], batches: list[int], reps: int
+                  ) -> None:
+    """Verify time against batch size for each K; then, for the first K, 16 sessions batched against one at
+    a time (when batches 1 and 16 were timed)."""
+    profiles = {k: cost_profile(verifier, contexts, k, batches=batches, reps=reps) for k in ks}
+    for k, per_b in profiles.items():
         rows = [[b, ms, ms / b, b * (k + 1) / ms * 1e3] for b, ms in per_b.items()]
         table(f"verify time vs batch size (K = {k}, 256-token context)",
               ["batch", "ms/call", "ms/session", "verified tok/s"], rows)
-    k, per_b = args.k[0], profiles[args.k[0]]
-    if 1 not in per_b or 16 not in per_b:
-        return
-    single, batched = per_b[1], per_b[16]
-    table(f"batched vs one at a time (16 sessions, K = {k})", ["mode", "ms for 16", "verified tok/s"],
-          [["one-at-a-time", 16 * single, 16 * (k + 1) / (16 * single) * 1e3],
-           ["batched", batched, 16 * (k + 1) / batched * 1e3],
-           ["speedup", 16 * single / batched, ""]])
+    k, per_b = ks[0], profiles[ks[0]]
+    if 1 in per_b and 16 in per_b:
+        single, batched = per_b[1], per_b[16]
+        table(f"batched vs one at a time (16 sessions, K = {k})", ["mode", "ms for 16", "verified tok/s"],
+              [["one-at-a-time", 16 * single, 16 * (k + 1) / (16 * single) * 1e3],
+               ["batched", batched, 16 * (k + 1) / batched * 1e3],
+               ["speedup", 16 * single / batched, ""]])
 
-    prompts = prompts[:4]
+
+def generation_table(draft, target, prompts: list[list[int]], rtt_ms: float) -> None:
+    """One session at a time (a single device's latency), 64 tokens: cloud-only against K = 4, split into
+    draft time, verify time and round trips."""
     rows = []
     for name, k in (("cloud-only", 0), ("speculative-K4", 4)):
         timing = {"draft": 0.0, "verify": 0.0}
@@ -84,17 +94,16 @@ def main() -> None:
         verifier = Verifier(target, draft)
         verifier.verify = _timed(verifier.verify, timing, "verify")
         tokens = rounds = 0
-        for i, p in enumerate(prompts):  # one session at a time: a single device's latency
+        for i, p in enumerate(prompts):
             res = speculative_generate(proposer, verifier, [p], 64, k, session_prefix=f"{name}{i}")[0]
             tokens += len(res.tokens)
             rounds += res.stats.rounds
         compute_s = (timing["draft"] + timing["verify"]) / 1e3
-        rtt_s = rounds * args.rtt_ms / 1e3
+        rtt_s = rounds * rtt_ms / 1e3
         rows.append([name, rounds, timing["draft"] / tokens, timing["verify"] / tokens, tokens / compute_s,
                      tokens / (compute_s + rtt_s)])
     table(f"speculative vs cloud-only, one session, 64 tokens x {len(prompts)} prompts",
-          ["mode", "rounds", "draft ms/tok", "verify ms/tok", "tok/s (0 RTT)", f"tok/s ({args.rtt_ms:.0f} ms RTT)"], rows)
-    uplink_table(draft, target, prompts)
+          ["mode", "rounds", "draft ms/tok", "verify ms/tok", "tok/s (0 RTT)", f"tok/s ({rtt_ms:.0f} ms RTT)"], rows)
 
 
 def uplink_table(draft, target, prompts) -> None:

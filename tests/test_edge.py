@@ -355,7 +355,7 @@ def test_the_adaptive_controller_states_what_it_expects_of_the_round_it_chose():
     c = FlexSpecController(PHONE, CLOUD, k_max=8, ahead=Ahead.DRAFT)
     v = view(40, 40)
     k = c.choose(v)
-    assert c.expected.tokens == pytest.approx(c.estimator.expected_tau(k))
+    assert c.expected.k == k and c.expected.tokens == pytest.approx(c.estimator.expected_tau(k))
     assert c.expected.round_ms == pytest.approx(c.round_ms(k, v, c.ahead_now))
     assert FixedK(k=3).expected is None and make_policy("cloud-only", PHONE, CLOUD).expected is None
 

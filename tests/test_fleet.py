@@ -222,13 +222,15 @@ def test_report_files_have_the_documented_fields(family_models, humaneval_prompt
     assert by_kind["uplink"]["events"] == by_kind["downlink"]["events"] == len(run.rounds)  # one trip per round
     assert sum(v["events"] for v in by_kind.values()) == summary["emulation_lag_ms"]["events"]
     assert {"expected_tokens", "expected_round_ms"} <= set(header)  # the controller's expectation per round
-    assert all(r["expected_round_ms"] > 0 and r["expected_tokens"] >= 1 for r in run.rounds)
+    modelled = [r for r in run.rounds if r["expected_round_ms"] is not None]
+    assert len(modelled) > 0.8 * len(run.rounds)  # all but rounds cut short at a session's end
+    assert all(r["expected_round_ms"] > 0 and r["expected_tokens"] >= 1 for r in modelled)
     assert 0.2 < summary["model_speed_ratio"] < 5 and all(c["model_speed_ratio"] for c in summary["per_class"])
 
 
 def test_controller_fit_compares_expected_with_realized_speed_of_modelled_rounds():
     rounds = [{"tokens": 2, "round_ms": 200.0, "expected_tokens": 2.0, "expected_round_ms": 100.0},
-              {"tokens": 1, "round_ms": 50.0, "expected_tokens": "", "expected_round_ms": ""}]  # as read from CSV
+              {"tokens": 1, "round_ms": 50.0, "expected_tokens": None, "expected_round_ms": None}]
     assert report.model_speed_ratio(rounds) == pytest.approx(2.0)  # expected twice as fast: optimistic
     assert report.model_speed_ratio(rounds[1:]) is None  # a baseline's rounds: no model to compare
 

@@ -144,8 +144,9 @@ class AcceptanceEstimator:
 
 @dataclass(frozen=True)
 class Expectation:
-    """What a model-based policy expected of the round it chose: tokens it adds (tau) and its time."""
+    """What a model-based policy expected of the K-token round it chose: tokens it adds (tau) and its time."""
 
+    k: int
     tokens: float
     round_ms: float
 
@@ -288,7 +289,7 @@ class FlexSpecController(Policy):
         feasible = [r for r in rows if r[2] <= self.device.energy_budget_j_per_token]
         best = max(feasible, key=lambda r: r[1]) if feasible else min(rows, key=lambda r: r[2])
         k, self.ahead_now = best[0], best[3]
-        self.expected = Expectation(self.estimator.expected_tau(k), self.round_ms(k, view, self.ahead_now))
+        self.expected = Expectation(k, self.estimator.expected_tau(k), self.round_ms(k, view, self.ahead_now))
         return k
 
     def observe(self, k: int, accepted: int, hit: bool | None = None) -> None:

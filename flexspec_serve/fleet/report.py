@@ -100,12 +100,12 @@ def round_metrics(rounds: list[dict]) -> dict:
 
 def model_speed_ratio(rounds: list[dict]) -> float | None:
     """Expected over realized decode speed of the rounds a model-based policy chose (see the module docstring)."""
-    modelled = [r for r in rounds if r.get("expected_round_ms") not in (None, "")]
-    expected_ms = sum(float(r["expected_round_ms"]) for r in modelled)
+    modelled = [r for r in rounds if r.get("expected_round_ms") is not None]
+    expected_ms = sum(r["expected_round_ms"] for r in modelled)
     realized_ms = sum(r["round_ms"] for r in modelled)
     if not modelled or not expected_ms or not realized_ms:
         return None
-    expected = sum(float(r["expected_tokens"]) for r in modelled) / expected_ms
+    expected = sum(r["expected_tokens"] for r in modelled) / expected_ms
     return round(expected / (sum(r["tokens"] for r in modelled) / realized_ms), 3)
 
 
