@@ -54,10 +54,11 @@ class CloudProfile:
         return self.verify_base_ms + self.verify_ms_per_token * (k + 1)
 
 
-# Cloud profiles measured for a Llama-8B-shaped target on one H200 (docs/results/gpu_verify.md; bf16, 512-token
-# cache). `eager-8b` (the default): eager transformers, 19.9-28.3 ms per batch-1 step at K = 1-16. `graphs-8b`:
-# static cache + CUDA graphs at batch 16, 10.3 ms for 7 positions per session and 12.6 ms for 17 (a line through
-# both; at batch 1 it is 6.6-7.3 ms whatever K).
+# Cloud profiles for a Llama-8B-shaped target on one H200, against what was measured there
+# (docs/results/gpu_verify.md; bf16, 512-token cache). `eager-8b`, the default (chosen before any measurement),
+# is close to eager transformers: 19.9-28.3 ms per batch-1 step at K = 1-16. `graphs-8b` is a line through the
+# static-cache + CUDA-graphs points at batch 16: 10.3 ms for 7 positions per session, 12.6 ms for 17 (at batch 1
+# it is 6.6-7.3 ms whatever K).
 CLOUD_PROFILES = {
     "eager-8b": CloudProfile(),
     "graphs-8b": CloudProfile(8.67, 0.23),
