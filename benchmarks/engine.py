@@ -19,7 +19,7 @@ import time
 import torch
 
 from flexspec_serve import paths
-from flexspec_serve.engine.generate import speculative_generate
+from flexspec_serve.engine.generate import reference_greedy, speculative_generate
 from flexspec_serve.engine.proposer import DraftProposer
 from flexspec_serve.engine.costs import benchmark_contexts, cost_profile
 from flexspec_serve.engine.verifier import Verifier
@@ -135,12 +135,7 @@ def uplink_table(draft, target, prompts) -> None:
 def greedy_check(draft, target, prompts: list[list[int]], n: int) -> int:
     """How many prompts' greedy speculative output (K = 4) equals `target.generate`'s greedy output."""
     out = speculative_generate(DraftProposer(draft), Verifier(target, draft), prompts, n, 4, session_prefix="check")
-    equal = 0
-    for p, client in zip(prompts, out):
-        want = target.generate(torch.tensor([p], device=target.device), max_new_tokens=n, min_new_tokens=n,
-                               do_sample=False)[0, len(p):].tolist()
-        equal += client.tokens == want
-    return equal
+    return sum(client.tokens == reference_greedy(target, p, n) for p, client in zip(prompts, out))
 
 
 def _timed(fn, acc: dict, key: str):

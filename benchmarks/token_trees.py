@@ -26,7 +26,7 @@ from flexspec_serve import paths
 from flexspec_serve.ahead import Ahead
 from flexspec_serve.edge.bench import BenchConfig, Cell, run_bench
 from flexspec_serve.edge.channels import trace_names
-from flexspec_serve.edge.devices import CLOUD_PROFILES
+from flexspec_serve.edge.devices import CLOUD_PROFILES, DEFAULT_CLOUD
 from flexspec_serve.reports import machine, md_table
 from flexspec_serve.tree import Tree
 
@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--profile", default="default")
     ap.add_argument("--devices-per-cell", type=int, default=4)
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else sample at this temperature")
-    ap.add_argument("--cloud", default="eager-8b", choices=sorted(CLOUD_PROFILES),
+    ap.add_argument("--cloud", default=DEFAULT_CLOUD, choices=sorted(CLOUD_PROFILES),
                     help="the emulated cloud's verify-time profile")
     ap.add_argument("--out", type=Path, default=Path("docs/results"))
     args = ap.parse_args()
@@ -71,7 +71,7 @@ def main() -> None:
         f"# Token trees: second choices and branches against chains (emulated time, {decoding})\n",
         f"Command: `python -m benchmarks.token_trees --profile {args.profile}"
         f"{f' --temperature {args.temperature}' if sampled else ''}"
-        f"{f' --cloud {args.cloud}' if args.cloud != 'eager-8b' else ''}`  \n"
+        f"{f' --cloud {args.cloud}' if args.cloud != DEFAULT_CLOUD else ''}`  \n"
         f"machine: {machine()}; family {args.profile}, frozen draft against v1; {args.devices_per_cell} devices "
         f"per cell x 48 new tokens, {decoding}; the same devices, traces and seeds in every mode; cloud verify "
         f"time {cloud.verify_base_ms} ms + {cloud.verify_ms_per_token} ms per verified position ({args.cloud})\n",
@@ -88,7 +88,7 @@ def main() -> None:
     ]
     text = "\n".join(lines) + "\n"
     name = "token_trees" + (f"_T{args.temperature:g}" if sampled else "") + (
-        f"_{args.cloud}" if args.cloud != "eager-8b" else "")
+        f"_{args.cloud}" if args.cloud != DEFAULT_CLOUD else "")
     (args.out / f"{name}.md").write_text(text)
     print(text)
 

@@ -414,7 +414,8 @@ def test_an_emulated_device_teaches_its_controller_the_guess_rate_only_from_roun
                              ahead=Ahead.DRAFT)
         for _ in range(30):  # all 3 accepted, never a hit: the guess was wrong, or (last round) never drafted
             dev.ahead_now = True
-            dev.account(RoundEvent(0, 0, 3, 3, 30, 20, result, False, None, guessed), dev.clock_ms, 27.0, 30, 20, 30)
+            dev.account(RoundEvent(0, 0, 3, 3, 30, 20, result, False if guessed else None), dev.clock_ms, 27.0, 30, 20,
+                        30)
         rates.append((policy.estimator.guess_rate(3), policy.estimator.position_alpha(3)))
     (unguessed, alpha), (missed, _) = rates
     assert unguessed == pytest.approx(alpha) and missed < 0.2 * alpha

@@ -10,7 +10,7 @@ import torch
 
 from flexspec_serve.engine import InvalidRequest, ResyncRequired, SequenceError
 from flexspec_serve.engine.errors import ConditionNotMet
-from flexspec_serve.engine.generate import speculative_generate
+from flexspec_serve.engine.generate import reference_greedy as target_greedy, speculative_generate
 from flexspec_serve.engine.proposer import DraftProposer
 from flexspec_serve.engine.ragged import CachedSequence, run_ragged
 from flexspec_serve.engine.sampling import SamplingParams
@@ -18,15 +18,6 @@ from flexspec_serve.engine.verifier import Verifier, VerifierLimits, VerifyReque
 
 VERSIONS = ("v1", "v2", "v3", "v2-unconstrained")
 MAX_NEW = 20
-
-
-def target_greedy(model, prompt, n):
-    """`model`'s own greedy continuation of `prompt` (n tokens), by transformers' generate, on its device."""
-    if not n:
-        return []
-    out = model.generate(torch.tensor([prompt], device=model.device), max_new_tokens=n, min_new_tokens=n,
-                         do_sample=False)
-    return out[0, len(prompt):].tolist()
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from flexspec_serve.engine.sampling import SamplingParams, probs
 from flexspec_serve.engine.verifier import Verifier, VerifyRequest
 from flexspec_serve.transport import LocalTransport
 from flexspec_serve.tree import on_chain
-from test_engine import target_greedy
+from flexspec_serve.engine.generate import reference_greedy
 from test_sampling import chi_square_p_value
 
 N_SESSIONS = 1500
@@ -43,7 +43,7 @@ def test_a_vanishing_top_p_decodes_a_sampled_tree_as_greedy_and_never_takes_a_ru
     """q keeps one token only, so the device has no runner-up to draw and sends another token, which the cloud
     must never accept: the output is the target's greedy one and every path stays on the chain."""
     prompts = humaneval_prompts[:6]
-    want = [target_greedy(family_models["v1"], p, 16) for p in prompts]
+    want = [reference_greedy(family_models["v1"], p, 16) for p in prompts]
     clients = speculative_generate(DraftProposer(family_models["draft"]),
                                    Verifier(family_models["v1"], family_models["draft"]), prompts, 16, 3,
                                    sampling=SamplingParams(1.0, 1e-9, 3), tree="branches")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from flexspec_serve.engine.ragged import CachedSequence, run_ragged
-from test_engine import target_greedy
+from flexspec_serve.engine.generate import reference_greedy
 
 CTX_A, CTX_B = [5, 6, 7, 8, 9, 10], [11, 12]
 
@@ -75,7 +75,7 @@ def test_token_trees_keep_greedy_output_and_add_tokens_per_round(family_models, 
     from flexspec_serve.tree import on_chain
 
     prompts = humaneval_prompts[:16]
-    want = [target_greedy(family_models[version], p, MAX_NEW) for p in prompts]
+    want = [reference_greedy(family_models[version], p, MAX_NEW) for p in prompts]
     chain, _ = _generate(family_models, prompts, version, 3, "chain")
     trees, verifier = _generate(family_models, prompts, version, 3, tree)
     assert [c.tokens for c in trees] == [c.tokens for c in chain] == want
@@ -239,7 +239,7 @@ def test_a_branch_is_the_drafts_greedy_continuation_and_taking_it_keeps_a_true_d
     proposer, prompt = DraftProposer(draft), humaneval_prompts[0][-30:]
 
     def greedy(context, n):  # the draft's own greedy continuation, from scratch
-        return target_greedy(draft, context, n)
+        return reference_greedy(draft, context, n)
 
     s = proposer.start("s", prompt, SamplingParams())
     prop = proposer.propose([s], [4], tree=Tree.BRANCHES)[0]
@@ -267,7 +267,7 @@ def test_tokens_drafted_ahead_grow_their_branches_and_a_hit_keeps_them_true(fami
     proposer, prompt = DraftProposer(draft), humaneval_prompts[1][-30:]
 
     def greedy(context, n):
-        return target_greedy(draft, context, n)
+        return reference_greedy(draft, context, n)
 
     s = proposer.start("s", prompt, SamplingParams())
     first = proposer.propose([s], [3], lookahead=True, tree=Tree.BRANCHES)[0]
@@ -295,7 +295,7 @@ def test_token_trees_with_draft_ahead_keep_greedy_output_and_an_off_chain_path_i
     from flexspec_serve.tree import on_chain
 
     prompts = humaneval_prompts[:12]
-    want = [target_greedy(family_models["v1"], p, MAX_NEW) for p in prompts]
+    want = [reference_greedy(family_models["v1"], p, MAX_NEW) for p in prompts]
     events = []
     out = speculative_generate(DraftProposer(family_models["draft"]), Verifier(family_models["v1"]), prompts, MAX_NEW,
                                lambda i, r: 1 + (i + r) % 4, on_round=events.append, draft_ahead=True, tree=tree)

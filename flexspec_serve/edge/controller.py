@@ -43,6 +43,7 @@ per draft position (acceptance is bursty), so it follows a target that changes u
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from flexspec_serve.ahead import Ahead
 from flexspec_serve.edge.devices import CloudProfile, DeviceProfile
@@ -120,8 +121,9 @@ class AcceptanceEstimator:
 
     def guess_rate(self, k: int) -> float:
         """P(lookahead hit | all K accepted), learned from the rounds that drafted a guess, shrunk toward the
-        acceptance rate of the position after d_K (which it is for a greedy chain). It is lower when sampling (the cloud's token ~ p and the guess ~ q are drawn
-        apart) and for token trees (a path through a branch reaches depth K off the chain)."""
+        acceptance rate of the position after d_K (which it is for a greedy chain). It is lower when sampling
+        (the cloud's token ~ p and the guess ~ q are drawn apart) and for token trees (a path through a branch
+        reaches depth K off the chain)."""
         return (self.guessed_right + self.strength * self.position_alpha(k)) / (self.guessed + self.strength)
 
     def p_hit(self, k: int) -> float:
@@ -142,20 +144,22 @@ class AcceptanceEstimator:
         self.guessed = self.guessed_right = 0.0
 
 
-@dataclass(frozen=True)
-class Expectation:
-    """What a model-based policy expected of the K-token round it chose: tokens it adds (tau) and its time."""
+class RoundPlan(NamedTuple):
+    """What the controller's model expects of a K-token round (drafting ahead or not): one row of `plan`."""
 
     k: int
-    tokens: float
-    round_ms: float
+    tokens_per_s: float
+    j_per_token: float
+    ahead: bool  # the device drafts ahead during the wait
+    tokens: float  # E[tau]: tokens the round adds
+    round_ms: float  # E[round time], less the expected pre-draft saving
 
 
 @dataclass
 class Policy:
     name: str = "policy"
     ahead_now: bool = True  # may a device that can draft ahead do so this round (the adaptive controller decides)
-    expected: Expectation | None = None  # of the round just chosen (None: the policy has no model of it)
+    expected: RoundPlan | None = None  # the plan of the round just chosen (None: the policy has no model of it)
 
     def choose(self, view: RoundView) -> int:
         raise NotImplementedError
@@ -211,7 +215,7 @@ class FlexSpecController(Policy):
         self.tree, self.max_nodes = Tree(tree), max_nodes  # the shape of a round's draft, and the server's node limit
         self.pipe_extra_ms = 0.0  # e: a pipelined answer's delay past its draft steps (EMA)
         self.estimator = estimator or AcceptanceEstimator()
-        self.expected: Expectation | None = None
+        self.expected: RoundPlan | None = None
 
     def draft_steps(self, k: int, view: RoundView) -> int:
         """Draft steps this round still has to run (the predrafted ones are done)."""
@@ -239,16 +243,24 @@ class FlexSpecController(Policy):
     def wait_ms(self, k: int, view: RoundView) -> float:
         return self.up_ms(k, view) + self.verify_ms(k) + view.down_ms
 
+    def drafts_ahead(self, ahead: bool | None = None) -> bool:
+        """Whether a round drafts ahead: `ahead` when given, else whenever the device can."""
+        return self.ahead.drafts if ahead is None else ahead
+
+    def sends_ahead(self, k: int, view: RoundView, ahead: bool | None = None) -> bool:
+        """A pipelining device sends the next round before this one's answer: its 1 + K draft steps fit in
+        the wait (the emulator and the fleet send it then, hit or miss)."""
+        return bool(self.ahead.sends and self.drafts_ahead(ahead) and k
+                    and self.device.draft_ms(1 + k) < self.wait_ms(k, view))
+
     def ahead_steps(self, k: int, view: RoundView, ahead: bool | None = None) -> int:
-        on = self.ahead.drafts if ahead is None else ahead
-        return self.device.ahead_steps(k, self.wait_ms(k, view)) if on else 0
+        return self.device.ahead_steps(k, self.wait_ms(k, view)) if self.drafts_ahead(ahead) else 0
 
     def round_ms(self, k: int, view: RoundView, ahead: bool | None = None) -> float:
         """Expected critical-path time of a K-token round, less the draft time its pre-draft is expected to
         save the next round (with `ahead`; default: whenever the device can draft ahead). A pipelining
         device's next answer follows a hit by the 1 + K steps that drafted that round."""
-        on = self.ahead.drafts if ahead is None else ahead
-        if self.ahead.sends and on and k:
+        if self.ahead.sends and self.drafts_ahead(ahead) and k:
             hit = self.estimator.p_hit(k)
             fresh = self.draft_ms(k, view) + self.wait_ms(k, view)
             return hit * min(fresh, self.device.draft_ms(1 + k) + self.pipe_extra_ms) + (1 - hit) * fresh
@@ -264,33 +276,29 @@ class FlexSpecController(Policy):
         d = self.device
         compute_ms = d.draft_ms(self.draft_steps(k, view) + self.ahead_steps(k, view, ahead))
         radio_mj = self.up_ms(k, view) * d.tx_w + view.down_ms * d.rx_w
-        on = self.ahead.drafts if ahead is None else ahead
-        sends = self.ahead.sends and on and k and self.device.draft_ms(1 + k) < self.wait_ms(k, view)  # drafted in time
-        refused_mj = (1 - self.estimator.p_hit(k)) * radio_mj if sends else 0.0
+        refused_mj = (1 - self.estimator.p_hit(k)) * radio_mj if self.sends_ahead(k, view, ahead) else 0.0
         return (compute_ms * d.compute_w + radio_mj + refused_mj + self.verify_ms(k) * d.idle_w) / 1e3
 
-    def plan(self, view: RoundView) -> list[tuple[int, float, float, bool]]:
-        """(K, expected tokens/s, expected J/token, draft ahead) for every K, with and without drafting
-        ahead when the device can."""
+    def plan(self, view: RoundView) -> list[RoundPlan]:
+        """A row for every K, with and without drafting ahead when the device can."""
         rows = []
         for ahead in ((False, True) if self.ahead.drafts else (False,)):
             for k in range(self.k_max + 1):
                 if self.nodes(k) > self.max_nodes:
                     break
-                tau = self.estimator.expected_tau(k)
-                rows.append((k, tau / self.round_ms(k, view, ahead) * 1e3, self.round_j(k, view, ahead) / tau,
-                             ahead and k > 0))
+                tau, round_ms = self.estimator.expected_tau(k), self.round_ms(k, view, ahead)
+                rows.append(RoundPlan(k, tau / round_ms * 1e3, self.round_j(k, view, ahead) / tau, ahead and k > 0,
+                                      tau, round_ms))
         return rows
 
     def choose(self, view: RoundView) -> int:
         """The fastest (K, draft ahead or not) within the energy budget, else the most frugal; the
         draft-ahead half of the choice is left in `ahead_now`."""
         rows = self.plan(view)
-        feasible = [r for r in rows if r[2] <= self.device.energy_budget_j_per_token]
-        best = max(feasible, key=lambda r: r[1]) if feasible else min(rows, key=lambda r: r[2])
-        k, self.ahead_now = best[0], best[3]
-        self.expected = Expectation(k, self.estimator.expected_tau(k), self.round_ms(k, view, self.ahead_now))
-        return k
+        feasible = [r for r in rows if r.j_per_token <= self.device.energy_budget_j_per_token]
+        best = max(feasible, key=lambda r: r.tokens_per_s) if feasible else min(rows, key=lambda r: r.j_per_token)
+        self.expected, self.ahead_now = best, best.ahead
+        return best.k
 
     def observe(self, k: int, accepted: int, hit: bool | None = None) -> None:
         self.estimator.update(k, accepted, hit)

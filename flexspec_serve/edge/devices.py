@@ -59,7 +59,8 @@ class CloudProfile:
 # is close to eager transformers: 19.9-28.3 ms per batch-1 step at K = 1-16. `graphs-8b` is a line through the
 # static-cache + CUDA-graphs points at batch 16: 10.3 ms for 7 positions per session, 12.6 ms for 17 (at batch 1
 # it is 6.6-7.3 ms whatever K).
+DEFAULT_CLOUD = "eager-8b"  # CloudProfile()'s defaults
 CLOUD_PROFILES = {
-    "eager-8b": CloudProfile(),
+    DEFAULT_CLOUD: CloudProfile(),
     "graphs-8b": CloudProfile(8.67, 0.23),
 }

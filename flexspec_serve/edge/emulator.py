@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 
 from flexspec_serve.ahead import Ahead
 from flexspec_serve.edge.channels import Link, LinkObserver
-from flexspec_serve.edge.controller import Expectation, Policy, RoundView
+from flexspec_serve.edge.controller import Policy, RoundView
 from flexspec_serve.edge.devices import CloudProfile, DeviceProfile
 from flexspec_serve.engine.generate import RoundEvent, speculative_generate
 from flexspec_serve.engine.proposer import DraftProposer
@@ -103,7 +103,6 @@ class EmulatedDevice:
     ahead_now: bool = False  # this round drafts ahead (the device can, and its policy chose to)
     piped_sent_ms: float | None = None  # when the next round went out, if it was pipelined
     tree: Tree = Tree.CHAIN  # the shape of a round's draft (see the module docstring)
-    expected: Expectation | None = None  # the policy's expectation of the round being run
     last_k: int = 0
     last_verified_ms: float = 0.0  # when the cloud finished verifying the last round
 
@@ -126,10 +125,9 @@ class EmulatedDevice:
 
     def choose_k(self) -> int:
         if self.piped_sent_ms is not None:
-            return self.last_k  # the round is on the air already (the expectation of that K stands)
+            return self.last_k  # the round is on the air already (the policy's plan of that K stands)
         k = self.policy.choose(self.view())
         self.ahead_now = self.ahead.drafts and self.policy.ahead_now and k > 0
-        self.expected = self.policy.expected
         return k
 
     def draft_latency_ms(self, k: int) -> float:
@@ -194,7 +192,7 @@ class EmulatedDevice:
         predrafted, self.predrafted = self.predrafted, ready
         self.observer.record("up", ev.bytes_up, up_ms)
         self.observer.record("down", ev.bytes_down, down_ms)
-        self.policy.observe(ev.k, ev.accepted, ev.lookahead_hit if ev.guessed else None)
+        self.policy.observe(ev.k, ev.accepted, ev.lookahead_hit)
         energy = (compute_ms * p.compute_w + up_ms * p.tx_w + down_ms * p.rx_w + verify_ms * p.idle_w) / 1e3
         back = t0 + draft_ms + up_ms + verify_ms + down_ms if back_ms is None else back_ms
         self.clock_ms = back
@@ -211,11 +209,12 @@ class EmulatedDevice:
             self.backlog_tokens += 1
             self.idle_credit_ms += back - t0
         alpha = getattr(getattr(self.policy, "estimator", None), "alpha", float("nan"))
-        expected = self.expected if self.expected is not None and self.expected.k == ev.k else None
+        plan = self.policy.expected
+        expected = plan if plan is not None and plan.k == ev.k else None
         rec = RoundRecord(self.device_id, p.name, self.link.name, self.policy.name, ev.round_index, t0, ev.k,
                           ev.accepted, ev.accepted + 1, draft_ms, up_ms, verify_ms, down_ms, back - t0, energy,
                           ev.bytes_up, ev.bytes_down, alpha, ev.result.version, predrafted=predrafted,
-                          lookahead_hit=ev.lookahead_hit,
+                          lookahead_hit=bool(ev.lookahead_hit),
                           expected_tokens=None if expected is None else round(expected.tokens, 4),
                           expected_round_ms=None if expected is None else round(expected.round_ms, 3),
                           **extra)

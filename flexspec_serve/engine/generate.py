@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+
 from flexspec_serve import protocol as P
 from flexspec_serve.ahead import ahead_tokens
 from flexspec_serve.engine.client import ClientSession
@@ -35,9 +37,9 @@ class RoundEvent:
     bytes_up: int
     bytes_down: int
     result: P.RoundResult
-    lookahead_hit: bool = False  # draft-ahead: all K accepted and the cloud's token was the draft's d_{K+1}
+    # draft-ahead: all K accepted and the cloud's token was the draft's d_{K+1}; None: no guess was drafted
+    lookahead_hit: bool | None = None
     parents: tuple[int, ...] | None = None  # a token-tree round: its nodes' parents (K stays the draft steps)
-    guessed: bool = False  # draft-ahead: the draft's guess d_{K+1} was drafted (so a hit was possible)
 
 
 def speculative_generate(
@@ -80,14 +82,13 @@ def speculative_generate(
         still = []
         for i, k, prop, ex in zip(running, ks, proposals, exchanges):
             edge = clients[i].edge
-            hit = edge is not None and proposer.lookahead_hit(edge, ex.result.accepted, ex.result.token,
-                                                              ex.result.path)
-            guessed = edge is not None and proposer.guess(edge) is not None
+            hit = None if edge is None else proposer.lookahead_hit(edge, ex.result.accepted, ex.result.token,
+                                                                   ex.result.path)
             new = clients[i].commit(prop, ex.result, proposer)
             if on_round:
                 parents = tuple(prop.parents) if prop and prop.parents else None
                 on_round(RoundEvent(i, round_idx, k, ex.result.accepted, ex.bytes_up, ex.bytes_down, ex.result,
-                                    hit, parents, guessed))
+                                    hit, parents))
             if len(clients[i].tokens) < max_new_tokens and (stop_token is None or stop_token not in new):
                 still.append(i)
         running, round_idx = still, round_idx + 1
@@ -116,3 +117,12 @@ def round_trip_resync(transport, clients: list[ClientSession], drafts: list[Prop
 def session_sampling(sampling: SamplingParams, i: int) -> SamplingParams:
     """Session i's own seed, derived from the run's seed."""
     return SamplingParams(sampling.temperature, sampling.top_p, sampling.seed * 100_003 + i)
+
+
+def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
+    """`model`'s own greedy continuation of `prompt` (n tokens) by transformers' `generate`, on the model's
+    device: what greedy speculative decoding must reproduce (tests and the engine benchmark check it)."""
+    if not n:
+        return []
+    ids = torch.tensor([prompt], device=model.device)
+    return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)[0, len(prompt):].tolist()

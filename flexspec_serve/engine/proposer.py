@@ -161,11 +161,11 @@ class DraftProposer:
         return s.drafted[s.sent][0] if s.sent and len(s.drafted) > s.sent else None
 
     @staticmethod
-    def lookahead_hit(s: EdgeSession, accepted: int, token: int, path: list[int] | None = None) -> bool:
-        """The cloud accepted all K sent (the chain: a token tree's `path` did not leave it) and added
-        exactly the draft's d_{K+1}."""
+    def lookahead_hit(s: EdgeSession, accepted: int, token: int, path: list[int] | None = None) -> bool | None:
+        """Whether the cloud accepted all K sent (the chain: a token tree's `path` did not leave it) and added
+        exactly the draft's d_{K+1}; None when no guess was drafted (no hit was possible)."""
         guess = DraftProposer.guess(s)
-        return guess is not None and accepted == s.sent and guess == token and on_chain(path)
+        return None if guess is None else accepted == s.sent and guess == token and on_chain(path)
 
     @torch.inference_mode()
     def _extend(self, sessions: list[EdgeSession], starts: list[list[Step]], ns: list[int],

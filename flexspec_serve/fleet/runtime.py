@@ -229,9 +229,9 @@ class Shard:
         finally:
             c.mid_round -= 1
         back = self.clock.now_ms()
-        guessed = proposer.guess(client.edge) is not None
+        outcome = hit if proposer.guess(client.edge) is not None else None  # None: no guess drafted
         client.commit(head.draft, d.result, proposer)
-        rec = self._account(dev, client, head, d, hit, guessed, back)
+        rec = self._account(dev, client, head, d, outcome, back)
         if nxt is not None and not hit:
             self._discard(nxt, dev, rec)  # its assumption failed: the cloud refuses it, nobody waits for that
             nxt = None
@@ -314,8 +314,8 @@ class Shard:
 
         f.task.add_done_callback(book)
 
-    def _account(self, dev: EmulatedDevice, client: ClientSession, f: Flight, d: Delivery, hit: bool,
-                 guessed: bool, back: float) -> RoundRecord:
+    def _account(self, dev: EmulatedDevice, client: ClientSession, f: Flight, d: Delivery, hit: bool | None,
+                 back: float) -> RoundRecord:
         result: P.RoundResult = d.result
         # a plain round's parts add up to its time (the cloud's share takes any lag); a pipelined round's
         # overlap the round before it: it took from that answer to its own
@@ -323,7 +323,7 @@ class Shard:
         nodes, parents = (len(f.draft.tokens), f.draft.parents) if f.draft else (0, None)
         dev.cloud.record(nodes, cloud_ms)  # by verified positions (a tree's nodes)
         ev = RoundEvent(0, result.seq, f.k, result.accepted, d.bytes_up, d.bytes_down, result, hit,
-                        tuple(parents) if parents else None, guessed)
+                        tuple(parents) if parents else None)
         rec = dev.account(ev, f.t0, f.draft_ms, d.up_ms, cloud_ms, d.down_ms, back_ms=back if f.pipelined else None,
                           session=client.session_id, rate_up_bps=round(dev.observer.rate_bps["up"], 1),
                           lag_ms=round(max(f.lags), 3), queue_ms=result.timings.queue_ms,
