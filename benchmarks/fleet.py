@@ -5,7 +5,9 @@
 2. Speculative vs cloud-only on the LTE traces: the same fleet, seeds and prompts replayed with the
    adaptive controller, fixed K = 4 and cloud-only, and the adaptive controller on devices that draft
    ahead and on devices that pipeline, each with chains, second choices and branches (token trees); decode
-   tokens/s per policy and the ratio.
+   tokens/s per policy and the ratio. `--seeds 0 1 2` repeats it under other fleet seeds (other trace
+   offsets, prompts and arrivals) and adds a table of the speed-ups across the repeats (`--lte-runs` picks
+   the runs to repeat).
 3. Sampling (temperature 0.8) on the same LTE fleet: chains, branches, and branches drafting ahead against
    cloud-only at the same temperature (token trees decided by recursive rejection sampling).
 
@@ -17,13 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
 from deployments.cli import family_app_config, start_local_app
 from deployments.loadtest import fleet_prompts, run_report
 from flexspec_serve import paths
 from flexspec_serve.ahead import Ahead
-from flexspec_serve.fleet.report import class_compare_rows, compare_rows
+from flexspec_serve.fleet.report import class_compare_rows, compare_rows, repeat_rows
 from flexspec_serve.fleet.spec import FleetSpec
 from flexspec_serve.reports import machine, md_table
 from flexspec_serve.tree import Tree
@@ -49,16 +52,16 @@ SAMPLING_RUNS = (("adaptive", Ahead.OFF, Tree.CHAIN), ("adaptive", Ahead.OFF, Tr
                  ("adaptive", Ahead.DRAFT, Tree.BRANCHES), ("cloud-only", Ahead.OFF, Tree.CHAIN))
 
 
-def run_dir(policy: str, ahead: Ahead, tree: Tree, temperature: float = 0.0) -> str:
+def run_dir(policy: str, ahead: Ahead, tree: Tree, temperature: float = 0.0, seed: int = 0) -> str:
     mode = {Ahead.OFF: "", Ahead.DRAFT: "ahead", Ahead.PIPELINE: "pipeline"}[ahead]
     return "-".join(filter(None, ("lte", policy, mode, "" if tree is Tree.CHAIN else tree.value,
-                                  f"T{temperature:g}" if temperature else "")))
+                                  f"T{temperature:g}" if temperature else "", f"s{seed}" if seed else "")))
 
 
-def lte_spec(args, policy: str, ahead: Ahead, tree: Tree, temperature: float = 0.0) -> FleetSpec:
+def lte_spec(args, policy: str, ahead: Ahead, tree: Tree, temperature: float = 0.0, seed: int = 0) -> FleetSpec:
     return FleetSpec(
         name="lte", devices=args.lte_devices, actors=2, actor_num_cpus=0.2, max_new_tokens=48, target="stable",
-        temperature=temperature, policy=policy, ahead=ahead, tree=tree, mix=[{"device_class": "flagship-phone", "share": 0.5, "channel": LTE[0]},
+        seed=seed, temperature=temperature, policy=policy, ahead=ahead, tree=tree, mix=[{"device_class": "flagship-phone", "share": 0.5, "channel": LTE[0]},
                                          {"device_class": "midrange-phone", "share": 0.5, "channel": LTE[1]}],
         arrival={"start_within_s": 6, "think_time_s": 6}, duration_s=args.lte_duration)
 
@@ -74,6 +77,10 @@ def main() -> None:
                     "first sessions are spread over the same time, so session starts arrive at a steady rate")
     ap.add_argument("--lte-devices", type=int, default=12)
     ap.add_argument("--lte-duration", type=float, default=40.0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0],
+                    help="fleet seeds of the LTE comparison, one repeat each (the first gets the full tables)")
+    ap.add_argument("--lte-runs", nargs="+", choices=[run_dir(*r) for r in LTE_RUNS],
+                    help="only these LTE runs (cloud-only always runs: every ratio divides by it)")
     ap.add_argument("--out", type=Path, default=Path("docs/results"))
     ap.add_argument("--parts", nargs="+", choices=["scale", "lte", "sampling"], default=["scale", "lte", "sampling"],
                     help="run only these parts (fleet.md then shows only them: use another --out)")
@@ -86,17 +93,17 @@ def main() -> None:
     prompts = fleet_prompts(scale_spec(args, 1.0), family / "draft")
     runs = [run_report(spec, prompts, draft, args.out / "fleet" / f"scale-think{spec.arrival.think_time_s:g}",
                        command="python -m benchmarks.fleet") for spec in scales]
-    summaries = [run_report(lte_spec(args, *run), prompts, draft, args.out / "fleet" / run_dir(*run),
-                            command="python -m benchmarks.fleet")
-                 for run in (LTE_RUNS if "lte" in args.parts else ())]
+    by_seed = lte_repeats(args, prompts, draft) if "lte" in args.parts else {}
+    summaries = by_seed.get(args.seeds[0], [])
     sampled = [run_report(lte_spec(args, *run, SAMPLING_TEMPERATURE), prompts, draft,
                           args.out / "fleet" / run_dir(*run, SAMPLING_TEMPERATURE), command="python -m benchmarks.fleet")
                for run in (SAMPLING_RUNS if "sampling" in args.parts else ())]
     lines = [
         "# Fleet benchmark (local Ray + Serve, CPU)\n",
-        f"Command: `python -m benchmarks.fleet --profile {args.profile} --devices {args.devices}`  \n"
+        f"Command: `python -m benchmarks.fleet {' '.join(sys.argv[1:])}`  \n"
         f"machine: {machine()}; family {args.profile} seed 0, versions v1 (stable) + v2\n",
         *(scale_section(args, scales, runs) if runs else []), *(lte_section(args, summaries) if summaries else []),
+        *(repeat_section(args, by_seed) if len(by_seed) > 1 else []),
         *([f"## Sampling at temperature {SAMPLING_TEMPERATURE:g} (the same LTE fleet)\n",
            md_table(compare_rows(sampled)), md_table(class_compare_rows(sampled))] if sampled else []),
         "Reports: `docs/results/fleet/scale-think*/report.md`, `docs/results/fleet/lte-*/report.md`.",
@@ -105,6 +112,26 @@ def main() -> None:
     print("\n".join(lines))
     print(json.dumps({"scale_lag_ms": [s["emulation_lag_ms"] for s in runs], "compare": compare_rows(summaries)},
                      indent=1))
+
+
+def lte_repeats(args, prompts, draft: str) -> dict[int, list[dict]]:
+    """seed -> the LTE runs' summaries under that fleet seed (cloud-only last, as in LTE_RUNS)."""
+    chosen = [r for r in LTE_RUNS if not args.lte_runs or run_dir(*r) in args.lte_runs or r[0] == "cloud-only"]
+    return {seed: [run_report(lte_spec(args, *run, seed=seed), prompts, draft,
+                              args.out / "fleet" / run_dir(*run, seed=seed), command="python -m benchmarks.fleet")
+                   for run in chosen]
+            for seed in args.seeds}
+
+
+def repeat_section(args, by_seed: dict[int, list[dict]]) -> list[str]:
+    cloud = ", ".join(f"{next(s for s in runs if s['policy'] == 'cloud-only')['decode_tokens_per_s']:g} (seed {seed})"
+                      for seed, runs in by_seed.items())
+    return [
+        f"## Repeats under {len(by_seed)} fleet seeds (LTE, {args.lte_devices} devices)\n",
+        "Speed-up over cloud-only; each seed draws other trace offsets, prompts and arrivals, and divides by its own "
+        f"cloud-only run (cloud-only tok/s: {cloud}).\n",
+        md_table(repeat_rows(by_seed)),
+    ]
 
 
 def scale_section(args, scales: list[FleetSpec], runs: list[dict]) -> list[str]:
@@ -121,7 +148,8 @@ def scale_section(args, scales: list[FleetSpec], runs: list[dict]) -> list[str]:
 
 def lte_section(args, summaries: list[dict]) -> list[str]:
     return [
-        f"## Speculative vs cloud-only on the LTE traces ({LTE[0]}, {LTE[1]}; {args.lte_devices} devices)\n",
+        f"## Speculative vs cloud-only on the LTE traces ({LTE[0]}, {LTE[1]}; {args.lte_devices} devices, "
+        f"fleet seed {args.seeds[0]})\n",
         md_table(compare_rows(summaries)), "By device class (the same runs):\n",
         md_table(class_compare_rows(summaries)),
     ]

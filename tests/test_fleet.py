@@ -284,3 +284,21 @@ def test_class_comparison_divides_each_class_by_its_own_cloud_only_speed():
     ratio = {(r["device class"], r["policy"]): r["vs cloud-only"] for r in rows}
     assert ratio == {("phone", "adaptive"): 3.0, ("phone", "cloud-only"): 1.0, ("watch", "adaptive"): 1.2,
                      ("watch", "cloud-only"): 1.0}
+
+
+def test_repeats_divide_each_seed_by_its_own_cloud_only_run_then_average():
+    from flexspec_serve.fleet.report import repeat_rows
+
+    def summary(policy, phone, watch, ahead="off"):
+        return {"policy": policy, "ahead": ahead, "tree": "chain", "decode_tokens_per_s": (phone + watch) / 2,
+                "per_class": [{"device_class": "phone", "decode_tokens_per_s": phone},
+                              {"device_class": "watch", "decode_tokens_per_s": watch}]}
+
+    rows = repeat_rows({1: [summary("adaptive", 30.0, 10.0), summary("cloud-only", 10.0, 10.0)],
+                        2: [summary("adaptive", 24.0, 12.0), summary("cloud-only", 12.0, 6.0),
+                            summary("adaptive", 36.0, 18.0, ahead="draft")]})
+    by = {r["policy"]: r for r in rows}
+    assert by["adaptive"] == {"policy": "adaptive", "seed 1": 2.0, "seed 2": 2.0, "mean": 2.0, "min": 2.0, "max": 2.0,
+                              "phone mean": 2.5, "watch mean": 1.5}  # (3 + 2) / 2 and (1 + 2) / 2
+    assert by["adaptive + draft-ahead"]["mean"] == 3.0 and "seed 1" not in by["adaptive + draft-ahead"]
+    assert by["cloud-only"]["mean"] == 1.0

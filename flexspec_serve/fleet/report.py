@@ -226,6 +226,32 @@ def class_compare_rows(summaries: list[dict]) -> list[dict]:
     return sorted(rows, key=lambda r: r["device class"])
 
 
+def repeat_rows(runs_by_seed: dict[int, list[dict]]) -> list[dict]:
+    """Speed-up over cloud-only per policy across repeats of one comparison under other seeds (other trace
+    offsets, prompts and arrivals): each repeat divides by its own cloud-only run, then the ratios are
+    averaged, overall and per device class. A policy missing from a repeat is left out of that repeat."""
+    ratios: dict[str, dict[int, float]] = defaultdict(dict)
+    per_class: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for seed, summaries in runs_by_seed.items():
+        base = next(s for s in summaries if s["policy"] == "cloud-only")
+        base_cls = {c["device_class"]: c["decode_tokens_per_s"] for c in base["per_class"]}
+        for s in summaries:
+            ratios[run_label(s)][seed] = s["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+            for c in s["per_class"]:
+                if base_cls.get(c["device_class"]):
+                    per_class[(run_label(s), c["device_class"])].append(c["decode_tokens_per_s"] / base_cls[c["device_class"]])
+    classes = sorted({cls for _, cls in per_class})
+    rows = []
+    for label, by_seed in ratios.items():
+        vals = list(by_seed.values())
+        row = {"policy": label, **{f"seed {seed}": round(v, 2) for seed, v in by_seed.items()},
+               "mean": round(float(np.mean(vals)), 2), "min": round(min(vals), 2), "max": round(max(vals), 2)}
+        for cls in classes:
+            row[f"{cls} mean"] = round(float(np.mean(per_class[(label, cls)])), 2) if per_class[(label, cls)] else None
+        rows.append(row)
+    return rows
+
+
 def _by_kind(lag: dict) -> str:
     return ", ".join(f"{kind} {v['p99']} ms" for kind, v in lag.get("by_kind", {}).items()) or "none"
 
