@@ -48,3 +48,29 @@ def humaneval_prompts(tokenizer):
     from flexspec_serve.zoo.corpus import humaneval_problems
 
     return [tokenizer(p.prompt, add_special_tokens=False)["input_ids"] for p in humaneval_problems(24)]
+
+
+@pytest.fixture(scope="session")
+def family_loops(family_models, humaneval_prompts) -> bool:
+    """True when the tiny family built here repeats one token after most test prompts. Its corpus is this
+    Python's own stdlib; built from Debian's python3.12 (no `test` package, no idlelib, lib2to3 ...) v1
+    continues every HumanEval prompt with newlines only (seen on the GPU machine's image, and here from a
+    copy of the stdlib with those folders removed). Draft and target then agree on every token, so no tree
+    round takes a runner-up and no guess misses: tests of those cases skip rather than fail there."""
+    from flexspec_serve.engine.generate import reference_greedy
+
+    outs = [reference_greedy(family_models["v1"], p, 20) for p in humaneval_prompts[:16]]
+    return sum(len(set(o)) == 1 for o in outs) >= 12
+
+
+@pytest.fixture
+def needs_variety(family_loops):
+    """`needs_variety(cond, what)`: assert `cond`, a case the test needs the family to produce (a runner-up
+    accepted, a missed guess); on a family that loops on one token (`family_loops`) skip instead."""
+
+    def check(cond: bool, what: str) -> None:
+        if not cond and family_loops:
+            pytest.skip(f"the tiny family built from this Python's stdlib repeats one token: {what} cannot occur")
+        assert cond, what
+
+    return check

@@ -288,7 +288,7 @@ def test_gpu_verify_script_runs_on_cpu_in_small_shape():
 
 
 def test_draft_ahead_keeps_greedy_output_and_guesses_the_next_draft_token(family_models, humaneval_prompts,
-                                                                         reference_greedy):
+                                                                         reference_greedy, needs_variety):
     proposer = DraftProposer(family_models["draft"])
     prompts = humaneval_prompts[:6]
     sessions = [proposer.start(str(i), p, SamplingParams()) for i, p in enumerate(prompts)]
@@ -303,7 +303,8 @@ def test_draft_ahead_keeps_greedy_output_and_guesses_the_next_draft_token(family
                                    humaneval_prompts[:20], MAX_NEW, lambda i, r: (i + r) % 6, draft_ahead=True,
                                    on_round=hits.append)
     assert [r.tokens for r in results] == reference_greedy["v1"]  # hits start rounds from drafted-ahead tokens
-    assert any(ev.lookahead_hit for ev in hits) and not all(ev.lookahead_hit for ev in hits if ev.k)
+    assert any(ev.lookahead_hit for ev in hits)
+    needs_variety(not all(ev.lookahead_hit for ev in hits if ev.k), "a missed guess")
     assert all(ev.accepted == ev.k for ev in hits if ev.lookahead_hit)
 
 

@@ -38,6 +38,12 @@ def run_shard(spec, prompts, family_models, transport=None, verifier=None):
     return asyncio.run(Shard(spec, spec.plans(), prompts, DraftProposer(draft), transport, time.time()).run())
 
 
+def assert_all_completed(res) -> None:
+    """Every session completed and no device crashed; the failures' errors in the message when not."""
+    failed = [(s["session"], s["error"]) for s in res.sessions if not s["completed"]]
+    assert res.sessions and not failed and not res.device_crashes, (failed, res.device_crashes)
+
+
 def greedy_reference(family_models, prompts, max_new) -> list[list[int]]:
     return [r.tokens for r in speculative_generate(None, Verifier(family_models["v1"]), prompts, max_new)]
 
@@ -72,7 +78,7 @@ def test_greedy_fleet_devices_emit_the_targets_greedy_output(family_models, huma
     prompts = [p[-40:] for p in humaneval_prompts[:6]]
     spec = small_fleet()
     res = run_shard(spec, prompts, family_models)
-    assert res.sessions and all(s["completed"] for s in res.sessions) and not res.device_crashes
+    assert_all_completed(res)
     assert res.sessions_started == len(res.sessions) == 24
     ref = greedy_reference(family_models, prompts, spec.max_new_tokens)
     for s in res.sessions:
@@ -85,7 +91,7 @@ def test_devices_drafting_ahead_still_emit_the_targets_greedy_output(family_mode
     prompts = [p[-40:] for p in humaneval_prompts[:6]]
     spec = small_fleet(ahead="draft", max_new_tokens=24)
     res = run_shard(spec, prompts, family_models)
-    assert res.sessions and all(s["completed"] for s in res.sessions) and not res.device_crashes
+    assert_all_completed(res)
     ref = greedy_reference(family_models, prompts, spec.max_new_tokens)
     for s in res.sessions:
         assert s["tokens"] == ref[s["prompt_index"]], s["session"]
@@ -126,7 +132,7 @@ def test_pipelining_devices_sampling_finish_and_the_cloud_decides_their_pipeline
                        policy="fixed-2")  # always pipelines: the adaptive one may learn that sampled guesses rarely hit
     verifier = Verifier(family_models["v1"], family_models["draft"], name="v1")
     res = run_shard(spec, prompts, family_models, verifier=verifier)
-    assert res.sessions and all(s["completed"] for s in res.sessions) and not res.device_crashes
+    assert_all_completed(res)
     assert all(len(s["tokens"]) == 24 for s in res.sessions)
     piped = [r for r in res.rounds if r["pipelined"]]
     assert piped and all(r["accepted"] <= r["k"] for r in piped)

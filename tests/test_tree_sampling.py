@@ -61,7 +61,7 @@ def _sampled_requests(proposer, sessions, prompts, seq, ks, params, tree="branch
 
 
 def test_sampled_tree_rounds_batched_equal_one_at_a_time_and_keep_both_caches_true(family_models,
-                                                                                   humaneval_prompts):
+                                                                                   humaneval_prompts, needs_variety):
     """Ragged K, trees and chains mixed (K = 0 sends none); afterwards every cache covers exactly the committed
     tokens but the last, so the next round's q and p are a fresh session's."""
     prompts = [p[: 9 + 5 * i] for i, p in enumerate(humaneval_prompts[:5])]
@@ -88,7 +88,7 @@ def test_sampled_tree_rounds_batched_equal_one_at_a_time_and_keep_both_caches_tr
                 assert held.target.length == held.draft.length == len(s.tokens) - 1 or pr.parents is None
         runs.append(log)
     assert runs[0] == runs[1]
-    assert any(path and not on_chain(list(path)) for _, path, _ in runs[0])
+    needs_variety(any(path and not on_chain(list(path)) for _, path, _ in runs[0]), "a round that accepts a runner-up")
 
 
 def test_a_sampled_tree_session_resynced_mid_run_continues_identically(family_models, humaneval_prompts):
@@ -117,9 +117,10 @@ def test_a_sampled_tree_session_resynced_mid_run_continues_identically(family_mo
 
 @pytest.mark.parametrize("path, ahead", [("clean", "pipeline"), ("flaky", "draft")])
 def test_sampling_fleet_devices_send_trees_and_every_round_the_cloud_decided_is_used(family_models,
-                                                                                     humaneval_prompts, path, ahead):
+                                                                                     humaneval_prompts, path, ahead,
+                                                                                     needs_variety):
     from flexspec_serve.transport import AsyncLocalTransport
-    from tests.test_fleet import FlakyTransport, WireSpy, run_shard, small_fleet
+    from tests.test_fleet import assert_all_completed, FlakyTransport, WireSpy, run_shard, small_fleet
 
     prompts = [p[-40:] for p in humaneval_prompts[:6]]
     spec = small_fleet(tree="branches", ahead=ahead, max_new_tokens=24, devices=8, temperature=0.8,
@@ -129,10 +130,10 @@ def test_sampling_fleet_devices_send_trees_and_every_round_the_cloud_decided_is_
     spy = WireSpy(FlakyTransport(inner) if path == "flaky" else inner)
     res = run_shard(spec, prompts, family_models, transport=spy, verifier=verifier)
     sent = spy.sent  # what went on the wire
-    assert res.sessions and all(s["completed"] for s in res.sessions) and not res.device_crashes
+    assert_all_completed(res)
     assert all(len(s["tokens"]) == 24 for s in res.sessions)
     assert all(r.tree_parents for r in sent if r.draft_tokens)  # sampling devices send trees too
     decided = sum(verifier.session_stats(s["session"]).rounds for s in res.sessions)
     assert decided == len(res.rounds)  # a retried round is answered from the stored outcome, not decided again
     if ahead == "pipeline":
-        assert any(r["pipelined"] for r in res.rounds)
+        needs_variety(any(r["pipelined"] for r in res.rounds), "a round sent before the previous answer")
