@@ -308,3 +308,5 @@ def test_repeats_divide_each_seed_by_its_own_cloud_only_run_then_average():
                               "phone mean": 2.5, "watch mean": 1.5}  # (3 + 2) / 2 and (1 + 2) / 2
     assert by["adaptive + draft-ahead"]["mean"] == 3.0 and "seed 1" not in by["adaptive + draft-ahead"]
     assert by["cloud-only"]["mean"] == 1.0
+    with pytest.raises(ValueError, match="seed 3 has no cloud-only"):
+        repeat_rows({3: [summary("adaptive", 30.0, 10.0)]})

@@ -233,7 +233,9 @@ def repeat_rows(runs_by_seed: dict[int, list[dict]]) -> list[dict]:
     ratios: dict[str, dict[int, float]] = defaultdict(dict)
     per_class: dict[tuple[str, str], list[float]] = defaultdict(list)
     for seed, summaries in runs_by_seed.items():
-        base = next(s for s in summaries if s["policy"] == "cloud-only")
+        base = next((s for s in summaries if s["policy"] == "cloud-only"), None)
+        if base is None:
+            raise ValueError(f"the repeat under seed {seed} has no cloud-only run to divide by")
         base_cls = {c["device_class"]: c["decode_tokens_per_s"] for c in base["per_class"]}
         for s in summaries:
             ratios[run_label(s)][seed] = s["decode_tokens_per_s"] / base["decode_tokens_per_s"]
