@@ -117,8 +117,7 @@ def test_a_sampled_tree_session_resynced_mid_run_continues_identically(family_mo
 
 @pytest.mark.parametrize("path, ahead", [("clean", "pipeline"), ("flaky", "draft")])
 def test_sampling_fleet_devices_send_trees_and_every_round_the_cloud_decided_is_used(family_models,
-                                                                                     humaneval_prompts, path, ahead,
-                                                                                     needs_variety):
+                                                                                     humaneval_prompts, path, ahead):
     from flexspec_serve.transport import AsyncLocalTransport
     from tests.test_fleet import assert_all_completed, FlakyTransport, WireSpy, run_shard, small_fleet
 
@@ -136,4 +135,4 @@ def test_sampling_fleet_devices_send_trees_and_every_round_the_cloud_decided_is_
     decided = sum(verifier.session_stats(s["session"]).rounds for s in res.sessions)
     assert decided == len(res.rounds)  # a retried round is answered from the stored outcome, not decided again
     if ahead == "pipeline":
-        needs_variety(any(r["pipelined"] for r in res.rounds), "a round sent before the previous answer")
+        assert any(r["pipelined"] for r in res.rounds)
