@@ -26,7 +26,7 @@ from deployments.cli import family_app_config, start_local_app
 from deployments.loadtest import fleet_prompts, run_report
 from flexspec_serve import paths
 from flexspec_serve.ahead import Ahead
-from flexspec_serve.fleet.report import class_compare_rows, compare_rows, repeat_rows
+from flexspec_serve.fleet.report import class_compare_rows, cloud_only, compare_rows, repeat_rows
 from flexspec_serve.fleet.spec import FleetSpec
 from flexspec_serve.reports import machine, md_table
 from flexspec_serve.tree import Tree
@@ -124,8 +124,7 @@ def lte_repeats(args, prompts, draft: str) -> dict[int, list[dict]]:
 
 
 def repeat_section(args, by_seed: dict[int, list[dict]]) -> list[str]:
-    cloud = ", ".join(f"{next(s for s in runs if s['policy'] == 'cloud-only')['decode_tokens_per_s']:g} (seed {seed})"
-                      for seed, runs in by_seed.items())
+    cloud = ", ".join(f"{cloud_only(runs)['decode_tokens_per_s']:g} (seed {seed})" for seed, runs in by_seed.items())
     return [
         f"## Repeats under {len(by_seed)} fleet seeds (LTE, {args.lte_devices} devices)\n",
         "Speed-up over cloud-only; each seed draws other trace offsets, prompts and arrivals, and divides by its own "

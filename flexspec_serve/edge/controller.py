@@ -215,7 +215,6 @@ class FlexSpecController(Policy):
         self.tree, self.max_nodes = Tree(tree), max_nodes  # the shape of a round's draft, and the server's node limit
         self.pipe_extra_ms = 0.0  # e: a pipelined answer's delay past its draft steps (EMA)
         self.estimator = estimator or AcceptanceEstimator()
-        self.expected: RoundPlan | None = None
 
     def draft_steps(self, k: int, view: RoundView) -> int:
         """Draft steps this round still has to run (the predrafted ones are done)."""

@@ -193,9 +193,26 @@ def run_label(s: dict) -> str:
             + {"second": " + second choices", "branches": " + branches"}.get(s.get("tree"), ""))
 
 
+def cloud_only(summaries: list[dict]) -> dict | None:
+    """The cloud-only run among `summaries`, the one every speed-up divides by (None when there is none)."""
+    return next((s for s in summaries if s["policy"] == "cloud-only"), None)
+
+
+def speedup(s: dict, base: dict | None) -> float | None:
+    """Run `s`'s decode speed over the cloud-only run `base`'s, unrounded (None without a base)."""
+    return None if base is None else s["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+
+
+def class_speedups(s: dict, base: dict | None) -> dict[str, float]:
+    """Per device class, run `s`'s decode speed over that class's in the cloud-only run `base`, unrounded."""
+    base_cls = {c["device_class"]: c["decode_tokens_per_s"] for c in base["per_class"]} if base else {}
+    return {c["device_class"]: c["decode_tokens_per_s"] / base_cls[c["device_class"]]
+            for c in s["per_class"] if base_cls.get(c["device_class"])}
+
+
 def compare_rows(summaries: list[dict]) -> list[dict]:
     """One row per policy; speed-ups against the cloud-only run when there is one."""
-    base = next((s for s in summaries if s["policy"] == "cloud-only"), None)
+    base = cloud_only(summaries)
     rows = []
     for s in summaries:
         row = {"policy": run_label(s), "decode tok/s": s["decode_tokens_per_s"],
@@ -204,24 +221,25 @@ def compare_rows(summaries: list[dict]) -> list[dict]:
                "uplink B/token": s["bytes_up_per_token"], "lookahead hits": s.get("lookahead_hit_rate"),
                "pipelined rounds": s.get("pipelined_round_rate"),
                "failed sessions": s["sessions_failed"]}
-        if base:
-            row["vs cloud-only"] = round(s["decode_tokens_per_s"] / base["decode_tokens_per_s"], 2)
+        ratio = speedup(s, base)
+        if ratio is not None:
+            row["vs cloud-only"] = round(ratio, 2)
         rows.append(row)
     return rows
 
 
 def class_compare_rows(summaries: list[dict]) -> list[dict]:
     """Decode tokens/s per device class and policy, with the speed-up over cloud-only for that class."""
-    base = next((s for s in summaries if s["policy"] == "cloud-only"), None)
-    base_tps = {c["device_class"]: c["decode_tokens_per_s"] for c in base["per_class"]} if base else {}
+    base = cloud_only(summaries)
     rows = []
     for s in summaries:
+        by_class = class_speedups(s, base)
         for c in s["per_class"]:
             row = {"device class": c["device_class"], "policy": run_label(s), "decode tok/s": c["decode_tokens_per_s"],
                    "tau": c["acceptance_length"], "mean K": c["mean_k"],
                    "model / realized speed": c.get("model_speed_ratio")}
-            if base_tps.get(c["device_class"]):
-                row["vs cloud-only"] = round(c["decode_tokens_per_s"] / base_tps[c["device_class"]], 2)
+            if c["device_class"] in by_class:
+                row["vs cloud-only"] = round(by_class[c["device_class"]], 2)
             rows.append(row)
     return sorted(rows, key=lambda r: r["device class"])
 
@@ -233,15 +251,13 @@ def repeat_rows(runs_by_seed: dict[int, list[dict]]) -> list[dict]:
     ratios: dict[str, dict[int, float]] = defaultdict(dict)
     per_class: dict[tuple[str, str], list[float]] = defaultdict(list)
     for seed, summaries in runs_by_seed.items():
-        base = next((s for s in summaries if s["policy"] == "cloud-only"), None)
+        base = cloud_only(summaries)
         if base is None:
             raise ValueError(f"the repeat under seed {seed} has no cloud-only run to divide by")
-        base_cls = {c["device_class"]: c["decode_tokens_per_s"] for c in base["per_class"]}
         for s in summaries:
-            ratios[run_label(s)][seed] = s["decode_tokens_per_s"] / base["decode_tokens_per_s"]
-            for c in s["per_class"]:
-                if base_cls.get(c["device_class"]):
-                    per_class[(run_label(s), c["device_class"])].append(c["decode_tokens_per_s"] / base_cls[c["device_class"]])
+            ratios[run_label(s)][seed] = speedup(s, base)
+            for cls, r in class_speedups(s, base).items():
+                per_class[(run_label(s), cls)].append(r)
     classes = sorted({cls for _, cls in per_class})
     rows = []
     for label, by_seed in ratios.items():
