@@ -26,6 +26,7 @@ from deployments.cli import family_app_config, start_local_app
 from deployments.loadtest import fleet_prompts, run_report
 from flexspec_serve import paths
 from flexspec_serve.ahead import Ahead
+from flexspec_serve.edge.devices import CLOUD_PROFILES
 from flexspec_serve.fleet.report import class_compare_rows, cloud_only, compare_rows, repeat_rows
 from flexspec_serve.fleet.spec import FleetSpec
 from flexspec_serve.reports import machine, md_table
@@ -81,13 +82,16 @@ def main() -> None:
                     help="fleet seeds of the LTE comparison, one repeat each (the first gets the full tables)")
     ap.add_argument("--lte-runs", nargs="+", choices=[run_dir(*r) for r in LTE_RUNS],
                     help="only these LTE runs (cloud-only always runs: every ratio divides by it)")
+    ap.add_argument("--emulate-cloud", metavar="PROFILE", choices=sorted(CLOUD_PROFILES),
+                    help="the versions hold each verify batch to this GPU cost profile's time, so the cloud's speed "
+                    "is the profile's, not this host's, wherever the host is faster (VersionSpec.emulate_cloud)")
     ap.add_argument("--out", type=Path, default=Path("docs/results"))
     ap.add_argument("--parts", nargs="+", choices=["scale", "lte", "sampling"], default=["scale", "lte", "sampling"],
                     help="run only these parts (fleet.md then shows only them: use another --out)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     family = paths.family_dir(args.profile)
-    start_local_app(family_app_config(family, ["v1", "v2"]))
+    start_local_app(family_app_config(family, ["v1", "v2"], version_kw={"emulate_cloud": args.emulate_cloud}))
     draft = str(family / "draft")
     scales = [scale_spec(args, think) for think in args.think] if "scale" in args.parts else []
     prompts = fleet_prompts(scale_spec(args, 1.0), family / "draft")
@@ -101,7 +105,8 @@ def main() -> None:
     lines = [
         "# Fleet benchmark (local Ray + Serve, CPU)\n",
         f"Command: `python -m benchmarks.fleet {' '.join(sys.argv[1:])}`  \n"
-        f"machine: {machine()}; family {args.profile} seed 0, versions v1 (stable) + v2\n",
+        f"machine: {machine()}; family {args.profile} seed 0, versions v1 (stable) + v2; cloud: "
+        f"{cloud_text(args.emulate_cloud)}\n",
         *(scale_section(args, scales, runs) if runs else []), *(lte_section(args, summaries) if summaries else []),
         *(repeat_section(args, by_seed) if len(by_seed) > 1 else []),
         *([f"## Sampling at temperature {SAMPLING_TEMPERATURE:g} (the same LTE fleet)\n",
@@ -121,6 +126,15 @@ def lte_repeats(args, prompts, draft: str) -> dict[int, list[dict]]:
                               args.out / "fleet" / run_dir(*run, seed=seed), command="python -m benchmarks.fleet")
                    for run in chosen]
             for seed in args.seeds}
+
+
+def cloud_text(profile: str | None) -> str:
+    if profile is None:
+        return "this host's CPU verifying the tiny family (its speed is the host's)"
+    c = CLOUD_PROFILES[profile]
+    return (f"emulated `{profile}` (each verify batch held to {c.verify_base_ms:g} ms + {c.verify_ms_per_token:g} ms "
+            f"per position of its widest round + {c.verify_ms_per_batched_token:g} ms per position of the others; "
+            "`server_held_mean_ms` and `server_held_round_rate` in each summary)")
 
 
 def repeat_section(args, by_seed: dict[int, list[dict]]) -> list[str]:
@@ -150,8 +164,16 @@ def lte_section(args, summaries: list[dict]) -> list[str]:
         f"## Speculative vs cloud-only on the LTE traces ({LTE[0]}, {LTE[1]}; {args.lte_devices} devices, "
         f"fleet seed {args.seeds[0]})\n",
         md_table(compare_rows(summaries)), "By device class (the same runs):\n",
-        md_table(class_compare_rows(summaries)),
+        md_table(class_compare_rows(summaries)), "The cloud as the rounds saw it (per round, means):\n",
+        md_table([cloud_row(s) for s in summaries]),
     ]
+
+
+def cloud_row(s: dict) -> dict:
+    """What the server spent on a round: its batch, the real forward passes, an emulated cloud's hold."""
+    return {"policy": s["policy"], "ahead": s["ahead"], "tree": s["tree"], "verify batch": s["server_mean_batch"],
+            "server verify ms": s["server_verify_mean_ms"], "held ms": s["server_held_mean_ms"],
+            "rounds held": s["server_held_round_rate"]}
 
 
 def scale_row(spec: FleetSpec, s: dict) -> str:

@@ -32,6 +32,8 @@ def register(sub) -> None:
     up.add_argument("--config", type=Path, help="AppConfig YAML (default: the family's v1 + v2, stable=v1, canary=v2)")
     up.add_argument("--profile", default="default", help="family profile when no --config is given")
     up.add_argument("--versions", nargs="+", default=["v1", "v2"], help="versions to deploy when no --config")
+    up.add_argument("--emulate-cloud", metavar="PROFILE", help="when no --config: hold every verify batch to this GPU "
+                    "cost profile's time (VersionSpec.emulate_cloud), e.g. eager-8b")
     up.add_argument("--port", type=int, default=8000)
     up.add_argument("--address", help="an existing Ray cluster (e.g. auto); default: embedded local Ray")
     up.add_argument("--detach", action="store_true", help="start a local Ray head in the background and return")
@@ -55,7 +57,7 @@ def app_config(args):
     family = paths.family_dir(args.profile)
     if not (family / "manifest.json").exists():
         raise FileNotFoundError(f"no model family at {family}: run `flexspec zoo build --profile {args.profile}`")
-    return family_app_config(family, args.versions)
+    return family_app_config(family, args.versions, version_kw={"emulate_cloud": args.emulate_cloud})
 
 
 def family_app_config(family: Path, versions: list[str], **kw):

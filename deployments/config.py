@@ -14,10 +14,11 @@ from pathlib import Path
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from flexspec_serve import paths
 from flexspec_serve.config import StrictModel
+from flexspec_serve.edge.devices import CLOUD_PROFILES
 
 VERSION_NAME = r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,63}$"
 APP_NAME = "flexspec"  # the router's Serve application (`flexspec serve up`)
@@ -93,6 +94,18 @@ class VersionSpec(StrictModel):
     max_draft_tokens: int = Field(16, ge=1, le=64)
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:[0-9]+)?|auto)$")
     autoscaling: AutoscalingSpec | None = Field(None, description="scale replicas on load; num_replicas ignored")
+    emulate_cloud: str | None = Field(
+        None, description="load tests on hardware other than the cloud's: every verify batch is held until the "
+        f"named cost profile's time for its positions has passed (one of {sorted(CLOUD_PROFILES)}, "
+        "flexspec_serve.edge.devices), so the cloud answers as that GPU would wherever the host is faster; "
+        "rounds report the hold in timings.held_ms")
+
+    @field_validator("emulate_cloud")
+    @classmethod
+    def _known_profile(cls, name: str | None) -> str | None:
+        if name is not None and name not in CLOUD_PROFILES:
+            raise ValueError(f"unknown cloud profile {name!r}; known: {sorted(CLOUD_PROFILES)}")
+        return name
 
     @model_validator(mode="after")
     def _ongoing_above_batch(self) -> VersionSpec:
@@ -225,9 +238,10 @@ class AppConfig(StrictModel):
                              draft_path=self.draft_path)
 
     @classmethod
-    def for_family(cls, family_dir: str | Path, versions: list[str], **kw) -> AppConfig:
+    def for_family(cls, family_dir: str | Path, versions: list[str], version_kw: dict | None = None, **kw) -> AppConfig:
+        """`version_kw`: VersionSpec fields every version gets."""
         family_dir = Path(family_dir)
-        vs = [VersionSpec(name=v, path=str(family_dir / v)) for v in versions]
+        vs = [VersionSpec(name=v, path=str(family_dir / v), **(version_kw or {})) for v in versions]
         aliases = kw.pop("aliases", {"stable": versions[0]})
         return cls(draft_path=str(family_dir / "draft"), versions=vs, aliases=aliases, **kw)
 

@@ -12,6 +12,7 @@ import torch
 
 from deployments.config import VersionSpec
 from flexspec_serve import protocol as P
+from flexspec_serve.edge.devices import CLOUD_PROFILES
 from flexspec_serve.engine.errors import ConditionNotMet, EngineError, ResyncRequired
 from flexspec_serve.engine.verifier import Verifier, VerifierLimits
 from flexspec_serve.zoo.loading import check_tokenizers_match, load_causal_lm, load_tokenizer
@@ -29,6 +30,9 @@ class VerifierServer:
         limits = VerifierLimits(max_draft_tokens=spec.max_draft_tokens, max_sessions=spec.max_sessions,
                                 max_cache_bytes=spec.max_cache_mb << 20, session_ttl_s=spec.session_ttl_s)
         self.verifier = Verifier(target, draft, name=spec.name, limits=limits)
+        self.cloud = CLOUD_PROFILES[spec.emulate_cloud] if spec.emulate_cloud else None
+        self.held_batches = 0  # emulated cloud: batches held to the profile's time
+        self.overrun_batches = 0  # emulated cloud: batches whose real verify took longer than the profile's time
         self.batches = 0
         # rolling windows for `stats()` (the Ray metrics histograms cannot be read back in the replica)
         self.batch_sizes: deque[int] = deque(maxlen=1000)
@@ -41,6 +45,7 @@ class VerifierServer:
         """One batch. Returns a result, or (http_status, ErrorBody), per round."""
         started = time.perf_counter()
         outcomes = self.verifier.verify([r.to_request() for r in rounds])
+        held_ms = self._hold(rounds, started)
         self.batches += 1
         self.batch_sizes.append(len(rounds))
         out: list = []
@@ -54,9 +59,24 @@ class VerifierServer:
             else:
                 queue_ms = (started - enqueued[i]) * 1e3 if enqueued else 0.0
                 self.latencies_ms.append((done - enqueued[i]) * 1e3 if enqueued else (done - started) * 1e3)
-                out.append(P.RoundResult.from_outcome(o, self.version, queue_ms))
+                out.append(P.RoundResult.from_outcome(o, self.version, queue_ms, held_ms))
         self.last_round = time.monotonic()
         return out
+
+    def _hold(self, rounds: list[P.DraftRound], started: float) -> float:
+        """An emulated cloud: sleep (on the engine's thread, which a busy GPU would hold too) until the profile's
+        time for this batch's positions has passed since `started`; the ms held. A first round or a resync counts
+        like any other (its prefill is not charged apart)."""
+        if self.cloud is None:
+            return 0.0
+        due_ms = self.cloud.batch_verify_ms([len(r.draft_tokens) + 1 for r in rounds])
+        left_ms = due_ms - (time.perf_counter() - started) * 1e3
+        if left_ms <= 0:
+            self.overrun_batches += 1
+            return 0.0
+        self.held_batches += 1
+        time.sleep(left_ms / 1e3)
+        return left_ms
 
     def stats(self, since: float | None = None) -> dict:
         """Counters of this replica; with `since` (wall time), also `window`: acceptance over the sessions
@@ -70,7 +90,8 @@ class VerifierServer:
             "batches": self.batches,
             "mean_batch_size": round(sum(self.batch_sizes) / len(self.batch_sizes), 3) if self.batch_sizes else None,
             "max_batch_size_seen": max(self.batch_sizes, default=0), "errors": self.errors,
-            "idle_s": round(time.monotonic() - self.last_round, 3),
+            "idle_s": round(time.monotonic() - self.last_round, 3), "emulate_cloud": self.spec.emulate_cloud,
+            "held_batches": self.held_batches, "overrun_batches": self.overrun_batches,
             "latency_p99_ms": round(float(np.percentile(self.latencies_ms, 99)), 2) if self.latencies_ms else None,
             **v.stats.as_dict(),
         }
@@ -85,6 +106,7 @@ class VerifierServer:
 
 
 SUMMED = ("sessions", "cache_bytes", "cache_hits", "cache_misses", "evictions", "expired", "batches", "errors",
+          "held_batches", "overrun_batches",
           "rounds", "draft_tokens", "accepted_tokens", "generated_tokens")
 WINDOW = ("rounds", "draft_tokens", "accepted_tokens", "generated_tokens")
 
@@ -97,7 +119,8 @@ def merge_replica_stats(replies: list[dict]) -> dict:
     parts = list(by_replica.values())
     if len(parts) == 1:
         return {**parts[0], "replicas": [parts[0].get("replica")]}
-    out = {"version": parts[0]["version"], "replicas": sorted(str(k) for k in by_replica),
+    out = {"version": parts[0]["version"], "emulate_cloud": parts[0].get("emulate_cloud"),
+           "replicas": sorted(str(k) for k in by_replica),
            **{k: sum(p.get(k, 0) for p in parts) for k in SUMMED}}
     lookups = out["cache_hits"] + out["cache_misses"]
     out["cache_hit_rate"] = round(out["cache_hits"] / lookups, 4) if lookups else None

@@ -83,6 +83,8 @@ class ServerTimings(_Wire):
     queue_ms: float = Field(0.0, description="time waiting for a batch")
     verify_ms: float = Field(0.0, description="forward passes and decisions for the batch")
     batch_size: int = Field(1, ge=1, description="rounds verified together")
+    held_ms: float = Field(0.0, ge=0, description="an emulated cloud (VersionSpec.emulate_cloud): how long the batch "
+                           "was held after verify_ms to take its profile's time")
 
 
 class RoundResult(_Wire):
@@ -99,11 +101,11 @@ class RoundResult(_Wire):
     path: list[int] | None = Field(None, description="a token tree: the accepted draft tokens' indices, root first")
 
     @classmethod
-    def from_outcome(cls, out: RoundOutcome, version: str, queue_ms: float = 0.0) -> RoundResult:
+    def from_outcome(cls, out: RoundOutcome, version: str, queue_ms: float = 0.0, held_ms: float = 0.0) -> RoundResult:
         return cls(session_id=out.session_id, seq=out.seq, accepted=out.accepted, token=out.token, bonus=out.bonus,
                    version=version, context_len=out.context_len, cache_hit=out.cache_hit,
                    timings=ServerTimings(queue_ms=round(queue_ms, 3), verify_ms=out.verify_ms,
-                                         batch_size=out.batch_size),
+                                         batch_size=out.batch_size, held_ms=round(held_ms, 3)),
                    path=None if out.path is None else list(out.path))
 
 

@@ -51,6 +51,12 @@ def test_batch_size_above_max_ongoing_requests_is_refused():
         VersionSpec(name="v1", path="/x", max_batch_size=32, max_ongoing_requests=5)
 
 
+def test_an_unknown_cloud_profile_is_refused_naming_it_and_the_known_ones():
+    with pytest.raises(ValueError, match=r"'h100-70b'.*eager-8b"):
+        VersionSpec(name="v1", path="/x", emulate_cloud="h100-70b")
+    assert VersionSpec(name="v1", path="/x", emulate_cloud="graphs-8b").emulate_cloud == "graphs-8b"
+
+
 def test_weighted_pick_is_stable_across_weight_order():
     assert pick_weighted({"a": 1, "b": 1}, "s1") == pick_weighted({"b": 1, "a": 1}, "s1")
 
@@ -160,3 +166,43 @@ def test_a_refused_pipelined_round_is_not_a_replica_error(tiny_family):
     (bad,) = server.verify_rounds([P.DraftRound(session_id="s", seq=1, draft_tokens=[10**6])])
     assert bad[1].error.code == "invalid_request"
     assert server.stats()["errors"] == 1  # the bad round only
+
+
+def _server(tiny_family, **kw):
+    import torch
+
+    from deployments.server import VerifierServer
+
+    threads = torch.get_num_threads()
+    try:
+        return VerifierServer(VersionSpec(name="v1", path=str(tiny_family / "v1"), **kw), str(tiny_family / "draft"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_an_emulated_cloud_answers_a_batch_no_sooner_than_its_profile_says(tiny_family):
+    """The tiny family verifies in a few ms here; `eager-8b` makes the batch take its 8B-on-H200 time."""
+    import time
+
+    from flexspec_serve import protocol as P
+    from flexspec_serve.edge.devices import CLOUD_PROFILES
+
+    server, plain = _server(tiny_family, emulate_cloud="eager-8b"), _server(tiny_family)
+    for s in (server, plain):  # first rounds: the prompts
+        s.verify_rounds([P.DraftRound(session_id=f"s{i}", seq=0, full_context=[5, 6, 7 + i]) for i in range(2)])
+    batch = [P.DraftRound(session_id="s0", seq=1, draft_tokens=[8, 9, 10]), P.DraftRound(session_id="s1", seq=1,
+                                                                                         draft_tokens=[11])]
+    due_ms = CLOUD_PROFILES["eager-8b"].batch_verify_ms([4, 2])
+    assert due_ms == pytest.approx(18.0 + 0.8 * 4 + 0.06 * 2)
+    started = time.perf_counter()
+    results = server.verify_rounds(batch)
+    assert (time.perf_counter() - started) * 1e3 >= due_ms * 0.99
+    stats = server.stats()
+    assert stats["emulate_cloud"] == "eager-8b" and stats["held_batches"] + stats["overrun_batches"] == 2
+    for r in results:
+        assert r.timings.held_ms == results[0].timings.held_ms  # one hold for the whole batch
+        if r.timings.held_ms:  # held: the real verify and the hold make up the profile's time, at most
+            assert r.timings.verify_ms + r.timings.held_ms <= due_ms + 0.5
+    plain_results = plain.verify_rounds(batch)
+    assert [r.token for r in plain_results] == [r.token for r in results]  # the hold changes timing, not tokens
+    assert all(r.timings.held_ms == 0 for r in plain_results) and plain.stats()["held_batches"] == 0

@@ -112,6 +112,12 @@ def controller(alpha, device=PHONE, cloud=CLOUD):
     return FlexSpecController(device, cloud, k_max=8, estimator=est)
 
 
+def test_a_batched_verify_costs_the_widest_round_plus_the_others_positions():
+    cloud = CloudProfile(10.0, 1.0, 0.1)
+    assert cloud.batch_verify_ms([5]) == cloud.verify_ms(4) == 15.0
+    assert cloud.batch_verify_ms([2, 5, 3]) == pytest.approx(15.0 + 0.1 * (2 + 3))
+
+
 def test_controller_picks_smaller_k_when_acceptance_drops():
     assert controller(0.5).choose(view()) < controller(0.9).choose(view())
 

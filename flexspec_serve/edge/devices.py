@@ -45,22 +45,33 @@ DEVICE_CLASSES: dict[str, DeviceProfile] = {
 
 @dataclass(frozen=True)
 class CloudProfile:
-    """Verification cost in ms: base (weights read once per pass) + per verified position."""
+    """Verification cost in ms: base (weights read once per pass) + per verified position of a session
+    (K + 1 for a chain), + per position of the other sessions verified in the same batched pass."""
 
     verify_base_ms: float = 18.0
     verify_ms_per_token: float = 0.8
+    verify_ms_per_batched_token: float = 0.06
 
     def verify_ms(self, k: int) -> float:
+        """One session's K-token round verified alone."""
         return self.verify_base_ms + self.verify_ms_per_token * (k + 1)
+
+    def batch_verify_ms(self, positions: list[int]) -> float:
+        """One batched pass over sessions verifying `positions[i]` positions each (a batch of one: `verify_ms`)."""
+        widest = max(positions)
+        return (self.verify_base_ms + self.verify_ms_per_token * widest
+                + self.verify_ms_per_batched_token * (sum(positions) - widest))
 
 
 # Cloud profiles for a Llama-8B-shaped target on one H200, against what was measured there
 # (docs/results/gpu_verify.md; bf16, 512-token cache). `eager-8b`, the default (chosen before any measurement),
 # is close to eager transformers: 19.9-28.3 ms per batch-1 step at K = 1-16. `graphs-8b` is a line through the
 # static-cache + CUDA-graphs points at batch 16: 10.3 ms for 7 positions per session, 12.6 ms for 17 (at batch 1
-# it is 6.6-7.3 ms whatever K).
+# it is 6.6-7.3 ms whatever K). The batch term: an eager batch of 64 cost 0.04-0.08 ms more than batch 1 per
+# position of each added session (batch 16: -0.01 to 0.09, noisy); 0.06 taken. `graphs-8b`'s line is through
+# batch-16 points already (0).
 DEFAULT_CLOUD = "eager-8b"  # CloudProfile()'s defaults
 CLOUD_PROFILES = {
     DEFAULT_CLOUD: CloudProfile(),
-    "graphs-8b": CloudProfile(8.67, 0.23),
+    "graphs-8b": CloudProfile(8.67, 0.23, 0.0),
 }

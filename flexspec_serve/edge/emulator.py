@@ -72,6 +72,7 @@ class RoundRecord:
     lag_ms: float = 0.0  # how late the round's emulated events fired, at worst
     queue_ms: float = 0.0  # server: waiting for a batch
     server_verify_ms: float = 0.0  # server: the batch's forward passes
+    server_held_ms: float = 0.0  # server: an emulated cloud's hold after them (VersionSpec.emulate_cloud)
     batch_size: int = 0
     attempts: int = 1
     predrafted: int = 0  # draft-ahead: tokens of this round drafted during the previous round's wait

@@ -42,7 +42,8 @@ SUMMARY_FIELDS = ("policy", "devices", "sessions_started", "sessions_completed",
                   "energy_j_per_token", "lookahead_hit_rate", "predrafted_round_rate", "pipelined_round_rate",
                   "model_speed_ratio",
                   "emulation_lag_ms",
-                  "mid_round", "in_session", "retries", "resyncs",
+                  "mid_round", "in_session", "server_mean_batch", "server_verify_mean_ms", "server_held_mean_ms",
+                  "server_held_round_rate", "retries", "resyncs",
                   "errors", "device_crashes", "per_class", "per_version", "version_changes")
 
 
@@ -152,10 +153,23 @@ def summarize(run: ShardResult, meta: dict, events: list[dict] | None = None) ->
                        "max": max((t["in_session"] for t in timeline), default=0)},
         "draft_mean_batch": run.draft_mean_batch,
         "server_mean_batch": round(float(np.mean([r["batch_size"] for r in rounds])), 2) if rounds else None,
+        # per round: the batch's real forward passes, and the hold an emulated cloud added to take its profile's time
+        "server_verify_mean_ms": round(float(np.mean([r["server_verify_ms"] for r in rounds])), 2) if rounds else None,
+        "server_held_mean_ms": round(float(np.mean([r["server_held_ms"] for r in rounds])), 2) if rounds else None,
+        # an emulated cloud: the rest of the rounds came from batches the host took longer over than the profile
+        "server_held_round_rate": round(float(np.mean([r["server_held_ms"] > 0 for r in rounds])), 3) if rounds else None,
         "retries": sum(r["attempts"] - 1 for r in rounds), "resyncs": sum(s["resyncs"] for s in sessions),
         "errors": dict(errors), "device_crashes": run.device_crashes[:20], "per_class": _group(rounds, "device_class"), "per_version": _group(rounds, "version"),
         "version_changes": version_changes(rounds, events or []),
     }
+
+
+def held_text(s: dict) -> str:
+    """The emulated cloud's hold, when the app had one (older summaries lack the field)."""
+    if not s.get("server_held_mean_ms"):
+        return ""
+    return (f" + {s['server_held_mean_ms']} ms held (emulated cloud; {s['server_held_round_rate']:.0%} of rounds held, the "
+            "rest took the host longer than the profile)")
 
 
 def version_changes(rounds: list[dict], events: list[dict]) -> list[dict]:
@@ -290,7 +304,8 @@ def markdown(s: dict, compare: list[dict] | None, plot_names: list[str]) -> str:
         f"(p99 by kind: {_by_kind(lag)}). "
         f"Devices mid-round at once: mean {s['mid_round']['mean']}, max {s['mid_round']['max']}; in a session: mean "
         f"{s['in_session']['mean']}, max {s['in_session']['max']}. Draft batch (per actor): {s['draft_mean_batch']}; "
-        f"verify batch seen by rounds: {s['server_mean_batch']}. Retries {s['retries']}, resyncs {s['resyncs']}, "
+        f"verify batch seen by rounds: {s['server_mean_batch']}, its verify {s['server_verify_mean_ms']} ms"
+        f"{held_text(s)}. Retries {s['retries']}, resyncs {s['resyncs']}, "
         f"errors {s['errors'] or 'none'}.\n",
         "## By device class\n", md_table(s["per_class"]), "## By target version\n", md_table(s["per_version"]),
         "## Version changes\n", md_table(s["version_changes"]),

@@ -327,7 +327,8 @@ class Shard:
         rec = dev.account(ev, f.t0, f.draft_ms, d.up_ms, cloud_ms, d.down_ms, back_ms=back if f.pipelined else None,
                           session=client.session_id, rate_up_bps=round(dev.observer.rate_bps["up"], 1),
                           lag_ms=round(max(f.lags), 3), queue_ms=result.timings.queue_ms,
-                          server_verify_ms=result.timings.verify_ms, batch_size=result.timings.batch_size,
+                          server_verify_ms=result.timings.verify_ms, server_held_ms=result.timings.held_ms,
+                          batch_size=result.timings.batch_size,
                           attempts=d.attempts, pipelined=f.pipelined)
         self.counters.rounds += 1
         self.counters.tokens += result.accepted + 1
