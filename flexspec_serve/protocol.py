@@ -197,7 +197,8 @@ def decode_round(payload: bytes) -> DraftRound:
 
 def encode_result(r: RoundResult) -> bytes:
     t = r.timings
-    row = [[t.queue_ms, t.verify_ms, t.batch_size] if n == "timings" else getattr(r, n) for n in _RESULT_FIELDS]
+    timings = [t.queue_ms, t.verify_ms, t.batch_size] + ([t.held_ms] if t.held_ms else [])  # no bytes unless held
+    row = [timings if n == "timings" else getattr(r, n) for n in _RESULT_FIELDS]
     while row and row[-1] is None:
         row.pop()
     return msgpack.packb(row, use_bin_type=True)
@@ -207,7 +208,7 @@ def decode_result(payload: bytes) -> RoundResult:
     row = _unpack_array(payload, len(_RESULT_FIELDS))
     data = dict(zip(_RESULT_FIELDS, row))
     if isinstance(data.get("timings"), list):
-        data["timings"] = dict(zip(("queue_ms", "verify_ms", "batch_size"), data["timings"]))
+        data["timings"] = dict(zip(("queue_ms", "verify_ms", "batch_size", "held_ms"), data["timings"]))
     return validate(RoundResult, data)
 
 

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flexspec_serve.protocol import (
-    DraftRound, ErrorBody, ProtocolError, RoundResult, Sampling, decode_result, decode_round, encode_result,
+    DraftRound, ErrorBody, ProtocolError, RoundResult, Sampling, ServerTimings, decode_result, decode_round, encode_result,
     encode_round, pack_tokens, unpack_tokens,
 )
 
@@ -54,6 +54,10 @@ def test_compact_uplink_is_token_ids_at_vocabulary_width():
 def test_result_round_trips_compact():
     r = RoundResult(session_id="a", seq=3, accepted=2, token=9, bonus=False, version="v2", context_len=40)
     assert decode_result(encode_result(r)) == r
+    held = r.model_copy(update={"timings": ServerTimings(queue_ms=1.5, verify_ms=4.25, batch_size=3, held_ms=17.5)})
+    assert decode_result(encode_result(held)) == held
+    unheld = held.model_copy(update={"timings": held.timings.model_copy(update={"held_ms": 0.0})})
+    assert len(encode_result(unheld)) < len(encode_result(held))  # a server that holds nothing sends no hold
 
 
 @pytest.mark.parametrize("patch, field", [

@@ -54,6 +54,22 @@ def app(tiny_family, tmp_path_factory):
     ray.shutdown()
 
 
+@pytest.fixture
+def no_canary_left_running(app, request):
+    """A swap test that fails with its canary still running rolls it back on the way out, so the next test
+    does not find part of `stable`'s new sessions going to a candidate left behind (one failure, not three)."""
+    yield
+    import httpx
+
+    from deployments.config import FileRegistry
+
+    canary = FileRegistry(app["registry"]).load().canary
+    if canary is not None and canary.status == "running":
+        reply = httpx.post(f"{app['url']}/admin/rollback", json={"reason": f"left running by {request.node.name}"},
+                           headers={"authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=60)
+        assert reply.status_code == 200, reply.text
+
+
 def first_round(session_id: str, target: str | None, prompt=(5, 6, 7, 8)) -> P.DraftRound:
     return P.DraftRound(session_id=session_id, seq=0, target=target, full_context=list(prompt))
 
@@ -386,6 +402,7 @@ def test_schema_driven_fuzz_finds_no_5xx_and_every_4xx_names_the_problem(app):
     assert served_version(app, first_round("after-fuzz", "v1")) == "v1"
 
 
+@pytest.mark.usefixtures("no_canary_left_running")
 def test_hot_swap_under_a_running_fleet_loses_nothing(app, tiny_family, family_models, humaneval_prompts, tmp_path):
     from deployments.config import FileRegistry
     from deployments.loadtest import run_report
@@ -443,6 +460,7 @@ def perturbed_copy(src, dst, scale: float = 3.0):
     return dst
 
 
+@pytest.mark.usefixtures("no_canary_left_running")
 def test_incompatible_candidate_is_refused_by_the_gate_and_rolled_back_by_the_canary(
         app, tiny_family, humaneval_prompts, tmp_path):
     from deployments.config import FileRegistry
@@ -498,6 +516,7 @@ class RetireAt:
         return [{"t_s": round(t_s, 2), "label": f"retire {self.version} ({self.mode})"}]
 
 
+@pytest.mark.usefixtures("no_canary_left_running")
 def test_migrating_retire_moves_running_sessions_to_the_alias_without_losing_any(app, tiny_family,
                                                                                  humaneval_prompts, tmp_path):
     import httpx
