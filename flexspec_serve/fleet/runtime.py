@@ -124,17 +124,16 @@ class Shard:
         return asyncio.create_task(self.ahead_drafter.submit((client.edge, 1)))
 
     async def _after_answer(self, client: ClientSession, k: int, result: P.RoundResult,
-                            guess: asyncio.Task | None) -> bool:
+                            guess: asyncio.Task | None) -> None:
         """Draft-ahead, part 2, as the answer comes down: on a lookahead hit, the rest of what the device
         drafted during its wait (computed now because only hits use it; they are the same tokens)."""
         if guess is not None:
             await guess
         if not self.proposer.lookahead_hit(client.edge, result.accepted, result.token, result.path):
-            return False
+            return
         more = 1 + ahead_tokens(k) - self.proposer.drafted_past_sent(client.edge)
         if more > 0:
             await self.ahead_drafter.submit((client.edge, more))
-        return True
 
     async def run(self) -> ShardResult:
         sampler = asyncio.create_task(self._sample_timeline())
@@ -220,18 +219,17 @@ class Shard:
                     nxt = await self._pipeline(dev, client, head)
                 d = await self._answer(dev, client, head, rng)
             finally:
-                hit = await self._settle(head.after, head.guess, head.lags)
-            if self.spec.ahead.sends:
-                hit = proposer.lookahead_hit(client.edge, d.result.accepted, d.result.token, d.result.path)
+                await self._settle(head.after, head.guess, head.lags)
         except BaseException:
             self._discard(nxt)
             raise
         finally:
             c.mid_round -= 1
         back = self.clock.now_ms()
-        outcome = hit if proposer.guess(client.edge) is not None else None  # None: no guess drafted
+        # the guess is settled: a lookahead hit or not, None when no guess was drafted (as the proposer sees it)
+        hit = proposer.lookahead_hit(client.edge, d.result.accepted, d.result.token, d.result.path)
         client.commit(head.draft, d.result, proposer)
-        rec = self._account(dev, client, head, d, outcome, back)
+        rec = self._account(dev, client, head, d, hit, back)
         if nxt is not None and not hit:
             self._discard(nxt, dev, rec)  # its assumption failed: the cloud refuses it, nobody waits for that
             nxt = None
@@ -334,17 +332,16 @@ class Shard:
         self.counters.tokens += result.accepted + 1
         return rec
 
-    async def _settle(self, after: list[asyncio.Task], guess: asyncio.Task | None, lags: list[float]) -> bool:
+    async def _settle(self, after: list[asyncio.Task], guess: asyncio.Task | None, lags: list[float]) -> None:
         """Draft-ahead work must be done before the answer is applied; if it ends after the answer's due
-        time, the answer counts as that late. Returns whether the round was a lookahead hit."""
+        time, the answer counts as that late."""
         if not after:
             if guess is not None:
                 await guess
-            return False
+            return
         answered = self.clock.now_ms()
-        hit = await after[-1]
+        await after[-1]
         lags[-1] = max(lags[-1], self.clock.late(answered, "answer_applied"))
-        return hit
 
     async def _trip(self, dev: EmulatedDevice, msg: P.DraftRound, lags: list[float], on_answer=None) -> Delivery:
         """One attempt: uplink, exchange, downlink. A broken path answers `unavailable` (no downlink).
