@@ -62,8 +62,9 @@ def run_dir(policy: str, ahead: Ahead, tree: Tree, temperature: float = 0.0, see
 def lte_spec(args, policy: str, ahead: Ahead, tree: Tree, temperature: float = 0.0, seed: int = 0) -> FleetSpec:
     return FleetSpec(
         name="lte", devices=args.lte_devices, actors=2, actor_num_cpus=0.2, max_new_tokens=48, target="stable",
-        seed=seed, temperature=temperature, policy=policy, ahead=ahead, tree=tree, mix=[{"device_class": "flagship-phone", "share": 0.5, "channel": LTE[0]},
-                                         {"device_class": "midrange-phone", "share": 0.5, "channel": LTE[1]}],
+        seed=seed, temperature=temperature, policy=policy, ahead=ahead, tree=tree, transport=args.transport,
+        mix=[{"device_class": "flagship-phone", "share": 0.5, "channel": LTE[0]},
+             {"device_class": "midrange-phone", "share": 0.5, "channel": LTE[1]}],
         arrival={"start_within_s": 6, "think_time_s": 6}, duration_s=args.lte_duration)
 
 
@@ -82,6 +83,9 @@ def main() -> None:
                     help="fleet seeds of the LTE comparison, one repeat each (the first gets the full tables)")
     ap.add_argument("--lte-runs", nargs="+", choices=[run_dir(*r) for r in LTE_RUNS],
                     help="only these LTE runs (cloud-only always runs: every ratio divides by it)")
+    ap.add_argument("--transport", choices=["handle", "direct", "http"], default="handle",
+                    help="how the LTE and sampling fleets reach the app (handle: through the router; direct: "
+                    "client-side routing straight to the version's replica; http: through the proxy)")
     ap.add_argument("--emulate-cloud", metavar="PROFILE", choices=sorted(CLOUD_PROFILES),
                     help="the versions hold each verify batch to this GPU cost profile's time, so the cloud's speed "
                     "is the profile's, not this host's, wherever the host is faster (VersionSpec.emulate_cloud)")
@@ -134,7 +138,7 @@ def cloud_text(profile: str | None) -> str:
     c = CLOUD_PROFILES[profile]
     return (f"emulated `{profile}` (each verify batch held to {c.verify_base_ms:g} ms + {c.verify_ms_per_token:g} ms "
             f"per position of its widest round + {c.verify_ms_per_batched_token:g} ms per position of the others; "
-            "`server_held_mean_ms` and `server_held_round_rate` in each summary)")
+            "`cloud_per_round` in each summary)")
 
 
 def repeat_section(args, by_seed: dict[int, list[dict]]) -> list[str]:
@@ -162,7 +166,7 @@ def scale_section(args, scales: list[FleetSpec], runs: list[dict]) -> list[str]:
 def lte_section(args, summaries: list[dict]) -> list[str]:
     return [
         f"## Speculative vs cloud-only on the LTE traces ({LTE[0]}, {LTE[1]}; {args.lte_devices} devices, "
-        f"fleet seed {args.seeds[0]})\n",
+        f"fleet seed {args.seeds[0]}, {args.transport} transport)\n",
         md_table(compare_rows(summaries)), "By device class (the same runs):\n",
         md_table(class_compare_rows(summaries)), "The cloud as the rounds saw it (per round, means):\n",
         md_table([cloud_row(s) for s in summaries]),
@@ -170,10 +174,11 @@ def lte_section(args, summaries: list[dict]) -> list[str]:
 
 
 def cloud_row(s: dict) -> dict:
-    """What the server spent on a round: its batch, the real forward passes, an emulated cloud's hold."""
+    """The cloud's share of a round as devices saw it, and its parts (`fleet.report.cloud_per_round`)."""
+    c = s["cloud_per_round"]
     return {"policy": s["policy"], "ahead": s["ahead"], "tree": s["tree"], "verify batch": s["server_mean_batch"],
-            "server verify ms": s["server_verify_mean_ms"], "held ms": s["server_held_mean_ms"],
-            "rounds held": s["server_held_round_rate"]}
+            "cloud seen ms": c["seen_ms"], "queue ms": c["queue_ms"], "server verify ms": c["verify_ms"],
+            "held ms": c["held_ms"], "rounds held": c["held_rate"], "path ms": c["path_ms"]}
 
 
 def scale_row(spec: FleetSpec, s: dict) -> str:

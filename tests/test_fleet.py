@@ -206,6 +206,14 @@ def test_observed_cloud_learns_the_cost_per_verified_position_when_k_varies():
     assert steady.verify_ms(4) == pytest.approx(45.0, abs=2.0)  # ... and the base absorbs the rest
 
 
+def test_the_clouds_share_of_a_round_splits_into_queue_verify_hold_and_path():
+    rows = [{"verify_ms": 60.0, "queue_ms": 5.0, "server_verify_ms": 20.0, "server_held_ms": 4.0},
+            {"verify_ms": 40.0, "queue_ms": 3.0, "server_verify_ms": 25.0, "server_held_ms": 0.0}]
+    c = report.cloud_per_round(rows)
+    assert c == {"seen_ms": 50.0, "queue_ms": 4.0, "verify_ms": 22.5, "held_ms": 2.0, "path_ms": 21.5, "held_rate": 0.5}
+    assert report.cloud_per_round([]) is None
+
+
 def test_report_files_have_the_documented_fields(family_models, humaneval_prompts, tmp_path):
     prompts = [p[-40:] for p in humaneval_prompts[:4]]
     spec = small_fleet(devices=6)

@@ -42,8 +42,8 @@ SUMMARY_FIELDS = ("policy", "devices", "sessions_started", "sessions_completed",
                   "energy_j_per_token", "lookahead_hit_rate", "predrafted_round_rate", "pipelined_round_rate",
                   "model_speed_ratio",
                   "emulation_lag_ms",
-                  "mid_round", "in_session", "server_mean_batch", "server_verify_mean_ms", "server_held_mean_ms",
-                  "server_held_round_rate", "retries", "resyncs",
+                  "mid_round", "in_session", "server_mean_batch", "cloud_per_round",
+                  "retries", "resyncs",
                   "errors", "device_crashes", "per_class", "per_version", "version_changes")
 
 
@@ -153,23 +153,36 @@ def summarize(run: ShardResult, meta: dict, events: list[dict] | None = None) ->
                        "max": max((t["in_session"] for t in timeline), default=0)},
         "draft_mean_batch": run.draft_mean_batch,
         "server_mean_batch": round(float(np.mean([r["batch_size"] for r in rounds])), 2) if rounds else None,
-        # per round: the batch's real forward passes, and the hold an emulated cloud added to take its profile's time
-        "server_verify_mean_ms": round(float(np.mean([r["server_verify_ms"] for r in rounds])), 2) if rounds else None,
-        "server_held_mean_ms": round(float(np.mean([r["server_held_ms"] for r in rounds])), 2) if rounds else None,
-        # an emulated cloud: the rest of the rounds came from batches the host took longer over than the profile
-        "server_held_round_rate": round(float(np.mean([r["server_held_ms"] > 0 for r in rounds])), 3) if rounds else None,
+        "cloud_per_round": cloud_per_round(rounds),
         "retries": sum(r["attempts"] - 1 for r in rounds), "resyncs": sum(s["resyncs"] for s in sessions),
         "errors": dict(errors), "device_crashes": run.device_crashes[:20], "per_class": _group(rounds, "device_class"), "per_version": _group(rounds, "version"),
         "version_changes": version_changes(rounds, events or []),
     }
 
 
-def held_text(s: dict) -> str:
-    """The emulated cloud's hold, when the app had one (older summaries lack the field)."""
-    if not s.get("server_held_mean_ms"):
+def cloud_per_round(rounds: list[dict]) -> dict | None:
+    """Means per round of the cloud's share of round time as the device saw it (uplink arrival to downlink
+    start), split into the server's queue, its forward passes, an emulated cloud's hold
+    (`VersionSpec.emulate_cloud`), and the rest: `path_ms`, the hops between device and replica (handles,
+    router, event loops; with any emulation lag). `held_rate`: share of rounds held; the others' batches took
+    the host longer than the emulated profile."""
+    if not rounds:
+        return None
+    mean = {k: float(np.mean([r[col] for r in rounds])) for k, col in (
+        ("seen_ms", "verify_ms"), ("queue_ms", "queue_ms"), ("verify_ms", "server_verify_ms"),
+        ("held_ms", "server_held_ms"))}
+    mean["path_ms"] = mean["seen_ms"] - mean["queue_ms"] - mean["verify_ms"] - mean["held_ms"]
+    return {**{k: round(v, 2) for k, v in mean.items()},
+            "held_rate": round(float(np.mean([r["server_held_ms"] > 0 for r in rounds])), 3)}
+
+
+def cloud_text(s: dict) -> str:
+    c = s["cloud_per_round"]
+    if c is None:
         return ""
-    return (f" + {s['server_held_mean_ms']} ms held (emulated cloud; {s['server_held_round_rate']:.0%} of rounds held, the "
-            "rest took the host longer than the profile)")
+    held = f", held {c['held_ms']} ms ({c['held_rate']:.0%} of rounds; emulated cloud)" if c["held_ms"] else ""
+    return (f" The cloud's share of a round, as devices saw it: {c['seen_ms']} ms: queue {c['queue_ms']}, verify "
+            f"{c['verify_ms']}{held}, path {c['path_ms']} (handles, router, event loops).")
 
 
 def version_changes(rounds: list[dict], events: list[dict]) -> list[dict]:
@@ -304,8 +317,7 @@ def markdown(s: dict, compare: list[dict] | None, plot_names: list[str]) -> str:
         f"(p99 by kind: {_by_kind(lag)}). "
         f"Devices mid-round at once: mean {s['mid_round']['mean']}, max {s['mid_round']['max']}; in a session: mean "
         f"{s['in_session']['mean']}, max {s['in_session']['max']}. Draft batch (per actor): {s['draft_mean_batch']}; "
-        f"verify batch seen by rounds: {s['server_mean_batch']}, its verify {s['server_verify_mean_ms']} ms"
-        f"{held_text(s)}. Retries {s['retries']}, resyncs {s['resyncs']}, "
+        f"verify batch seen by rounds: {s['server_mean_batch']}.{cloud_text(s)} Retries {s['retries']}, resyncs {s['resyncs']}, "
         f"errors {s['errors'] or 'none'}.\n",
         "## By device class\n", md_table(s["per_class"]), "## By target version\n", md_table(s["per_version"]),
         "## Version changes\n", md_table(s["version_changes"]),
