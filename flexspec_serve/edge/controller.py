@@ -246,11 +246,14 @@ class FlexSpecController(Policy):
         """Whether a round drafts ahead: `ahead` when given, else whenever the device can."""
         return self.ahead.drafts if ahead is None else ahead
 
+    def pipelines(self, k: int, ahead: bool | None = None) -> bool:
+        """A pipelining device's K-token round that drafts ahead: the next round may go out behind it."""
+        return bool(self.ahead.sends and self.drafts_ahead(ahead) and k)
+
     def sends_ahead(self, k: int, view: RoundView, ahead: bool | None = None) -> bool:
         """A pipelining device sends the next round before this one's answer: its 1 + K draft steps fit in
         the wait (the emulator and the fleet send it then, hit or miss)."""
-        return bool(self.ahead.sends and self.drafts_ahead(ahead) and k
-                    and self.device.draft_ms(1 + k) < self.wait_ms(k, view))
+        return self.pipelines(k, ahead) and self.device.draft_ms(1 + k) < self.wait_ms(k, view)
 
     def ahead_steps(self, k: int, view: RoundView, ahead: bool | None = None) -> int:
         return self.device.ahead_steps(k, self.wait_ms(k, view)) if self.drafts_ahead(ahead) else 0
@@ -259,7 +262,7 @@ class FlexSpecController(Policy):
         """Expected critical-path time of a K-token round, less the draft time its pre-draft is expected to
         save the next round (with `ahead`; default: whenever the device can draft ahead). A pipelining
         device's next answer follows a hit by the 1 + K steps that drafted that round."""
-        if self.ahead.sends and self.drafts_ahead(ahead) and k:
+        if self.pipelines(k, ahead):  # the min() below is `sends_ahead`'s fit test
             hit = self.estimator.p_hit(k)
             fresh = self.draft_ms(k, view) + self.wait_ms(k, view)
             return hit * min(fresh, self.device.draft_ms(1 + k) + self.pipe_extra_ms) + (1 - hit) * fresh
