@@ -8,6 +8,7 @@ import argparse
 import json
 import logging
 import os
+import platform
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -40,6 +41,11 @@ def _add_zoo(sub) -> None:
     i = zsub.add_parser("info", help="print the family manifest as a table")
     _family_args(i)
     i.set_defaults(func=cmd_zoo_info)
+    s = zsub.add_parser("snapshot", help="write the texts a profile's build reads from this Python's stdlib into the "
+                                         "package (for profiles with `corpus: snapshot`: the same family everywhere)")
+    s.add_argument("--profile", default="tiny", choices=sorted(PROFILES))
+    s.add_argument("--out", type=Path, help="file to write (default: the package's data/corpus/<profile>.json.gz)")
+    s.set_defaults(func=cmd_zoo_snapshot)
 
 
 def _family_args(p) -> None:
@@ -60,6 +66,17 @@ def cmd_zoo_build(args) -> int:
     manifest = build_family(profile, out, seed=args.seed, coupled=args.coupled, force=args.force)
     _print_manifest(manifest)
     print(f"family: {out}  (built in {manifest.build_seconds:.0f} s)")
+    return 0
+
+
+def cmd_zoo_snapshot(args) -> int:
+    from flexspec_serve.zoo import corpus
+
+    p = zoo_profile(args.profile)
+    out = args.out or corpus.SNAPSHOT_DIR / f"{p.name}.json.gz"
+    sizes = corpus.write_snapshot(out, corpus.requests(p.tokenizer_chars, p.corpus_chars), corpus.StdlibCorpus())
+    print(f"{out}: {sizes['chars']:,} characters of Python {platform.python_version()}'s stdlib, "
+          f"{sizes['bytes']:,} bytes")
     return 0
 
 

@@ -93,6 +93,10 @@ class ZooProfile(StrictModel):
     batch_size: int = Field(ge=1)
     tokenizer_chars: int = Field(ge=10_000, description="characters of source used to train the tokenizer")
     corpus_chars: int = Field(ge=10_000, description="characters per slice used for training")
+    corpus: Literal["stdlib", "snapshot"] = Field(
+        "stdlib", description="stdlib: this Python's standard library source (Python builds differ, and so do their "
+        "families); snapshot: the texts the build reads, carried in flexspec_serve/data/corpus/<name>.json.gz "
+        "(`flexspec zoo snapshot`): the same family on any machine")
     pretrain: StageSpec
     distill: StageSpec
     evolve: EvolveSpec
@@ -119,7 +123,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     "tiny": dict(
         name="tiny", vocab_size=512, hidden_size=64, intermediate_size=176, num_layers=6, num_heads=4,
         num_kv_heads=2, max_positions=512, frozen_layers=3, draft_shared_layers=1, draft_own_layers=1,
-        seq_len=96, batch_size=8, tokenizer_chars=400_000, corpus_chars=600_000,
+        seq_len=96, batch_size=8, tokenizer_chars=400_000, corpus_chars=600_000, corpus="snapshot",
         pretrain=dict(steps=300, lr=4e-3), distill=dict(steps=80, lr=3e-3),
         evolve=dict(steps=40, lr=3e-3, rank=4, alpha=8.0, kl_weight=0.5), unconstrained=dict(steps=40, lr=3e-3),
     ),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from flexspec_serve.engine.stats import expected_acceptance_length
 from flexspec_serve.zoo.report import acceptance_table, teacher_forced_alpha
 
 TARGETS = ("v1", "v2", "v3")
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_every_member_loads_offline_with_from_pretrained(tiny_family, monkeypatch):
@@ -85,7 +87,7 @@ def test_build_is_deterministic_for_a_seed(tmp_path):
     from flexspec_serve.config import PROFILES
     from flexspec_serve.zoo.family import build_family
 
-    micro = dict(PROFILES["tiny"], name="micro", tokenizer_chars=60_000, corpus_chars=60_000,
+    micro = dict(PROFILES["tiny"], name="micro", tokenizer_chars=60_000, corpus_chars=60_000, corpus="stdlib",
                  pretrain=dict(steps=3, lr=1e-3), distill=dict(steps=2, lr=1e-3),
                  evolve=dict(steps=2, lr=1e-3, rank=2), unconstrained=dict(steps=2, lr=1e-3))
     profile = parse_model(ZooProfile, micro, "micro")
@@ -98,7 +100,7 @@ def test_a_rebuild_keeps_a_matching_v1_and_coupled_drafts_can_be_added_later(tmp
     from flexspec_serve.config import PROFILES
     from flexspec_serve.zoo.family import build_family
 
-    micro = dict(PROFILES["tiny"], name="micro", tokenizer_chars=60_000, corpus_chars=60_000,
+    micro = dict(PROFILES["tiny"], name="micro", tokenizer_chars=60_000, corpus_chars=60_000, corpus="stdlib",
                  pretrain=dict(steps=3, lr=1e-3), distill=dict(steps=2, lr=1e-3),
                  evolve=dict(steps=2, lr=1e-3, rank=2), unconstrained=dict(steps=2, lr=1e-3))
     first = build_family(parse_model(ZooProfile, micro, "micro"), tmp_path / "f", seed=3)
@@ -112,6 +114,41 @@ def test_a_rebuild_keeps_a_matching_v1_and_coupled_drafts_can_be_added_later(tmp
     assert added.coupled and sha(added).items() >= sha(second).items()
     one_shot = build_family(longer, tmp_path / "g", seed=3, coupled=True)
     assert sha(one_shot) == sha(added)  # adding coupled drafts later gives what a coupled build gives
+
+
+def test_a_corpus_snapshot_answers_what_the_stdlib_answered_and_names_what_it_lacks(tmp_path):
+    from flexspec_serve.zoo import corpus
+
+    stdlib = corpus.StdlibCorpus()
+    wanted = [("general", "train", 30_000), ("net", "validation", 20_000)]
+    corpus.write_snapshot(tmp_path / "c.json.gz", wanted, stdlib)
+    snap = corpus.SnapshotCorpus(tmp_path / "c.json.gz")
+    assert all(snap.spread(*w) == stdlib.spread(*w) for w in wanted)
+    with pytest.raises(KeyError, match="tests/train/30000"):
+        snap.spread("tests", "train", 30_000)
+    corpus.write_snapshot(tmp_path / "again.json.gz", wanted, stdlib)  # the same bytes: the same build key
+    assert (tmp_path / "again.json.gz").read_bytes() == (tmp_path / "c.json.gz").read_bytes()
+
+
+def test_the_carried_test_family_corpus_holds_every_text_its_build_reads(monkeypatch):
+    from flexspec_serve.zoo import corpus
+
+    def no_stdlib(*_):
+        raise AssertionError("a snapshot build read this Python's stdlib")
+
+    monkeypatch.setattr(corpus, "iter_source_files", no_stdlib)
+    p = zoo_profile("tiny")
+    snap = corpus.load_corpus(p.corpus, p.name)
+    assert p.corpus == "snapshot" and snap.identity.startswith("snapshot ")
+    for request in corpus.requests(p.tokenizer_chars, p.corpus_chars):
+        assert sum(map(len, snap.spread(*request))) >= min(request[2], 20_000), request
+
+
+def test_stdlib_profiles_keep_the_build_key_they_had_before_corpus_snapshots():
+    from flexspec_serve.zoo.manifest import build_key
+
+    committed = json.loads((REPO / "docs" / "results" / "family-manifest-default.json").read_text())
+    assert build_key(zoo_profile("default"), committed["seed"], committed["python"]) == committed["build_key"]
 
 
 def test_alpha_of_a_model_against_itself_is_one(family_models, tokenizer):

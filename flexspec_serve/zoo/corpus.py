@@ -2,6 +2,10 @@
 
 Files are split into slices (what a target version specialises on) and into train / validation by a
 stable hash of their relative path, so every machine with the same Python makes the same split.
+Python builds differ, though (Debian's python3.12 ships 445 stdlib files against this Python's 1610:
+no test/, idlelib, lib2to3), and a small model trained on another stdlib is another model. So a
+profile may read a *snapshot* instead (`ZooProfile.corpus`): the texts its build asks for, taken once
+from a full stdlib and carried in the package; the test family does, and builds the same everywhere.
 This module only finds, reads and splits text; it does not tokenize or train.
 """
 
@@ -10,6 +14,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import platform
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +99,72 @@ def select_spread(files: list[SourceFile], slice_name: str | None, split: str, m
     avg = sum(len(f.text) for f in pool) / len(pool)
     step = max(1, int(len(pool) * avg / max_chars))
     return select(pool[::step], None, split, max_chars)
+
+
+STREAM_SLICES = ("general", "tests", "net")  # what the family's members train and are validated on
+
+
+def stream_budget(corpus_chars: int, split: str) -> int:
+    """Characters of one slice's stream: `corpus_chars` to train on, a tenth (at least 20,000) to validate."""
+    return corpus_chars if split == "train" else max(corpus_chars // 10, 20_000)
+
+
+def requests(tokenizer_chars: int, corpus_chars: int) -> list[tuple[str, str, int]]:
+    """Every (slice, split, max_chars) a family build reads: the tokenizer's text, then each slice's streams."""
+    return [("general", "train", tokenizer_chars)] + [
+        (name, split, stream_budget(corpus_chars, split)) for name in STREAM_SLICES for split in ("train", "validation")]
+
+
+class StdlibCorpus:
+    """This Python's stdlib source (read on first use), spread over on request (`select_spread`)."""
+
+    def __init__(self, files: list[SourceFile] | None = None):
+        self._files = files
+        self.identity = platform.python_version()  # which stdlib: a build key part
+
+    @property
+    def files(self) -> list[SourceFile]:
+        if self._files is None:
+            self._files = iter_source_files()
+        return self._files
+
+    def spread(self, slice_name: str, split: str, max_chars: int) -> list[str]:
+        return select_spread(self.files, slice_name, split, max_chars)
+
+
+class SnapshotCorpus:
+    """The texts a `StdlibCorpus` gave for a profile's `requests`, read from a gzipped JSON file."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        blob = self.path.read_bytes()
+        self.texts: dict[str, list[str]] = json.loads(gzip.decompress(blob))["spread"]
+        self.identity = f"snapshot {hashlib.sha256(blob).hexdigest()[:16]}"
+
+    def spread(self, slice_name: str, split: str, max_chars: int) -> list[str]:
+        key = f"{slice_name}/{split}/{max_chars}"
+        if key not in self.texts:
+            raise KeyError(f"the corpus snapshot {self.path} has no {key!r} (it holds {sorted(self.texts)}): "
+                           "write it again for this profile (`flexspec zoo snapshot`)")
+        return self.texts[key]
+
+
+SNAPSHOT_DIR = Path(__file__).resolve().parents[1] / "data" / "corpus"
+Corpus = StdlibCorpus | SnapshotCorpus  # both answer `spread(slice, split, max_chars)` and name an `identity`
+
+
+def load_corpus(kind: str, profile_name: str) -> Corpus:
+    """`ZooProfile.corpus`: "stdlib" (this Python's) or "snapshot" (`SNAPSHOT_DIR / <profile>.json.gz`)."""
+    return StdlibCorpus() if kind == "stdlib" else SnapshotCorpus(SNAPSHOT_DIR / f"{profile_name}.json.gz")
+
+
+def write_snapshot(path: Path, wanted: list[tuple[str, str, int]], source: StdlibCorpus) -> dict:
+    """Write what `source` answers to `wanted` (deterministic bytes: no gzip time stamp); returns sizes."""
+    texts = {f"{name}/{split}/{n}": source.spread(name, split, n) for name, split, n in wanted}
+    raw = json.dumps({"source": f"Python {source.identity} stdlib", "spread": texts}, sort_keys=True).encode()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_bytes(gzip.compress(raw, mtime=0))
+    return {"chars": sum(len(t) for ts in texts.values() for t in ts), "bytes": Path(path).stat().st_size}
 
 
 @dataclass(frozen=True)

@@ -49,15 +49,14 @@ def target_config(p: ZooProfile, num_layers: int | None = None) -> LlamaConfig:
 class Streams:
     """Token streams per (slice, split), encoded once."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerFast, files: list, budget_chars: int):
-        self._tok, self._files, self._budget = tokenizer, files, budget_chars
+    def __init__(self, tokenizer: PreTrainedTokenizerFast, corpus: corpus_mod.Corpus, budget_chars: int):
+        self._tok, self._corpus, self._budget = tokenizer, corpus, budget_chars
         self._cache: dict[tuple[str, str], torch.Tensor] = {}
 
     def get(self, slice_name: str, split: str) -> torch.Tensor:
         key = (slice_name, split)
         if key not in self._cache:
-            budget = self._budget if split == "train" else max(self._budget // 10, 20_000)
-            texts = corpus_mod.select_spread(self._files, slice_name, split, budget)
+            texts = self._corpus.spread(slice_name, split, corpus_mod.stream_budget(self._budget, split))
             self._cache[key] = torch.tensor(encode_corpus(self._tok, texts), dtype=torch.long)
         return self._cache[key]
 
@@ -154,7 +153,8 @@ def build_family(p: ZooProfile, out: Path, seed: int = 0, coupled: bool = False,
     """Build (or reuse) the family under `out`; returns its manifest. A valid family without coupled drafts
     gets them added when asked for; a rebuild keeps the tokenizer and v1 of the family already under `out`
     when they were trained from the same backbone settings (`manifest.backbone_key`)."""
-    key = build_key(p, seed)
+    corpus = corpus_mod.load_corpus(p.corpus, p.name)
+    key = build_key(p, seed, corpus.identity)
     existing = Manifest.load_if_valid(out, key)
     if existing is not None and not force:
         if coupled and not existing.coupled:
@@ -163,16 +163,15 @@ def build_family(p: ZooProfile, out: Path, seed: int = 0, coupled: bool = False,
         return existing
     torch.set_num_threads(max(1, torch.get_num_threads()))
     started = time.monotonic()
-    files = corpus_mod.iter_source_files()
-    reused = None if force else _reusable_backbone(out, p, seed)
+    reused = None if force else _reusable_backbone(out, p, seed, corpus.identity)
     shutil.rmtree(out / "coupled", ignore_errors=True)  # coupled drafts of an older build
     if reused is not None:
         tokenizer, v1, v1_info = reused
         log.info("reusing the tokenizer and v1 in %s: same backbone settings and seed", out)
     else:
-        tok_texts = corpus_mod.select_spread(files, "general", "train", p.tokenizer_chars)
+        tok_texts = corpus.spread("general", "train", p.tokenizer_chars)
         tokenizer = train_tokenizer(tok_texts, p.vocab_size, out / "tokenizer")
-    streams = Streams(tokenizer, files, p.corpus_chars)
+    streams = Streams(tokenizer, corpus, p.corpus_chars)
     members: list[MemberInfo] = []
 
     def record(*member):
@@ -197,7 +196,8 @@ def build_family(p: ZooProfile, out: Path, seed: int = 0, coupled: bool = False,
            uslice, stats)
     manifest = Manifest(build_key=key, profile=p.name, seed=seed, coupled=False, members=members,
                         build_seconds=round(time.monotonic() - started, 1), python=platform.python_version(),
-                        torch=torch.__version__, profile_config=json.loads(p.model_dump_json()))
+                        torch=torch.__version__, profile_config=json.loads(p.model_dump_json()),
+                        corpus=None if p.corpus == "stdlib" else corpus.identity)
     manifest.save(out)
     return add_coupled_drafts(manifest, p, out, streams) if coupled else manifest
 
@@ -209,14 +209,15 @@ def _save_and_describe(out: Path, tokenizer, p: ZooProfile, streams: Streams, na
     return describe_member(name, model, role, parent, changes, slice_name, stats, p, streams)
 
 
-def _reusable_backbone(out: Path, p: ZooProfile, seed: int):
+def _reusable_backbone(out: Path, p: ZooProfile, seed: int, corpus_id: str):
     """(tokenizer, v1, v1's MemberInfo) of the family under `out` if it has the same backbone key, else None."""
     try:
         old = Manifest.load(out)
     except (OSError, ValueError):
         return None
     v1_info = next((m for m in old.members if m.name == "v1"), None)
-    same = backbone_key(old.profile_config, old.seed, old.python) == backbone_key(p.model_dump(mode="json"), seed)
+    same = (backbone_key(old.profile_config, old.seed, old.corpus or old.python)
+            == backbone_key(p.model_dump(mode="json"), seed, corpus_id))
     if not same or v1_info is None or not (out / "v1" / "model.safetensors").is_file():
         return None
     v1 = load_causal_lm(out / "v1")
@@ -230,7 +231,7 @@ def add_coupled_drafts(manifest: Manifest, p: ZooProfile, out: Path, streams: St
     against), from the saved members; the same seeds as a one-shot `coupled=True` build."""
     started = time.monotonic()
     tokenizer = load_tokenizer(out / "v1")
-    streams = streams or Streams(tokenizer, corpus_mod.iter_source_files(), p.corpus_chars)
+    streams = streams or Streams(tokenizer, corpus_mod.load_corpus(p.corpus, p.name), p.corpus_chars)
     v1 = load_causal_lm(out / "v1")
     members = list(manifest.members)
     for i, name in enumerate(["v1", *EVOLVED]):

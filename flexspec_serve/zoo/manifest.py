@@ -47,6 +47,7 @@ class Manifest(BaseModel):
     python: str
     torch: str
     profile_config: dict
+    corpus: str | None = Field(None, description="which corpus: a snapshot's hash (None: this `python`'s stdlib)")
 
     def member(self, name: str) -> MemberInfo:
         for m in self.members:
@@ -79,25 +80,30 @@ class Manifest(BaseModel):
         return manifest
 
 
-def _settings_key(settings: dict, seed: int, python: str | None) -> str:
-    blob = json.dumps([FAMILY_FORMAT, settings, seed, python or platform.python_version()], sort_keys=True)
+def _settings_key(settings: dict, seed: int, corpus_id: str | None) -> str:
+    """`corpus_id`: the corpus's identity (`corpus.StdlibCorpus` / `SnapshotCorpus`); None: this Python's stdlib."""
+    # the stdlib corpus leaves the key as it was before `corpus` existed: families built then stay valid
+    settings = {k: v for k, v in settings.items() if not (k == "corpus" and v == "stdlib")}
+    blob = json.dumps([FAMILY_FORMAT, settings, seed, corpus_id or platform.python_version()], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def build_key(p: ZooProfile, seed: int) -> str:
+def build_key(p: ZooProfile, seed: int, corpus_id: str | None = None) -> str:
     """Everything the trained weights depend on (coupled drafts are extra members, not a different family)."""
-    return _settings_key(p.model_dump(mode="json"), seed, None)
+    return _settings_key(p.model_dump(mode="json"), seed, corpus_id)
 
 
 # The profile fields the tokenizer and the v1 backbone depend on (with the seed); the other fields
 # (distillation, evolution, draft shape) only shape the members trained on top of v1.
 BACKBONE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                   "max_positions", "seq_len", "batch_size", "tokenizer_chars", "corpus_chars", "pretrain")
+                   "max_positions", "seq_len", "batch_size", "tokenizer_chars", "corpus_chars", "corpus", "pretrain")
 
 
-def backbone_key(profile: dict, seed: int, python: str | None = None) -> str:
-    """Equal for two builds that would train the same tokenizer and v1 (`profile` as a JSON-mode dict)."""
-    return _settings_key({k: profile[k] for k in BACKBONE_FIELDS}, seed, python)
+def backbone_key(profile: dict, seed: int, corpus_id: str | None = None) -> str:
+    """Equal for two builds that would train the same tokenizer and v1 (`profile` as a JSON-mode dict; one
+    written before `corpus` existed read the stdlib)."""
+    return _settings_key({k: profile[k] for k in BACKBONE_FIELDS if k != "corpus"}
+                         | {"corpus": profile.get("corpus", "stdlib")}, seed, corpus_id)
 
 
 def hash_tensors(model: torch.nn.Module, prefixes: tuple[str, ...] | None = None) -> str:
