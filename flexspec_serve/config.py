@@ -96,7 +96,7 @@ class ZooProfile(StrictModel):
     corpus: Literal["stdlib", "snapshot"] = Field(
         "stdlib", description="stdlib: this Python's standard library source (Python builds differ, and so do their "
         "families); snapshot: the texts the build reads, carried in flexspec_serve/data/corpus/<name>.json.gz "
-        "(`flexspec zoo snapshot`): the same family on any machine")
+        "(`flexspec zoo snapshot`): the same texts on any machine")
     pretrain: StageSpec
     distill: StageSpec
     evolve: EvolveSpec
