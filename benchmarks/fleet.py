@@ -134,7 +134,7 @@ def lte_repeats(args, prompts, draft: str) -> dict[int, list[dict]]:
 
 def cloud_text(profile: str | None) -> str:
     if profile is None:
-        return "this host's CPU verifying the tiny family (its speed is the host's)"
+        return "this host's CPU verifying the family (its speed is the host's)"
     c = CLOUD_PROFILES[profile]
     return (f"emulated `{profile}` (each verify batch held to {c.verify_base_ms:g} ms + {c.verify_ms_per_token:g} ms "
             f"per position of its widest round + {c.verify_ms_per_batched_token:g} ms per position of the others; "

@@ -42,7 +42,7 @@ def _add_zoo(sub) -> None:
     _family_args(i)
     i.set_defaults(func=cmd_zoo_info)
     s = zsub.add_parser("snapshot", help="write the texts a profile's build reads from this Python's stdlib into the "
-                                         "package (for profiles with `corpus: snapshot`: the same family everywhere)")
+                                         "package (for profiles with `corpus: snapshot`: the same texts everywhere)")
     s.add_argument("--profile", default="tiny", choices=sorted(PROFILES))
     s.add_argument("--out", type=Path, help="file to write (default: the package's data/corpus/<profile>.json.gz)")
     s.set_defaults(func=cmd_zoo_snapshot)

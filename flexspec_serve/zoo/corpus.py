@@ -5,7 +5,8 @@ stable hash of their relative path, so every machine with the same Python makes 
 Python builds differ, though (Debian's python3.12 ships 445 stdlib files against this Python's 1610:
 no test/, idlelib, lib2to3), and a small model trained on another stdlib is another model. So a
 profile may read a *snapshot* instead (`ZooProfile.corpus`): the texts its build asks for, taken once
-from a full stdlib and carried in the package; the test family does, and builds the same everywhere.
+from a full stdlib and carried in the package; the test family does, so it trains on the same texts
+everywhere.
 This module only finds, reads and splits text; it does not tokenize or train.
 """
 
