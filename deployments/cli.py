@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from deployments.config import APP_NAME
+from flexspec_serve.edge.devices import CLOUD_PROFILES
 
 log = logging.getLogger("flexspec.serve")
 
@@ -32,7 +33,7 @@ def register(sub) -> None:
     up.add_argument("--config", type=Path, help="AppConfig YAML (default: the family's v1 + v2, stable=v1, canary=v2)")
     up.add_argument("--profile", default="default", help="family profile when no --config is given")
     up.add_argument("--versions", nargs="+", default=["v1", "v2"], help="versions to deploy when no --config")
-    up.add_argument("--emulate-cloud", metavar="PROFILE", help="when no --config: hold every verify batch to this GPU "
+    up.add_argument("--emulate-cloud", metavar="PROFILE", choices=sorted(CLOUD_PROFILES), help="when no --config: hold every verify batch to this GPU "
                     "cost profile's time (VersionSpec.emulate_cloud), e.g. eager-8b")
     up.add_argument("--port", type=int, default=8000)
     up.add_argument("--address", help="an existing Ray cluster (e.g. auto); default: embedded local Ray")

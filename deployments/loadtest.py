@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from flexspec_serve.ahead import Ahead
+from flexspec_serve.edge.devices import CLOUD_PROFILES
 from flexspec_serve.tree import Tree
 
 log = logging.getLogger("flexspec.loadtest")
@@ -40,6 +41,8 @@ def register(sub) -> None:
     p.add_argument("--address", default="auto", help="Ray cluster to join (ignored with --start-app)")
     p.add_argument("--start-app", action="store_true", help="start an embedded Ray + Serve with the family first")
     p.add_argument("--versions", nargs="+", default=["v1", "v2"], help="versions for --start-app")
+    p.add_argument("--emulate-cloud", metavar="PROFILE", choices=sorted(CLOUD_PROFILES), help="with --start-app: hold every verify batch to this GPU "
+                   "cost profile's time (VersionSpec.emulate_cloud), e.g. eager-8b")
     p.set_defaults(func=cmd_loadtest)
 
 
@@ -191,7 +194,7 @@ def cmd_loadtest(args) -> int:
     if args.start_app:
         from deployments.cli import family_app_config, start_local_app
 
-        start_local_app(family_app_config(family, args.versions))
+        start_local_app(family_app_config(family, args.versions, version_kw={"emulate_cloud": args.emulate_cloud}))
     else:
         ray.init(address=args.address, log_to_driver=False, configure_logging=False)
     try:

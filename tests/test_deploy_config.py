@@ -145,6 +145,9 @@ def test_loadtest_flags_override_the_fleet_file(tmp_path):
     assert load_spec(parser.parse_args(["loadtest", "--fleet", str(fleet), "--tree", "branches"])).tree == "branches"
     with pytest.raises(SystemExit):  # argparse names the choices
         parser.parse_args(["loadtest", "--fleet", str(fleet), "--ahead", "yes"])
+    assert parser.parse_args(["loadtest", "--fleet", str(fleet), "--emulate-cloud", "eager-8b"]).emulate_cloud == "eager-8b"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["loadtest", "--fleet", str(fleet), "--emulate-cloud", "h100"])
 
 
 def test_a_refused_pipelined_round_is_not_a_replica_error(tiny_family):
