@@ -22,7 +22,7 @@ import logging
 import sys
 from pathlib import Path
 
-from deployments.cli import family_app_config, start_local_app
+from deployments.cli import add_emulate_cloud, family_app_config, start_local_app
 from deployments.loadtest import fleet_prompts, run_report
 from flexspec_serve import paths
 from flexspec_serve.ahead import Ahead
@@ -86,16 +86,14 @@ def main() -> None:
     ap.add_argument("--transport", choices=["handle", "direct", "http"], default="handle",
                     help="how the LTE and sampling fleets reach the app (handle: through the router; direct: "
                     "client-side routing straight to the version's replica; http: through the proxy)")
-    ap.add_argument("--emulate-cloud", metavar="PROFILE", choices=sorted(CLOUD_PROFILES),
-                    help="the versions hold each verify batch to this GPU cost profile's time, so the cloud's speed "
-                    "is the profile's, not this host's, wherever the host is faster (VersionSpec.emulate_cloud)")
+    add_emulate_cloud(ap)
     ap.add_argument("--out", type=Path, default=Path("docs/results"))
     ap.add_argument("--parts", nargs="+", choices=["scale", "lte", "sampling"], default=["scale", "lte", "sampling"],
                     help="run only these parts (fleet.md then shows only them: use another --out)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     family = paths.family_dir(args.profile)
-    start_local_app(family_app_config(family, ["v1", "v2"], version_kw={"emulate_cloud": args.emulate_cloud}))
+    start_local_app(family_app_config(family, ["v1", "v2"], emulate_cloud=args.emulate_cloud))
     draft = str(family / "draft")
     scales = [scale_spec(args, think) for think in args.think] if "scale" in args.parts else []
     prompts = fleet_prompts(scale_spec(args, 1.0), family / "draft")
@@ -110,7 +108,7 @@ def main() -> None:
         "# Fleet benchmark (local Ray + Serve, CPU)\n",
         f"Command: `python -m benchmarks.fleet {' '.join(sys.argv[1:])}`  \n"
         f"machine: {machine()}; family {args.profile} seed 0, versions v1 (stable) + v2; cloud: "
-        f"{cloud_text(args.emulate_cloud)}\n",
+        f"{cloud_profile_text(args.emulate_cloud)}\n",
         *(scale_section(args, scales, runs) if runs else []), *(lte_section(args, summaries) if summaries else []),
         *(repeat_section(args, by_seed) if len(by_seed) > 1 else []),
         *([f"## Sampling at temperature {SAMPLING_TEMPERATURE:g} (the same LTE fleet)\n",
@@ -132,7 +130,7 @@ def lte_repeats(args, prompts, draft: str) -> dict[int, list[dict]]:
             for seed in args.seeds}
 
 
-def cloud_text(profile: str | None) -> str:
+def cloud_profile_text(profile: str | None) -> str:
     if profile is None:
         return "this host's CPU verifying the family (its speed is the host's)"
     c = CLOUD_PROFILES[profile]

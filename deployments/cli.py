@@ -33,8 +33,7 @@ def register(sub) -> None:
     up.add_argument("--config", type=Path, help="AppConfig YAML (default: the family's v1 + v2, stable=v1, canary=v2)")
     up.add_argument("--profile", default="default", help="family profile when no --config is given")
     up.add_argument("--versions", nargs="+", default=["v1", "v2"], help="versions to deploy when no --config")
-    up.add_argument("--emulate-cloud", metavar="PROFILE", choices=sorted(CLOUD_PROFILES), help="when no --config: hold every verify batch to this GPU "
-                    "cost profile's time (VersionSpec.emulate_cloud), e.g. eager-8b")
+    add_emulate_cloud(up, "when no --config: ")
     up.add_argument("--port", type=int, default=8000)
     up.add_argument("--address", help="an existing Ray cluster (e.g. auto); default: embedded local Ray")
     up.add_argument("--detach", action="store_true", help="start a local Ray head in the background and return")
@@ -48,6 +47,13 @@ def register(sub) -> None:
     down.set_defaults(func=cmd_down)
 
 
+def add_emulate_cloud(parser, when: str = "") -> None:
+    """`--emulate-cloud PROFILE` for a command that deploys the family's versions itself."""
+    parser.add_argument("--emulate-cloud", metavar="PROFILE", choices=sorted(CLOUD_PROFILES),
+                        help=f"{when}hold every verify batch to this GPU cost profile's time, so the cloud answers as "
+                        "that GPU would wherever this host is faster (VersionSpec.emulate_cloud)")
+
+
 def app_config(args):
     from deployments.config import AppConfig
     from flexspec_serve import paths
@@ -58,17 +64,18 @@ def app_config(args):
     family = paths.family_dir(args.profile)
     if not (family / "manifest.json").exists():
         raise FileNotFoundError(f"no model family at {family}: run `flexspec zoo build --profile {args.profile}`")
-    return family_app_config(family, args.versions, version_kw={"emulate_cloud": args.emulate_cloud})
+    return family_app_config(family, args.versions, emulate_cloud=args.emulate_cloud)
 
 
-def family_app_config(family: Path, versions: list[str], **kw):
-    """The family's versions; stable = the first, canary = the second."""
+def family_app_config(family: Path, versions: list[str], emulate_cloud: str | None = None, **kw):
+    """The family's versions; stable = the first, canary = the second; `emulate_cloud`: every version's."""
     from deployments.config import AppConfig
 
     aliases = {"stable": versions[0]}
     if len(versions) > 1:
         aliases["canary"] = versions[1]
-    return AppConfig.for_family(family, versions, aliases=kw.pop("aliases", aliases), **kw)
+    return AppConfig.for_family(family, versions, aliases=kw.pop("aliases", aliases),
+                                version_kw={"emulate_cloud": emulate_cloud}, **kw)
 
 
 def start_local_app(cfg, port: int = 8000, address: str | None = None):

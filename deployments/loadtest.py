@@ -15,13 +15,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from flexspec_serve.ahead import Ahead
-from flexspec_serve.edge.devices import CLOUD_PROFILES
 from flexspec_serve.tree import Tree
 
 log = logging.getLogger("flexspec.loadtest")
 
 
 def register(sub) -> None:
+    from deployments.cli import add_emulate_cloud
+
     p = sub.add_parser("loadtest", help="load-test a running app with a fleet of emulated edge devices")
     p.add_argument("--fleet", type=Path, required=True, help="fleet spec YAML (see deployments/fleets/)")
     p.add_argument("--devices", type=int, help="override the fleet's device count")
@@ -41,8 +42,7 @@ def register(sub) -> None:
     p.add_argument("--address", default="auto", help="Ray cluster to join (ignored with --start-app)")
     p.add_argument("--start-app", action="store_true", help="start an embedded Ray + Serve with the family first")
     p.add_argument("--versions", nargs="+", default=["v1", "v2"], help="versions for --start-app")
-    p.add_argument("--emulate-cloud", metavar="PROFILE", choices=sorted(CLOUD_PROFILES), help="with --start-app: hold every verify batch to this GPU "
-                   "cost profile's time (VersionSpec.emulate_cloud), e.g. eager-8b")
+    add_emulate_cloud(p, "with --start-app: ")
     p.set_defaults(func=cmd_loadtest)
 
 
@@ -194,7 +194,7 @@ def cmd_loadtest(args) -> int:
     if args.start_app:
         from deployments.cli import family_app_config, start_local_app
 
-        start_local_app(family_app_config(family, args.versions, version_kw={"emulate_cloud": args.emulate_cloud}))
+        start_local_app(family_app_config(family, args.versions, emulate_cloud=args.emulate_cloud))
     else:
         ray.init(address=args.address, log_to_driver=False, configure_logging=False)
     try:
