@@ -134,7 +134,7 @@ class Router:
 
     async def _version_stats(self, version: str, since: float | None) -> dict | None:
         handle, replies = self.handles.get(version), []
-        for i in range(STATS_PROBES):  # one at a time: a burst of calls on the probe keys can stall the handle
+        for i in range(STATS_PROBES):  # one at a time: concurrent calls from one request stall (`complete`)
             try:
                 replies.append(await handle.options(session_id=f"stats-probe-{i}").stats.remote(since))
             except (RayError, RayServeException):
@@ -321,19 +321,21 @@ class Router:
         tok = self.tokenizer()
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         sampling = {"temperature": req.temperature, "top_p": req.top_p, "seed": req.seed or 0}
-        outputs = []
+        encoded = []
         for i, prompt in enumerate(prompts):
             try:
-                ids = tok(prompt, add_special_tokens=False)["input_ids"] or [tok.eos_token_id]
+                encoded.append(tok(prompt, add_special_tokens=False)["input_ids"] or [tok.eos_token_id])
             except (TypeError, ValueError) as err:  # e.g. a lone UTF-16 surrogate: not text the tokenizer takes
                 return error(422, "invalid_request", f"prompt {i} is not valid text: {err}", "prompt",
                              prompt[:40].encode("utf-8", "backslashreplace").decode())
-            sid = f"oai-{time.monotonic_ns()}-{i}"
-            try:
-                tokens, reason, failed = await self.handles.get(version).options(session_id=sid).generate.remote(
-                    sid, ids, req.max_tokens, sampling, tok.eos_token_id)
-            except (RayError, RayServeException) as err:
-                return error_response(503, unavailable(version, err))
+        rid = f"oai-{time.monotonic_ns()}"
+        try:
+            answers = await self.handles.get(version).options(session_id=rid).complete.remote(
+                rid, encoded, req.max_tokens, sampling, tok.eos_token_id)
+        except (RayError, RayServeException) as err:
+            return error_response(503, unavailable(version, err))
+        outputs = []
+        for ids, (tokens, reason, failed) in zip(encoded, answers):
             if failed:
                 status, body = failed
                 return error_response(status, body)

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
 from flexspec_serve.config import StrictModel
 
+MAX_PROMPTS = 16  # a batch at the default VersionSpec.max_batch_size: one request's prompts step together
+
 
 class CompletionRequest(StrictModel):
     model: str | None = Field(None, description="version or alias; default: stable")
-    prompt: str | list[str] = Field(description="one prompt or a list")
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)] = Field(
+        description=f"one prompt, or a list of 1 to {MAX_PROMPTS}: one replica generates a list's prompts together")
     max_tokens: int = Field(16, ge=1, le=1024)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)

@@ -103,6 +103,16 @@ class VerifierDeployment:
             self.server.verifier.drop_session(session_id)
         return tokens, reason, None
 
+    async def complete(self, request_id: str, prompts: list[list[int]], max_tokens: int, sampling: dict,
+                       stop_token: int | None) -> list[tuple[list[int], str, tuple | None]]:
+        """A completion request's prompts, generated together (their rounds share batches): `generate`'s
+        answer per prompt. One handle call per request, not one per prompt: in Ray 2.60 the child calls of a
+        request share its internal request id, and under the consistent-hash request router concurrent child
+        calls to one deployment never return (4 calls through `asyncio.gather` wait forever; one at a time, or
+        with Serve's default router, they answer)."""
+        return list(await asyncio.gather(*(self.generate(f"{request_id}-{i}", ids, max_tokens, sampling, stop_token)
+                                           for i, ids in enumerate(prompts))))
+
     def stats(self, since: float | None = None) -> dict:
         """This replica's counters (`VerifierServer.stats`) and its Serve replica id."""
         return {**self.server.stats(since), "replica": serve.get_replica_context().replica_id.unique_id}
