@@ -353,16 +353,21 @@ class Router:
 def build_version_app(args: dict):
     """Builder of one version's application: `args` = {"spec": VersionSpec as a dict, "draft_path": ...}."""
     v = VersionSpec.model_validate(args["spec"])
+    return version_deployment(v).bind(v.model_dump(), args["draft_path"])
+
+
+def version_deployment(v: VersionSpec) -> serve.Deployment:
+    """The verifier deployment of one version, with its Serve options."""
     scaling = {"autoscaling_config": v.autoscaling.serve_config()} if v.autoscaling else {"num_replicas": v.num_replicas}
-    dep = serve.deployment(VerifierDeployment).options(
+    return serve.deployment(VerifierDeployment).options(
         name=deployment_name(v.name), **scaling,
         ray_actor_options={"num_cpus": v.num_cpus, "num_gpus": v.num_gpus,
                            # read when libgomp loads (torch import), so it must be in the worker's environment
                            "runtime_env": {"env_vars": {"OMP_WAIT_POLICY": v.omp_wait_policy}}},
         max_ongoing_requests=v.max_ongoing_requests, max_queued_requests=v.max_queued_requests,
         request_router_config=CONSISTENT_HASH, health_check_period_s=10,
+        logging_config={"enable_access_log": v.access_log},
     )
-    return dep.bind(v.model_dump(), args["draft_path"])
 
 
 def build_app(args: dict):
@@ -372,12 +377,17 @@ def build_app(args: dict):
     from flexspec_serve.config import load_yaml
 
     cfg = load_yaml(AppConfig, args["config"]) if set(args) == {"config"} else parse_model(AppConfig, args, "app args")
-    router = serve.deployment(Router).options(
+    return router_deployment(cfg).bind(cfg.registry_path, cfg.seed_state().model_dump(), cfg.draft_path,
+                                       cfg.admin_token_file, cfg.model_root, cfg.drain_idle_s, cfg.api_keys_file,
+                                       cfg.session_rounds_per_s, cfg.session_burst)
+
+
+def router_deployment(cfg: AppConfig) -> serve.Deployment:
+    """The router deployment, with its Serve options."""
+    return serve.deployment(Router).options(
         name="router", num_replicas=cfg.router_replicas, ray_actor_options={"num_cpus": cfg.router_num_cpus},
-        max_ongoing_requests=1000,
+        max_ongoing_requests=1000, logging_config={"enable_access_log": cfg.router_access_log},
     )
-    return router.bind(cfg.registry_path, cfg.seed_state().model_dump(), cfg.draft_path, cfg.admin_token_file,
-                       cfg.model_root, cfg.drain_idle_s, cfg.api_keys_file, cfg.session_rounds_per_s, cfg.session_burst)
 
 
 def deploy(cfg: AppConfig, name: str = "flexspec", route_prefix: str = "/"):

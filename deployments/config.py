@@ -94,6 +94,9 @@ class VersionSpec(StrictModel):
     max_draft_tokens: int = Field(16, ge=1, le=64)
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:[0-9]+)?|auto)$")
     autoscaling: AutoscalingSpec | None = Field(None, description="scale replicas on load; num_replicas ignored")
+    access_log: bool = Field(False, description="Serve's access-log line per request in this version's replicas: "
+                             "a line per round, off by default (off and on alternated on 2 shared cores: 1.09x "
+                             "rounds/s through the router, 1.11x direct; docs/results/router_load.md)")
     emulate_cloud: str | None = Field(
         None, description="load tests on hardware other than the cloud's: every verify batch is held until the "
         f"named cost profile's time for its positions has passed (one of {sorted(CLOUD_PROFILES)}, "
@@ -232,6 +235,8 @@ class AppConfig(StrictModel):
     session_burst: float = Field(20.0, ge=1, description="rounds a session may send at once before the limit")
     router_replicas: int = Field(1, ge=1)
     router_num_cpus: float = Field(0.2, gt=0)
+    router_access_log: bool = Field(False, description="Serve's access-log line per request in the router: a line "
+                                    "per round from handle and HTTP clients (VersionSpec.access_log: the versions')")
 
     def seed_state(self) -> RegistryState:
         return RegistryState(versions={v.name: v for v in self.versions}, aliases=self.aliases,

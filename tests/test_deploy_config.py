@@ -57,6 +57,19 @@ def test_an_unknown_cloud_profile_is_refused_naming_it_and_the_known_ones():
     assert VersionSpec(name="v1", path="/x", emulate_cloud="graphs-8b").emulate_cloud == "graphs-8b"
 
 
+def test_round_path_replicas_write_an_access_log_only_when_asked():
+    """A line per round in the router and the version replicas, unless the config asks for one."""
+    pytest.importorskip("ray")
+    from deployments.app import router_deployment, version_deployment
+
+    cfg = AppConfig.for_family("/m", ["v1"])
+    assert not version_deployment(cfg.versions[0]).logging_config["enable_access_log"]
+    assert not router_deployment(cfg).logging_config["enable_access_log"]
+    logged = AppConfig.for_family("/m", ["v1"], version_kw={"access_log": True}, router_access_log=True)
+    assert version_deployment(logged.versions[0]).logging_config["enable_access_log"]
+    assert router_deployment(logged).logging_config["enable_access_log"]
+
+
 def test_weighted_pick_is_stable_across_weight_order():
     assert pick_weighted({"a": 1, "b": 1}, "s1") == pick_weighted({"b": 1, "a": 1}, "s1")
 
