@@ -79,8 +79,8 @@ class VerifierDeployment:
             return await self._loop.submit((rnd, time.perf_counter()))
         return await self._batched((rnd, time.perf_counter()))
 
-    async def generate(self, session_id: str, prompt: list[int], max_tokens: int, sampling: dict,
-                       stop_token: int | None) -> tuple[list[int], str, tuple | None]:
+    async def _generate(self, session_id: str, prompt: list[int], max_tokens: int, sampling: dict,
+                        stop_token: int | None) -> tuple[list[int], str, tuple | None]:
         """Cloud-only generation: K = 0 rounds, batched with everyone else's rounds. Returns (tokens,
         finish reason, None), or ([], "", (http_status, ErrorBody)) when the prompt itself is refused.
         Reaching the model's positions ends the completion with reason "length", as OpenAI servers do."""
@@ -105,12 +105,12 @@ class VerifierDeployment:
 
     async def complete(self, request_id: str, prompts: list[list[int]], max_tokens: int, sampling: dict,
                        stop_token: int | None) -> list[tuple[list[int], str, tuple | None]]:
-        """A completion request's prompts, generated together (their rounds share batches): `generate`'s
+        """A completion request's prompts, generated together (their rounds share batches): `_generate`'s
         answer per prompt. One handle call per request, not one per prompt: in Ray 2.60 the child calls of a
         request share its internal request id, and under the consistent-hash request router concurrent child
-        calls to one deployment never return (4 calls through `asyncio.gather` wait forever; one at a time, or
-        with Serve's default router, they answer)."""
-        return list(await asyncio.gather(*(self.generate(f"{request_id}-{i}", ids, max_tokens, sampling, stop_token)
+        calls to one deployment do not return (in a scratch repro, 4 calls through `asyncio.gather` had not
+        answered after 10 s; one at a time, or behind Serve's default router, they answer at once)."""
+        return list(await asyncio.gather(*(self._generate(f"{request_id}-{i}", ids, max_tokens, sampling, stop_token)
                                            for i, ids in enumerate(prompts))))
 
     def stats(self, since: float | None = None) -> dict:
