@@ -23,13 +23,14 @@ import ray
 from ray import serve
 
 from deployments.app import deploy
-from deployments.config import AppConfig, version_app_name
+from deployments.config import AppConfig, VersionSpec, version_app_name
 from deployments.transport import AsyncDirectTransport, AsyncHandleTransport
 from flexspec_serve import paths
 from flexspec_serve import protocol as P
 from flexspec_serve.reports import machine, md_table
 
 APP = "router-load"
+VERSION = "load"  # its own version name: the app can run beside another (the tests' own v1)
 COLUMNS = ("repeat", "access log", "path", "rounds/s", "round p50 ms", "overhead p50 ms", "overhead mean ms",
            "server p50 ms")
 
@@ -38,7 +39,7 @@ async def _session(transport, sid: str, stop_at: float, out: list) -> None:
     """Cloud-only rounds until `stop_at`; (latency ms, server queue + verify ms) of each after the first."""
     seq = 0
     while time.monotonic() < stop_at:
-        rnd = P.DraftRound(session_id=sid, seq=seq, target="v1", full_context=[5, 6, 7, 8, 9, 10] if seq == 0 else None)
+        rnd = P.DraftRound(session_id=sid, seq=seq, target=VERSION, full_context=[5, 6, 7, 8, 9, 10] if seq == 0 else None)
         started = time.perf_counter()
         res = (await transport.send(rnd)).result
         if not isinstance(res, P.RoundResult):
@@ -62,9 +63,9 @@ def load(transport, sessions: int, seconds: float) -> list[tuple[float, float]]:
 def cell(family: Path, access_log: bool, args, registry: Path) -> dict[str, list[tuple[float, float]]]:
     """Deploy with the access log on or off, warm each path, then load it; delete the apps."""
     registry.unlink(missing_ok=True)
-    cfg = AppConfig.for_family(family, ["v1"], version_kw={"num_cpus": args.replica_num_cpus,
-                                                           "access_log": access_log},
-                               registry_path=str(registry), router_access_log=access_log)
+    version = VersionSpec(name=VERSION, path=str(family / "v1"), num_cpus=args.replica_num_cpus, access_log=access_log)
+    cfg = AppConfig(draft_path=str(family / "draft"), versions=[version], aliases={"stable": VERSION},
+                    registry_path=str(registry), router_access_log=access_log)
     deploy(cfg, name=APP, route_prefix=f"/{APP}")
     try:
         out = {}
@@ -73,7 +74,7 @@ def cell(family: Path, access_log: bool, args, registry: Path) -> dict[str, list
             out[name] = load(transport, args.sessions, args.seconds)
         return out
     finally:
-        for app in (APP, version_app_name("v1")):
+        for app in (APP, version_app_name(VERSION)):
             serve.delete(app)
 
 

@@ -592,3 +592,19 @@ def test_serving_report_measures_batching_overhead_and_cache_hits(app, tiny_fami
     # the apps it deployed are gone again; the fixture's app still answers
     assert not {"serving-bench", "flexspec-loop", "flexspec-sbatch", "flexspec-kv"} & set(serve.status().applications)
     assert served_version(app, first_round("after-bench", "stable"))  # answered (200) by whatever stable is now
+
+
+def test_router_load_benchmark_runs_beside_the_app_and_measures_both_paths(app, tiny_family, tmp_path):
+    from types import SimpleNamespace
+
+    from benchmarks import router_load as bench
+
+    out = bench.cell(tiny_family, False, SimpleNamespace(sessions=2, seconds=1.0, replica_num_cpus=0.1),
+                     tmp_path / "registry.json")
+    rows = [bench.row(1, log, path, rounds, 1.0) for log in (False, True) for path, rounds in out.items()]
+    assert [r["path"] for r in rows] == ["router", "direct"] * 2
+    assert all(r["rounds/s"] > 0 and r["overhead p50 ms"] > 0 for r in rows)
+    assert {s["path"]: s["off / on"] for s in bench.summary(rows)} == {"router": 1.0, "direct": 1.0}
+    # its apps are gone again, and the fixture's v1 (another application) was never touched
+    assert not {bench.APP, "flexspec-load"} & set(serve.status().applications)
+    assert served_version(app, first_round("after-router-load", "v1")) == "v1"
