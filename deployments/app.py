@@ -31,8 +31,8 @@ from ray.serve.exceptions import RayServeException
 from deployments import api_schema
 from deployments.admin import (AdminAPI, AliasUpdate, CanaryRequest, CheckRequest, PromoteRequest, RetireRequest,
                                RollbackRequest, error, error_response, read_admin_token)
-from deployments.config import (AppConfig, FileRegistry, RegistryState, UnknownTarget, VersionSpec, deployment_name,
-                                version_app_name)
+from deployments.config import (AppConfig, FileRegistry, RegistryState, RegistryView, UnknownTarget, VersionSpec,
+                                deployment_name, version_app_name)
 from deployments.routing import VersionHandles, route_round, unavailable
 from deployments.openai_api import CompletionRequest, completion_response, models_response
 from deployments.security import ApiKeys, RateLimiter
@@ -98,9 +98,7 @@ class Router:
                  model_root: str | None = None, drain_idle_s: float = 10.0, api_keys_file: str | None = None,
                  session_rounds_per_s: float = 50.0, session_burst: float = 20.0):
         self.registry = FileRegistry(registry_path)
-        self.state = self.registry.load_or_seed(RegistryState.model_validate(seed_state))
-        self._mtime = 0.0
-        self._checked = 0.0
+        self.view = RegistryView(self.registry, self.registry.load_or_seed(RegistryState.model_validate(seed_state)))
         self.handles = VersionHandles()
         self.draft_path = draft_path
         self._tokenizer = None
@@ -112,18 +110,7 @@ class Router:
 
     # ------------------------------------------------------------------ registry
     def current(self) -> RegistryState:
-        """The registry as last written: the file is checked at most every 0.5 s, re-read when it changed."""
-        now = time.monotonic()
-        if now - self._checked < 0.5:
-            return self.state
-        self._checked = now
-        try:
-            mtime = self.registry.path.stat().st_mtime
-        except FileNotFoundError:
-            return self.state
-        if mtime != self._mtime:
-            self.state, self._mtime = self.registry.load() or self.state, mtime
-        return self.state
+        return self.view.current()
 
     async def _all_stats(self, since: float | None = None) -> dict[str, dict]:
         """Every version's stats merged over its replicas, reached by consistent hashing on probe keys
@@ -160,7 +147,7 @@ class Router:
             except VersionError as err:  # another router replica acted first
                 log.info("version watcher: %s", err)
             self.handles.keep_only(self.current().versions)
-            self._checked = 0.0
+            self.view.invalidate()
 
     # ------------------------------------------------------------------ rounds
     async def route(self, rnd: P.DraftRound):
@@ -246,7 +233,7 @@ class Router:
     async def _admin(self, request: Request, body_model, op) -> Response:
         self._ensure_watcher()
         resp = await self.admin.call(request.headers.get("authorization", ""), body_model, await request.body(), op)
-        self._checked = 0.0  # re-read the registry on the next round
+        self.view.invalidate()  # re-read the registry on the next round
         return resp
 
     @fastapi_app.get("/admin/registry", openapi_extra=api_schema.errors(*api_schema.ADMIN))

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 from typing import Literal
@@ -280,3 +281,34 @@ class FileRegistry:
     def describe(self) -> str:
         state = self.load()
         return "no registry" if state is None else json.dumps(state.model_dump(), indent=2)
+
+
+class RegistryView:
+    """A reader's copy of the registry: re-read when the file changed, which is checked at most every
+    `period_s` (or on the next call after `invalidate`, e.g. after this process wrote it).
+
+    Callers on several threads are fine (the router's sync endpoints run in FastAPI's threads, its rounds on
+    the event loop): the check time is set only once the state it stands for is in place, so a caller that
+    finds the check fresh never gets the state from before it. Setting it first once let a canary's caller
+    read the previous canary while another thread was re-reading the file."""
+
+    def __init__(self, registry: FileRegistry, state: RegistryState, period_s: float = 0.5, clock=time.monotonic):
+        self.registry, self.state, self.period_s, self.clock = registry, state, period_s, clock
+        self._mtime_ns: int | None = None
+        self._checked = float("-inf")
+
+    def current(self) -> RegistryState:
+        now = self.clock()
+        if now - self._checked < self.period_s:
+            return self.state
+        try:
+            mtime_ns = self.registry.path.stat().st_mtime_ns
+        except FileNotFoundError:
+            return self.state
+        if mtime_ns != self._mtime_ns:
+            self.state, self._mtime_ns = self.registry.load() or self.state, mtime_ns
+        self._checked = now
+        return self.state
+
+    def invalidate(self) -> None:
+        self._checked = float("-inf")

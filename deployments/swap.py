@@ -71,7 +71,8 @@ class SwapScript(threading.Thread):
             "weight": p.weight, "window_s": p.window_s, "min_rounds": p.min_rounds,
             "max_acceptance_drop": p.max_acceptance_drop, "force": p.force})
         self.mark(f"canary {p.version} {p.weight:.0%}")
-        canary = self._wait(lambda v: v["canary"] and v["canary"]["status"] != "running")["canary"]
+        canary = self._wait(lambda v: v["canary"] and v["canary"]["version"] == p.version
+                            and v["canary"]["status"] != "running")["canary"]
         if canary["status"] != "promoted":
             self.mark(f"rolled back {p.version}")
             return f"rolled back: {canary['reason']}"

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deployments.config import (AppConfig, FileRegistry, RegistryState, UnknownTarget, VersionSpec, pick_weighted,
-                                version_app_name)
+from deployments.config import (AppConfig, FileRegistry, RegistryState, RegistryView, UnknownTarget, VersionSpec,
+                                pick_weighted, version_app_name)
 from flexspec_serve.config import ConfigError, parse_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,6 +44,59 @@ def test_registry_round_trips_and_bumps_generation(tmp_path):
     assert first.generation == 1 and reg.load() == first
     again = reg.load_or_seed(state(stable="v2"))  # an existing registry wins over the seed
     assert again.aliases["stable"] == "v1"
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_registry_view_rereads_a_changed_file_at_most_once_a_period_or_when_invalidated(tmp_path):
+    reg, clock = FileRegistry(tmp_path / "r.json"), FakeClock()
+    view = RegistryView(reg, reg.load_or_seed(state(stable="v1")), period_s=0.5, clock=clock)
+    first = view.current().generation
+    reg.save(state(stable="v2"))
+    assert view.current().generation == first  # checked at t = 0 already
+    clock.t = 0.6
+    assert view.current().aliases["stable"] == "v2"
+    reg.save(state(stable="v3"))
+    view.invalidate()  # e.g. this process just wrote it
+    assert view.current().aliases["stable"] == "v3"
+
+
+def test_a_registry_reader_never_gets_the_state_from_before_a_write_while_another_thread_rereads(tmp_path):
+    """Thread A re-reads the file (slowly); B asks meanwhile and must not get the old state as if the check
+    were fresh: with the check time set before the re-read, a canary's caller once read the previous canary."""
+    import threading
+
+    class SlowFirstLoad(FileRegistry):
+        def __init__(self, path):
+            super().__init__(path)
+            self.entered, self.release, self.loads = threading.Event(), threading.Event(), 0
+
+        def load(self):
+            self.loads += 1
+            if self.loads == 1:
+                self.entered.set()
+                self.release.wait(10)
+            return super().load()
+
+    FileRegistry(tmp_path / "r.json").save(state(stable="v1"))
+    reg = SlowFirstLoad(tmp_path / "r.json")
+    view = RegistryView(reg, state(stable="v1"), period_s=0.5)
+    FileRegistry(tmp_path / "r.json").save(state(stable="v2"))  # an admin write the view has not seen
+    a = threading.Thread(target=view.current)
+    a.start()
+    assert reg.entered.wait(10)
+    try:
+        assert view.current().aliases["stable"] == "v2"  # B, while A is still reading
+    finally:
+        reg.release.set()
+        a.join(10)
+    assert view.current().aliases["stable"] == "v2"
 
 
 def test_batch_size_above_max_ongoing_requests_is_refused():

@@ -505,12 +505,16 @@ def test_http_rounds_need_an_api_key_and_respect_the_session_rate_limit(app):
     url, rnd = app["url"], first_round("keyed-1", "v1").model_dump()
     assert httpx.post(f"{url}/v1/round", json=rnd, timeout=30).status_code == 401
     assert httpx.post(f"{url}/v1/round", json=rnd, headers={"authorization": "Bearer nope"}, timeout=30).status_code == 403
+    assert httpx.post(f"{url}/v1/round", json=rnd, headers={**KEYED, "x-session-id": "burst-1"},
+                      timeout=30).status_code == 200
+    # 80 rounds at once against a burst of 20 and 50 rounds/s. The limit is checked before the body is read,
+    # so empty bodies count too and come back at once (422). Valid rounds, each verified, can arrive too slowly
+    # on a loaded host to exceed 50/s (16 in flight taking over 320 ms each), and one run saw none limited.
     with httpx.Client(base_url=url, headers={**KEYED, "x-session-id": "burst-1"}, timeout=30) as client, \
-            cf.ThreadPoolExecutor(16) as pool:  # 80 rounds at once against a burst of 20 and 50 rounds/s
-        codes = list(pool.map(lambda _: client.post("/v1/round", json=first_round("burst-1", "v1").model_dump()),
-                              range(80)))
+            cf.ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(lambda _: client.post("/v1/round", json={}), range(80)))
     limited = [r for r in codes if r.status_code == 429]
-    assert limited and all(r.status_code in (200, 429) for r in codes)
+    assert limited and all(r.status_code in (422, 429) for r in codes), [r.status_code for r in codes]
     assert int(limited[0].headers["retry-after"]) >= 1 and limited[0].json()["error"]["code"] == "rate_limited"
 
 
