@@ -296,19 +296,23 @@ class RegistryView:
         self.registry, self.state, self.period_s, self.clock = registry, state, period_s, clock
         self._mtime_ns: int | None = None
         self._checked = float("-inf")
+        self._invalidations = 0
 
     def current(self) -> RegistryState:
         now = self.clock()
         if now - self._checked < self.period_s:
             return self.state
+        seen = self._invalidations
         try:
             mtime_ns = self.registry.path.stat().st_mtime_ns
         except FileNotFoundError:
             return self.state
         if mtime_ns != self._mtime_ns:
             self.state, self._mtime_ns = self.registry.load() or self.state, mtime_ns
-        self._checked = now
+        if seen == self._invalidations:  # else a write came during this read: the next call checks again
+            self._checked = now
         return self.state
 
     def invalidate(self) -> None:
+        self._invalidations += 1
         self._checked = float("-inf")

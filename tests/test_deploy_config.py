@@ -46,6 +46,24 @@ def test_registry_round_trips_and_bumps_generation(tmp_path):
     assert again.aliases["stable"] == "v1"
 
 
+class SlowFirstLoad(FileRegistry):
+    """Its first `load` reads the file, then waits for `release` before it returns what it read."""
+
+    def __init__(self, path):
+        import threading
+
+        super().__init__(path)
+        self.entered, self.release, self.loads = threading.Event(), threading.Event(), 0
+
+    def load(self):
+        self.loads += 1
+        read = super().load()
+        if self.loads == 1:
+            self.entered.set()
+            self.release.wait(10)
+        return read
+
+
 class FakeClock:
     def __init__(self):
         self.t = 0.0
@@ -72,18 +90,6 @@ def test_a_registry_reader_never_gets_the_state_from_before_a_write_while_anothe
     were fresh: with the check time set before the re-read, a canary's caller once read the previous canary."""
     import threading
 
-    class SlowFirstLoad(FileRegistry):
-        def __init__(self, path):
-            super().__init__(path)
-            self.entered, self.release, self.loads = threading.Event(), threading.Event(), 0
-
-        def load(self):
-            self.loads += 1
-            if self.loads == 1:
-                self.entered.set()
-                self.release.wait(10)
-            return super().load()
-
     FileRegistry(tmp_path / "r.json").save(state(stable="v1"))
     reg = SlowFirstLoad(tmp_path / "r.json")
     view = RegistryView(reg, state(stable="v1"), period_s=0.5)
@@ -96,6 +102,24 @@ def test_a_registry_reader_never_gets_the_state_from_before_a_write_while_anothe
     finally:
         reg.release.set()
         a.join(10)
+    assert view.current().aliases["stable"] == "v2"
+
+
+def test_a_registry_write_during_a_reread_is_seen_on_the_next_call(tmp_path):
+    """A reads the old file; this process writes a new one and invalidates the view before A is done: A's
+    finished read must not count as a fresh check of the new file."""
+    import threading
+
+    FileRegistry(tmp_path / "r.json").save(state(stable="v1"))
+    reg = SlowFirstLoad(tmp_path / "r.json")
+    view = RegistryView(reg, state(stable="v1"), period_s=0.5)
+    a = threading.Thread(target=view.current)
+    a.start()
+    assert reg.entered.wait(10)
+    FileRegistry(tmp_path / "r.json").save(state(stable="v2"))
+    view.invalidate()
+    reg.release.set()
+    a.join(10)
     assert view.current().aliases["stable"] == "v2"
 
 
