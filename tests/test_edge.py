@@ -255,6 +255,35 @@ def test_fading_channel_memory_stays_bounded_over_hours_and_draws_the_same_rates
     assert len(keep_all._rates) > 2 * 3600e3 / keep_all.s.block_ms
 
 
+def test_a_query_far_past_the_window_jumps_the_gap_instead_of_drawing_it(monkeypatch):
+    """A device back from minutes of think time asks for its channel's rate: drawing every 5 ms block of the
+    gap held a fleet actor's event loop for 0.2 s per direction (400 s); the jump draws one second's worth."""
+    from flexspec_serve.edge import channels
+
+    ch = StatisticalChannel(STATISTICAL_SETTINGS["fading"], 3)
+    drawn = []
+    draw = ch._next_block_rate
+    monkeypatch.setattr(ch, "_next_block_rate", lambda: drawn.append(1) or draw())
+    ch.rate_bps_at(400_000.0)
+    assert len(drawn) <= channels.SKIP_KEEP_MS / ch.s.block_ms + 1
+    ch.rate_bps_at(400_000.0 - 20)  # a stale report's lookback still answers
+    with pytest.raises(ValueError, match="older than the kept window"):
+        ch.rate_bps_at(400_000.0 - 2 * channels.SKIP_KEEP_MS)
+    gap_in_window = StatisticalChannel(STATISTICAL_SETTINGS["fading"], 3)
+    gap_in_window.rate_bps_at(channels.HISTORY_MS / 2)  # within the window: drawn block by block, as before
+    assert len(gap_in_window._rates) == channels.HISTORY_MS / 2 / gap_in_window.s.block_ms + 1
+
+
+@pytest.mark.parametrize("setting", ["fading", "poor"])
+def test_a_jump_over_a_gap_keeps_the_channels_fading_and_outage_statistics(setting):
+    s = STATISTICAL_SETTINGS[setting]
+    jumped = np.array([StatisticalChannel(s, seed).rate_bps_at(400_000.0) for seed in range(2000)])
+    one = StatisticalChannel(s, 1)
+    drawn = np.array([one.rate_bps_at(t) for t in np.arange(0.0, 400_000.0, 200.0)])  # every block drawn
+    assert abs(np.mean(jumped == 0) - np.mean(drawn == 0)) < 0.05  # outage share (fading 6 %, poor 44 %)
+    assert abs(jumped[jumped > 0].mean() / drawn[drawn > 0].mean() - 1) < 0.1
+
+
 def _answered(dev, k, accepted, hit, wait=(30.0, 20.0, 30.0)):
     from flexspec_serve import protocol as P
     from flexspec_serve.engine.generate import RoundEvent

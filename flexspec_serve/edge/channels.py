@@ -25,6 +25,7 @@ import numpy as np
 MTU_BYTES = 1500
 TRACE_DIR = Path(__file__).resolve().parents[1] / "data" / "traces" / "mahimahi"
 HISTORY_MS = 60_000.0  # a statistical channel keeps this much of its past block rates
+SKIP_KEEP_MS = 1_000.0  # drawn before a query that jumped over a gap longer than HISTORY_MS
 
 
 class TraceFormatError(ValueError):
@@ -170,6 +171,21 @@ class StatisticalChannel:
         rate_bps = s.efficiency * s.bandwidth_hz * math.log2(1 + self.snr_linear * abs(h) ** 2)
         return rate_bps / 1e3  # bits per ms
 
+    def _skip(self, to_block: int) -> None:
+        """Continue the process at `to_block` as if every block before it had been drawn, and forget them.
+        The fading state moves exactly: n Gauss-Markov steps are one step with rho^n. The outage state is
+        drawn from its stationary law: the gap is over HISTORY_MS, and the outage chain forgets its state
+        within a few mean sojourns (seconds)."""
+        s, n = self.s, to_block - (self._first + len(self._rates))
+        rho_n = self.rho**n
+        self._h = rho_n * self._h + math.sqrt(1 - rho_n**2) * self._draw_scatter()
+        outage_blocks = max(1.0, s.outage_mean_ms / s.block_ms)
+        p_outage = (outage_blocks / (outage_blocks + 1 / s.outage_enter_prob)) if s.outage_enter_prob > 0 else 0.0
+        self._in_outage = bool(self.rng.random() < p_outage)
+        # the next block drawn is `to_block`, and it is in the outage drawn here (the count includes it)
+        self._outage_left = 1 + max(1, int(self.rng.exponential(outage_blocks))) if self._in_outage else 0
+        self._rates, self._first = array("d"), to_block
+
     def rate_bps_at(self, t_ms: float) -> float:
         return self._block_rate(int(max(0.0, t_ms) // self.s.block_ms)) * 1e3
 
@@ -180,10 +196,15 @@ class StatisticalChannel:
 
     def _block_rate(self, block: int) -> float:
         """Blocks are drawn in order (one Gauss-Markov chain); only the last HISTORY_MS are kept, so a
-        device running for hours holds a bounded window (lookbacks are tens of ms: stale reports)."""
+        device running for hours holds a bounded window (lookbacks are tens of ms: stale reports). A query
+        more than HISTORY_MS past the last block drawn jumps over the gap (`_skip`) instead of drawing it
+        block by block: a device back from 400 s of think time once held its fleet actor's event loop for
+        0.2 s per direction drawing 80,000 blocks nobody would read."""
         if block < self._first:
             raise ValueError(f"block {block} is older than the kept window (from block {self._first}); "
-                             f"lookbacks must stay within {HISTORY_MS} ms")
+                             f"lookbacks must stay within {HISTORY_MS} ms ({SKIP_KEEP_MS} ms after a jump)")
+        if block - (self._first + len(self._rates)) > HISTORY_MS // self.s.block_ms:
+            self._skip(block - int(SKIP_KEEP_MS // self.s.block_ms))
         while self._first + len(self._rates) <= block:
             self._rates.append(self._next_block_rate())
         keep = int(HISTORY_MS // self.s.block_ms)
