@@ -109,9 +109,19 @@ class VerifierDeployment:
         answer per prompt. One handle call per request, not one per prompt: in Ray 2.60 the child calls of a
         request share its internal request id, and under the consistent-hash request router concurrent child
         calls to one deployment do not return (in a scratch repro, 4 calls through `asyncio.gather` had not
-        answered after 10 s; one at a time, or behind Serve's default router, they answer at once)."""
-        return list(await asyncio.gather(*(self._generate(f"{request_id}-{i}", ids, max_tokens, sampling, stop_token)
-                                           for i, ids in enumerate(prompts))))
+        answered after 10 s; one at a time, or behind Serve's default router, they answer at once). A refused
+        prompt fails the request, so the others stop then; a stopped prompt's answer is ([], "", None)."""
+        tasks = [asyncio.ensure_future(self._generate(f"{request_id}-{i}", ids, max_tokens, sampling, stop_token))
+                 for i, ids in enumerate(prompts)]
+        try:
+            for answer in asyncio.as_completed(tasks):
+                if (await answer)[2] is not None:
+                    break  # a refused prompt fails the request: the others stop (and drop their sessions)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)  # let the cancelled ones end
+        return [([], "", None) if t.cancelled() else t.result() for t in tasks]
 
     def stats(self, since: float | None = None) -> dict:
         """This replica's counters (`VerifierServer.stats`) and its Serve replica id."""

@@ -198,13 +198,14 @@ def test_openai_compatible_completions_and_models(app):
         assert httpx.post(f"{url}/v1/completions", content=raw, headers={**KEYED, "content-type": "application/json"},
                           timeout=30).status_code == status
 
-def test_a_completions_prompts_are_generated_together_each_as_it_would_be_alone(app):
+
+def test_a_completions_prompts_are_generated_together_each_as_it_would_be_alone(app, tokenizer):
     import httpx
 
     prompts = ["def add(a, b):", "import os\n", "class Stack:", "for i in range("]
     alone = [httpx.post(f"{app['url']}/v1/completions", json={"prompt": p, "max_tokens": 30, "temperature": 0},
                         headers=KEYED, timeout=60).json()["choices"][0]["text"] for p in prompts]
-    # before `VerifierDeployment.complete`, concurrent calls per prompt never returned (see its docstring)
+    # before `VerifierDeployment.complete`, concurrent calls per prompt did not return (see its docstring)
     resp = httpx.post(f"{app['url']}/v1/completions", json={"prompt": prompts, "max_tokens": 30, "temperature": 0},
                       headers=KEYED, timeout=60)
     assert resp.status_code == 200, resp.text
@@ -212,6 +213,11 @@ def test_a_completions_prompts_are_generated_together_each_as_it_would_be_alone(
     for prompt, why in (([], "at least 1"), (["x"] * 17, "at most 16")):
         bad = httpx.post(f"{app['url']}/v1/completions", json={"prompt": prompt}, headers=KEYED, timeout=30)
         assert bad.status_code == 422 and why in bad.json()["error"]["message"], bad.text
+    # one prompt too long for the model: the request fails with its error, and the other prompt stops
+    too_long = tokenizer.decode(tokenizer(" ".join(map(str, range(2000))), add_special_tokens=False)["input_ids"][:2000])
+    refused = httpx.post(f"{app['url']}/v1/completions", json={"prompt": ["def f():", too_long], "max_tokens": 1024},
+                         headers=KEYED, timeout=60)
+    assert refused.status_code == 422 and refused.json()["error"]["field"] == "context", refused.text
 
 
 def test_completions_refuse_an_oversized_prompt_and_stop_at_the_models_length(app, tokenizer):
