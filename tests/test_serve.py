@@ -293,11 +293,14 @@ def test_fleet_of_20_devices_over_2_actors_finishes_clean_and_greedy_matches_the
                      arrival={"start_within_s": 1, "think_time_s": 0.5, "sessions_per_device": 2})
     summary = run_report(spec, prompts, str(tiny_family / "draft"), tmp_path, show_progress=False)
     assert set(SUMMARY_FIELDS) <= set(summary)
-    assert summary["sessions_started"] == 40 and summary["sessions_completed"] == 40
+    # every device starts its first session within 1 s; a second one starts only if the first ended in time
+    # (a loaded host once left 2 of the 40 unstarted when the 4 s of arrivals ended): every started one completes
+    started = summary["sessions_started"]
+    assert 20 <= started <= 40 and summary["sessions_completed"] == started
     assert summary["sessions_failed"] == summary["sessions_lost"] == 0 and not summary["device_crashes"]
     ref = [r.tokens for r in speculative_generate(None, Verifier(family_models["v1"]), prompts, 12)]
     sessions = [json.loads(line) for line in (tmp_path / "sessions.jsonl").read_text().splitlines()]
-    assert len(sessions) == 40 and all(s["version"] == "v1" for s in sessions)
+    assert len(sessions) == started and all(s["version"] == "v1" for s in sessions)
     assert all(s["tokens"] == ref[s["prompt_index"]] for s in sessions)
     assert all((tmp_path / name).exists() for name in ("summary.json", "rounds.csv", "report.md", *PLOTS))
     assert (summary["pipelined_round_rate"] > 0) == (ahead == "pipeline")  # rounds sent before their predecessor's answer
