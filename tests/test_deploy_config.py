@@ -10,6 +10,7 @@ import yaml
 from deployments.config import (AppConfig, FileRegistry, RegistryState, RegistryView, UnknownTarget, VersionSpec,
                                 pick_weighted, version_app_name)
 from flexspec_serve.config import ConfigError, parse_model
+from tests.fakes import FakeClock
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,14 +63,6 @@ class SlowFirstLoad(FileRegistry):
             self.entered.set()
             self.release.wait(10)
         return read
-
-
-class FakeClock:
-    def __init__(self):
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def test_registry_view_rereads_a_changed_file_at_most_once_a_period_or_when_invalidated(tmp_path):

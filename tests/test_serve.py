@@ -613,9 +613,9 @@ def test_router_load_benchmark_runs_beside_the_app_and_measures_both_paths(app, 
     from benchmarks import router_load as bench
 
     apps_before = set(serve.status().applications)
-    out = bench.cell(tiny_family, False, SimpleNamespace(sessions=2, seconds=1.0, replica_num_cpus=0.1),
+    out = bench.cell(tiny_family, False, SimpleNamespace(sessions=2, rounds=10, replica_num_cpus=0.1),
                      tmp_path / "registry.json")
-    rows = [bench.row(1, log, path, rounds, 1.0) for log in (False, True) for path, rounds in out.items()]
+    rows = [bench.row(1, log, path, load) for log in (False, True) for path, load in out.items()]
     assert [r["path"] for r in rows] == ["router", "direct"] * 2
     assert all(r["rounds/s"] > 0 and r["overhead p50 ms"] > 0 for r in rows)
     assert {s["path"]: s["off / on"] for s in bench.summary(rows)} == {"router": 1.0, "direct": 1.0}

@@ -11,16 +11,9 @@ from deployments.config import FileRegistry, RegistryState, VersionSpec
 from deployments.versions import VersionError, VersionManager
 from flexspec_serve.versions import CanaryRules, VersionWindow, compatibility_gate, judge_canary
 from flexspec_serve.zoo.loading import TokenizerMismatch
+from tests.fakes import FakeClock
 
 RULES = CanaryRules(window_s=30, min_rounds=50, max_acceptance_drop=0.2, max_error_rate=0.01)
-
-
-class FakeClock:
-    def __init__(self, t: float = 1000.0):
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
 class FakeDeployer:
@@ -39,7 +32,7 @@ def manager(tmp_path):
     reg = FileRegistry(tmp_path / "registry.json")
     reg.save(RegistryState(versions={v: VersionSpec(name=v, path=f"/m/{v}") for v in ("v1", "v2")},
                            aliases={"stable": "v1"}, draft_path="/m/draft"))
-    return VersionManager(reg, FakeDeployer(), clock=FakeClock(), idle_s=5.0)
+    return VersionManager(reg, FakeDeployer(), clock=FakeClock(1000.0), idle_s=5.0)
 
 
 def stats(rounds: int, alpha: float, errors: int = 0, idle_s: float = 0.0, k: int = 4) -> dict:

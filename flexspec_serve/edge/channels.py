@@ -148,6 +148,7 @@ class StatisticalChannel:
         self.snr_linear = 10 ** (setting.mean_snr_db() / 10)
         self._rates = array("d")  # bits per ms of blocks _first, _first + 1, ...: a window, not the whole past
         self._first = 0
+        self._window_blocks = int(HISTORY_MS // setting.block_ms)  # blocks kept behind the newest query
         self._h = self._draw_scatter()
         self._in_outage, self._outage_left = False, 0
         self._busy_until = 0.0  # the last message's transmission ends then
@@ -203,13 +204,12 @@ class StatisticalChannel:
         if block < self._first:
             raise ValueError(f"block {block} is older than the kept window (from block {self._first}); "
                              f"lookbacks must stay within {HISTORY_MS} ms ({SKIP_KEEP_MS} ms after a jump)")
-        if block - (self._first + len(self._rates)) > HISTORY_MS // self.s.block_ms:
+        if block - (self._first + len(self._rates)) > self._window_blocks:
             self._skip(block - int(SKIP_KEEP_MS // self.s.block_ms))
         while self._first + len(self._rates) <= block:
             self._rates.append(self._next_block_rate())
-        keep = int(HISTORY_MS // self.s.block_ms)
-        drop = block - self._first - keep  # blocks more than HISTORY_MS before this one
-        if drop > keep:  # amortised: trim once that much has piled up
+        drop = block - self._first - self._window_blocks  # blocks more than HISTORY_MS before this one
+        if drop > self._window_blocks:  # amortised: trim once that much has piled up
             del self._rates[:drop]
             self._first += drop
         return self._rates[block - self._first]
