@@ -27,3 +27,69 @@ def test_forward_uses_the_installed_versions_cache_argument(family_models):
     cache = hf_compat.cache_from_tensors([])
     logits = hf_compat.forward_logits(model, torch.tensor([[1, 2, 3]], device=model.device), cache)
     assert logits.shape == (1, 3, model.config.vocab_size) and hf_compat.seq_length(cache) == 3
+
+
+def _appended(layer, chunks):
+    for k in chunks:
+        keys, values = layer.update(k, -k)
+    return keys, values
+
+
+def test_a_roomy_layer_appends_in_place_and_holds_what_concatenation_would():
+    chunks = [torch.randn(1, 2, n, 4) for n in (5, 1, 3, 1, 1)]
+    layer = hf_compat.RoomyLayer()
+    layer.update(chunks[0], -chunks[0])
+    buffer = layer.keys.data_ptr()
+    keys, values = _appended(layer, chunks[1:])
+    assert layer.keys.data_ptr() == buffer  # no copy of the positions already held
+    torch.testing.assert_close(keys, torch.cat(chunks, dim=2), rtol=0, atol=0)
+    torch.testing.assert_close(values, -torch.cat(chunks, dim=2), rtol=0, atol=0)
+
+
+def test_a_roomy_layer_grows_past_its_room_and_appends_after_a_crop():
+    layer = hf_compat.RoomyLayer()
+    first = torch.randn(1, 2, 10, 4)
+    layer.update(first, first)
+    more = torch.randn(1, 2, hf_compat.MIN_ROOM + 10, 4)  # past the room: a bigger buffer, old positions copied
+    keys, _ = layer.update(more, more)
+    torch.testing.assert_close(keys, torch.cat([first, more], dim=2), rtol=0, atol=0)
+    layer.crop(-(more.shape[2] + 4))  # keep 6
+    last = torch.randn(1, 2, 2, 4)
+    keys, values = layer.update(last, last)  # written over the positions the crop gave up
+    torch.testing.assert_close(keys, torch.cat([first[:, :, :6], last], dim=2), rtol=0, atol=0)
+    assert keys.shape[2] == values.shape[2] == 8
+
+
+def test_tensors_a_cache_adopts_are_never_written():
+    keys = torch.randn(1, 2, 6, 4)
+    original = keys.clone()
+    cache = hf_compat.cache_from_tensors([(keys, keys)], length=4)  # not writable: positions 4, 5 are not room
+    cache.update(torch.zeros(1, 2, 2, 4), torch.zeros(1, 2, 2, 4), 0)
+    torch.testing.assert_close(keys, original, rtol=0, atol=0)
+    assert hf_compat.seq_length(cache) == 6
+    torch.testing.assert_close(hf_compat.layer_tensors(cache)[0][0][:, :, :4], original[:, :, :4], rtol=0, atol=0)
+
+
+def test_grouped_sdpa_equals_transformers_sdpa_on_padded_and_tree_batches(family_models):
+    from flexspec_serve.engine.ragged import CachedSequence, run_ragged
+
+    model = family_models["v1"]
+    assert model.config._attn_implementation == hf_compat.GROUPED_SDPA
+    assert model.config.num_key_value_heads < model.config.num_attention_heads  # the grouping is exercised
+
+    def batches() -> list[torch.Tensor]:
+        seqs = [CachedSequence() for _ in range(3)]
+        out = [run_ragged(model, [s], [list(range(2 + i, 9 + 3 * i))])[0] for i, s in enumerate(seqs)]
+        out += run_ragged(model, seqs, [[5], [6, 7], [8, 9, 10]])  # left and right padding: a mask
+        out += run_ragged(model, seqs, [[11, 12, 13]] * 3, trees=[[-1, 0, -1], None, [-1, -1, 1]])
+        return out
+
+    grouped = batches()
+    model.set_attn_implementation("sdpa")
+    try:
+        reference = batches()
+    finally:
+        hf_compat.prefer_grouped_sdpa(model)
+    assert model.config._attn_implementation == hf_compat.GROUPED_SDPA
+    for g, r in zip(grouped, reference):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)

@@ -1,9 +1,11 @@
 """Ragged batched forward passes over many sessions' KV caches.
 
-Each session owns a single-sequence `DynamicCache`. To run B sessions at once, their caches are
-left-padded to the longest one and stacked; the new tokens are right-padded; a 2-D attention mask hides
-both paddings and explicit position ids keep every session's RoPE positions its own. Afterwards each
-session gets back its own cache, padding stripped. A batch of one skips all of that and runs in place.
+Each session owns a single-sequence `DynamicCache` (of `hf_compat.RoomyLayer`s, which append in place).
+To run B sessions at once, their caches are copied once, left-padded to the longest, into a batch buffer
+with room for the new tokens; the new tokens are right-padded; a 2-D attention mask hides both paddings
+and explicit position ids keep every session's RoPE positions its own. Afterwards each session's cache
+gets its own new positions appended (its old ones are unchanged, so they are not copied back). A batch of
+one skips all of that and runs in place.
 
 Token trees (`trees[i]`, the parents of the last tokens of `inputs[i]`): those tokens are the nodes of a
 tree hanging off the token before them, each attending to the context and to its own ancestors only, at
@@ -84,11 +86,11 @@ def run_ragged(
     positions = torch.tensor(past)[:, None] + torch.arange(n_max)[None, :]  # [B, N]
     if has_tree:
         mask, positions = _tree_mask(trees, past, new, p_max, n_max, next(model.parameters()).dtype)
-    cache = _stack_left_padded(seqs, p_max) if p_max else DynamicCache()
+    cache = _stack_left_padded(seqs, p_max, n_max) if p_max else hf_compat.new_cache()
     logits = hf_compat.forward_logits(
         model, ids.to(device), cache, attention_mask=mask.to(device), position_ids=positions.to(device)
     )  # [B, N, V]
-    _split_back(cache, seqs, past, new, p_max)
+    _append_new(cache, seqs, new, p_max)
     return [logits[b, :n_len].float() for b, n_len in enumerate(new)]
 
 
@@ -120,7 +122,7 @@ def shape_groups(lengths: list[int], short_max: int) -> list[list[int]]:
 
 def _run_single(model, seq: CachedSequence, tokens: list[int], device) -> torch.Tensor:
     if seq.cache is None:
-        seq.cache = DynamicCache()
+        seq.cache = hf_compat.new_cache()
     start = seq.length
     ids = torch.tensor([tokens], dtype=torch.long, device=device)
     positions = torch.arange(start, start + len(tokens), device=device)[None, :]
@@ -170,27 +172,32 @@ def _tree_mask(trees, past, new, p_max, n_max, dtype) -> tuple[torch.Tensor, tor
     return mask, positions
 
 
-def _stack_left_padded(seqs: list[CachedSequence], p_max: int) -> DynamicCache:
-    """Every session's cache copied once into a zero-initialised [B, H, p_max, D] per layer, right-aligned."""
+def _stack_left_padded(seqs: list[CachedSequence], p_max: int, n_max: int) -> DynamicCache:
+    """Every session's cache copied once into a [B, H, p_max + n_max, D] buffer per layer, right-aligned in its
+    first p_max positions (the padding before it zeroed); the n_max positions after are the forward's room."""
     per_layer = []
     layers = [hf_compat.layer_tensors(s.cache) if s.length else None for s in seqs]  # once per session
     reference = next(lt for lt in layers if lt is not None)
     for layer_idx, (k_ref, v_ref) in enumerate(reference):
-        k_out = k_ref.new_zeros((len(seqs), k_ref.shape[1], p_max, k_ref.shape[3]))  # [B, H, P, D]
-        v_out = v_ref.new_zeros((len(seqs), v_ref.shape[1], p_max, v_ref.shape[3]))
+        k_out = k_ref.new_empty((len(seqs), k_ref.shape[1], p_max + n_max, k_ref.shape[3]))  # [B, H, P + N, D]
+        v_out = v_ref.new_empty((len(seqs), v_ref.shape[1], p_max + n_max, v_ref.shape[3]))
         for b, lt in enumerate(layers):
+            p_b = 0 if lt is None else lt[layer_idx][0].shape[2]
+            k_out[b, :, : p_max - p_b].zero_()  # masked, but garbage could be inf or NaN (0 * NaN is NaN)
+            v_out[b, :, : p_max - p_b].zero_()
             if lt is not None:
                 k, v = lt[layer_idx]  # [1, H, p_b, D]
-                k_out[b, :, p_max - k.shape[2] :] = k[0]
-                v_out[b, :, p_max - v.shape[2] :] = v[0]
+                k_out[b, :, p_max - p_b : p_max] = k[0]
+                v_out[b, :, p_max - p_b : p_max] = v[0]
         per_layer.append((k_out, v_out))
-    return hf_compat.cache_from_tensors(per_layer)
+    return hf_compat.cache_from_tensors(per_layer, length=p_max, writable=True)
 
 
-def _split_back(cache: DynamicCache, seqs, past, new, p_max) -> None:
-    """Each session gets its own compact copy (a view would keep the whole batch's tensor alive)."""
+def _append_new(cache: DynamicCache, seqs: list[CachedSequence], new: list[int], p_max: int) -> None:
+    """Each session's cache gets its own new positions (copied: a view would keep the batch's buffer alive)."""
     layers = hf_compat.layer_tensors(cache)  # each [B, H, P + N, D]
     for b, s in enumerate(seqs):
-        lo, hi = p_max - past[b], p_max + new[b]
-        s.cache = hf_compat.cache_from_tensors([(k[b : b + 1, :, lo:hi].clone(), v[b : b + 1, :, lo:hi].clone())
-                                                for k, v in layers])
+        if s.cache is None:
+            s.cache = hf_compat.new_cache()
+        for layer_idx, (k, v) in enumerate(layers):
+            s.cache.update(k[b : b + 1, :, p_max : p_max + new[b]], v[b : b + 1, :, p_max : p_max + new[b]], layer_idx)

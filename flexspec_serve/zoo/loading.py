@@ -9,6 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from flexspec_serve.engine import hf_compat
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -18,13 +20,15 @@ class TokenizerMismatch(ValueError):
 
 def load_causal_lm(path: str | Path, dtype: str = "float32", trust_remote_code: bool = False,
                    device: str | None = None) -> torch.nn.Module:
-    """`AutoModelForCausalLM.from_pretrained` from a local directory or the local HF cache only."""
+    """`AutoModelForCausalLM.from_pretrained` from a local directory or the local HF cache only, with
+    `hf_compat.GROUPED_SDPA` attention where it would use SDPA."""
     hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(
         os.path.expanduser(str(path)), dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code, local_files_only=True
     )
     if device:
         model.to(device)
+    hf_compat.prefer_grouped_sdpa(model)
     return model.eval()
 
 
