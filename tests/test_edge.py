@@ -95,6 +95,18 @@ def test_malformed_traces_are_refused_naming_the_line(tmp_path, text, where):
         parse_mahimahi(path)
 
 
+def test_reported_rate_counts_the_opportunities_in_its_window_at_fractional_times():
+    link = make_link("TMobile-LTE-short", 3)
+    ch = link.up
+    stamps, period = [int(x) for x in ch.stamps], ch.period_ms
+    rng = np.random.default_rng(0)
+    for t in rng.uniform(0, 3 * period, 50).tolist() + [0.25, 200.5, 1199.75]:
+        end = (t + ch.offset_ms - 200.0) % period  # the docstring's window: 1 s ending 200 ms before t
+        looped = stamps + [s - period for s in stamps]  # the loop before, for windows that wrap
+        n = sum(1 for s in looped if end - 1000.0 <= s < end)
+        assert ch.reported_rate_bps(t) == max(1, n) * 1500 * 8, t
+
+
 def test_carried_real_traces_parse_and_look_cellular():
     names = trace_names()
     assert {"ATT-LTE-driving", "TMobile-LTE-short", "TMobile-UMTS-driving", "Verizon-EVDO-driving"} <= set(names)

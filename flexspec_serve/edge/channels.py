@@ -84,8 +84,7 @@ class TraceChannel:
         delay."""
         packets, n = max(1, math.ceil(nbytes / MTU_BYTES)), len(self.stamps)
         loops, within = divmod(t_ms + self.offset_ms, self.period_ms)
-        first = max(int(loops) * n + int(np.searchsorted(self.stamps, math.ceil(within), side="left")),
-                    self._next_free)  # index into the looped trace
+        first = max(int(loops) * n + self._first_at(within), self._next_free)  # index into the looped trace
         last = first + packets - 1
         self._next_free = last + 1
         done_loops, idx = divmod(last, n)
@@ -98,10 +97,15 @@ class TraceChannel:
         """What a modem would report: the capacity over the window before t - stale_ms (>= 1 packet)."""
         end = (t_ms + self.offset_ms - stale_ms) % self.period_ms
         start = end - window_ms
-        n = int(np.searchsorted(self.stamps, end) - np.searchsorted(self.stamps, max(0.0, start)))
+        n = self._first_at(end) - self._first_at(max(0.0, start))
         if start < 0:  # the window wraps into the end of the previous loop
-            n += int(len(self.stamps) - np.searchsorted(self.stamps, self.period_ms + start))
+            n += len(self.stamps) - self._first_at(self.period_ms + start)
         return max(1, n) * MTU_BYTES * 8 / (window_ms / 1e3)
+
+    def _first_at(self, t_ms: float) -> int:
+        """Index of the first opportunity at or after t_ms within one loop. The stamps are whole ms, so it
+        searches for ceil(t): numpy would cast the whole trace to float for a float key (100x slower)."""
+        return int(np.searchsorted(self.stamps, math.ceil(t_ms), side="left"))
 
 
 @dataclass(frozen=True)
