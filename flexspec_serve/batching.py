@@ -8,8 +8,8 @@ while the previous batch still runs, so under load it queues many small batches 
 A caller with a deadline of its own passes `wait_ms` to `submit`: the batch then leaves no later than
 that after its item arrived (an emulated device whose whole draft time is a few ms cannot wait the
 default gathering time).
-Used for the draft steps of many devices in one fleet actor, in-process verification, and (by default)
-the verifier deployment's rounds."""
+Used for in-process verification and (by default) the verifier deployment's rounds. (A fleet actor's
+draft steps batch step by step instead: `fleet.drafter`.)"""
 
 from __future__ import annotations
 

@@ -319,6 +319,26 @@ def test_a_short_draft_is_handed_over_before_the_longest_in_its_batch_is_done(fa
     assert [p.tokens for p in proposer.propose(fresh, [5, 1, 0, 3])] == [p.tokens for p in proposals]
 
 
+def test_a_draft_that_joins_a_running_one_shares_its_steps_and_drafts_the_same_tokens(family_models,
+                                                                                       humaneval_prompts):
+    proposer = DraftProposer(family_models["draft"])
+    first, late = (proposer.start(str(i), p, SamplingParams()) for i, p in enumerate(humaneval_prompts[:2]))
+    done = []
+    joiner = proposer.propose_job(late, 2, lambda p: done.append(("late", p)))
+    asked = []
+
+    def take(idle: bool) -> list:
+        asked.append(idle)
+        return [joiner] if len(asked) == 3 else []  # joins before the third step
+
+    steps, rows = proposer.run_jobs([proposer.propose_job(first, 6, lambda p: done.append(("first", p)))], take)
+    assert (steps, rows) == (6, 8)  # its two steps rode along with the third and fourth
+    assert [who for who, _ in done] == ["late", "first"] and asked[-1] is True
+    fresh = [proposer.start(str(i), p, SamplingParams()) for i, p in enumerate(humaneval_prompts[:2])]
+    alone = [proposer.propose([s], [k])[0].tokens for s, k in zip(fresh, (6, 2))]
+    assert [p.tokens for _, p in sorted(done)] == alone
+
+
 def test_tokens_drafted_ahead_are_the_next_rounds_draft_and_the_cache_stays_consistent(family_models,
                                                                                         humaneval_prompts):
     proposer = DraftProposer(family_models["draft"])

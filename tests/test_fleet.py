@@ -17,6 +17,7 @@ from flexspec_serve.config import ConfigError, load_yaml
 from flexspec_serve.edge.devices import DEVICE_CLASSES
 from flexspec_serve.engine.generate import speculative_generate
 from flexspec_serve.engine.proposer import DraftProposer
+from flexspec_serve.engine.sampling import SamplingParams
 from flexspec_serve.engine.verifier import Verifier, VerifierLimits
 from flexspec_serve.fleet import report
 from flexspec_serve.fleet.runtime import Shard, backoff_ms
@@ -25,6 +26,9 @@ from flexspec_serve.transport import AsyncLocalTransport, TransportError
 
 MIX = [{"device_class": "flagship-phone", "share": 0.5, "channel": "TMobile-LTE-short"},
        {"device_class": "wearable", "share": 0.5, "channel": "fading"}]
+
+
+P_SAMPLING = SamplingParams()  # greedy
 
 
 def small_fleet(**kw) -> FleetSpec:
@@ -183,6 +187,58 @@ def test_a_batch_leaves_by_the_earliest_deadline_of_its_items():
     hurried, patient, alone = asyncio.run(main())
     assert hurried == patient < 0.4  # one batch, gone well before the default wait
     assert alone - hurried >= 0.55  # without a deadline of its own, an item gathers the default wait
+
+
+def test_devices_that_ask_together_share_draft_steps_and_get_what_they_would_alone(family_models,
+                                                                                    humaneval_prompts):
+    from flexspec_serve.fleet.drafter import StepDrafter
+
+    proposer = DraftProposer(family_models["draft"])
+    start = lambda: [proposer.start(str(i), p, P_SAMPLING) for i, p in enumerate(humaneval_prompts[:3])]  # noqa: E731
+
+    async def main(sessions):
+        drafter = StepDrafter(proposer)
+        try:
+            got = await asyncio.gather(*(drafter.propose(s, k) for s, k in zip(sessions, (4, 2, 3))))
+            await drafter.ahead(sessions[0], 3)
+            return got, drafter.steps, drafter.rows
+        finally:
+            drafter.close()
+
+    sessions = start()
+    got, steps, rows = asyncio.run(main(sessions))
+    assert (steps, rows) == (4 + 3, 4 + 2 + 3 + 3)  # the three rounds asked together: their steps are shared
+    alone = start()
+    want = [proposer.propose([s], [k])[0] for s, k in zip(alone, (4, 2, 3))]
+    proposer.draft_ahead([alone[0]], [3])
+    assert [g.tokens for g in got] == [w.tokens for w in want]
+    assert sessions[0].drafted == alone[0].drafted
+
+
+def test_a_failed_draft_step_fails_its_devices_and_the_next_ones_still_draft(family_models, humaneval_prompts,
+                                                                             monkeypatch):
+    from flexspec_serve.fleet.drafter import StepDrafter
+
+    proposer = DraftProposer(family_models["draft"])
+    real_step = proposer._step
+
+    def broken(jobs):
+        monkeypatch.setattr(proposer, "_step", real_step)  # only the first step fails
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(proposer, "_step", broken)
+
+    async def main():
+        drafter = StepDrafter(proposer)
+        try:
+            sessions = [proposer.start(str(i), p, P_SAMPLING) for i, p in enumerate(humaneval_prompts[:3])]
+            failed = await asyncio.gather(*(drafter.propose(s, 2) for s in sessions[:2]), return_exceptions=True)
+            return failed, await drafter.propose(sessions[2], 2)
+        finally:
+            drafter.close()
+
+    failed, later = asyncio.run(main())
+    assert [type(f) for f in failed] == [RuntimeError, RuntimeError] and len(later.tokens) == 2
 
 
 def test_backoff_is_capped_exponential_with_jitter():

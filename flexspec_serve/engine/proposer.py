@@ -30,6 +30,7 @@ It does not choose K (the controller in `edge/` does) and does not talk to the c
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -80,6 +81,20 @@ class EdgeSession:
         return self.tokens[self.prompt_len :]
 
 
+@dataclass
+class DraftJob:
+    """A session's draft in progress: `out` (its draft past the committed tokens) grows by `left` more steps;
+    `plan` says how far to grow the branch after each drafted step's runner-up (kept in `branches`);
+    `on_done(out)` when it has all of them."""
+
+    session: EdgeSession
+    out: list[Step]
+    left: int
+    plan: dict[int, int]
+    branches: dict[int, Branch]
+    on_done: Callable[[list[Step]], None]
+
+
 class DraftProposer:
     def __init__(self, draft: torch.nn.Module, max_draft_tokens: int = MAX_NODES):
         self.model = draft.eval()
@@ -106,24 +121,30 @@ class DraftProposer:
         called (on this thread) as soon as session i is drafted, while longer drafts go on; that session
         is not touched again by this call. `tree`: the proposals are token trees of that shape (see the
         module docstring)."""
-        wants = [k + (lookahead and k > 0) for k in ks]
-        starts = [s.ready if k else [] for s, k in zip(sessions, ks)]  # k = 0: apply drops the cache past it
-        for s, st in zip(sessions, starts):
-            s.shape = Tree(tree)
-            s.ready, s.ahead_branches, s.branches = [], {}, s.branches if st else {}  # a hit's grown branches stay
-        plans = [self._plan(s.shape, k) for s, k in zip(sessions, ks)]
         proposals: list[Proposal | None] = [None] * len(sessions)
 
-        def finish(i: int, out: list[Step]) -> None:
-            s, k = sessions[i], ks[i]
-            s.drafted, s.sent = out, k
-            proposals[i] = proposal_of(out[:k], s.shape, {p: b for p, (b, _) in s.branches.items()}, self.max_nodes)
+        def finish(i: int, proposal: Proposal) -> None:
+            proposals[i] = proposal
             if on_done is not None:
-                on_done(i, proposals[i])
+                on_done(i, proposal)
 
-        self._extend(sessions, starts, [max(0, w - len(st)) for w, st in zip(wants, starts)], finish,
-                     grow=[(plan, s.branches) for plan, s in zip(plans, sessions)])
-        return proposals
+        self.run_jobs([self.propose_job(s, k, functools.partial(finish, i), lookahead, tree)
+                       for i, (s, k) in enumerate(zip(sessions, ks))])
+        return proposals  # type: ignore[return-value]
+
+    def propose_job(self, s: EdgeSession, k: int, on_done: Callable[[Proposal], None], lookahead: bool = False,
+                    tree: Tree = Tree.CHAIN) -> DraftJob:
+        """One session's part of `propose`, as a job for `run_jobs` (which calls `on_done(proposal)`)."""
+        start = s.ready if k else []  # k = 0: apply drops the cache past it
+        s.shape = Tree(tree)
+        s.ready, s.ahead_branches, s.branches = [], {}, s.branches if start else {}  # a hit's grown branches stay
+
+        def finish(out: list[Step]) -> None:
+            s.drafted, s.sent = out, k
+            on_done(proposal_of(out[:k], s.shape, {p: b for p, (b, _) in s.branches.items()}, self.max_nodes))
+
+        wants = k + (lookahead and k > 0)
+        return DraftJob(s, list(start), max(0, wants - len(start)), self._plan(s.shape, k), s.branches, finish)
 
     def ahead_proposal(self, s: EdgeSession, k: int) -> Proposal:
         """The next round as drafted ahead (its first k tokens past d_{K+1}, with their branches): what a
@@ -138,12 +159,21 @@ class DraftProposer:
 
     def draft_ahead(self, sessions: list[EdgeSession], ns: list[int]) -> None:
         """While the round waits: n_i more draft tokens past what each session has drafted (d_{K+1} first)."""
-        go = [i for i, (s, n) in enumerate(zip(sessions, ns)) if s.sent and n > 0]
-        grow = [(self._plan(s.shape, s.sent, s.sent + 1), s.ahead_branches) for s in (sessions[i] for i in go)]
-        more = self._extend([sessions[i] for i in go], [sessions[i].drafted for i in go], [ns[i] for i in go],
-                            grow=grow)  # the next round's branches, assuming it has this one's K
-        for i, out in zip(go, more):
-            sessions[i].drafted = out
+        self.run_jobs([job for s, n in zip(sessions, ns) if (job := self.ahead_job(s, n)) is not None])
+
+    def ahead_job(self, s: EdgeSession, n: int, on_done: Callable[[], None] | None = None) -> DraftJob | None:
+        """`draft_ahead` for one session, as a job for `run_jobs`, which calls `on_done()` after it (None:
+        nothing to draft)."""
+        if not (s.sent and n > 0):
+            return None
+
+        def finish(out: list[Step]) -> None:
+            s.drafted = out
+            if on_done is not None:
+                on_done()
+
+        # the next round's branches, assuming it has this one's K
+        return DraftJob(s, list(s.drafted), n, self._plan(s.shape, s.sent, s.sent + 1), s.ahead_branches, finish)
 
     @staticmethod
     def backlog(s: EdgeSession) -> int:
@@ -168,30 +198,43 @@ class DraftProposer:
         return None if guess is None else accepted == s.sent and guess == token and on_chain(path)
 
     @torch.inference_mode()
-    def _extend(self, sessions: list[EdgeSession], starts: list[list[Step]], ns: list[int],
-                done: Callable[[int, list[Step]], None] | None = None,
-                grow: list[tuple[dict[int, int], dict[int, Branch]]] | None = None) -> list[list[Step]]:
-        """Continue each session's draft `starts[i]` (tokens past the committed ones) by n_i steps, batched;
-        every step feeds whatever the cache has not seen yet (the backlog, then the last draft token).
-        `grow[i] = (plan, branches)`: the branch after the runner-up of drafted step j grows to plan[j]
-        tokens in the same steps, kept in `branches[j]`. `done(i, out_i)` as each session gets its n_i steps."""
-        outs = [list(st) for st in starts]
-        for i in (i for i, n in enumerate(ns) if n <= 0 and done is not None):
-            done(i, outs[i])
-        for step in range(max(ns, default=0)):
-            active = [i for i, n in enumerate(ns) if n > step]
-            rows = [(sessions[i].cache, self._unfed(sessions[i], outs[i])) for i in active]
-            twigs = [(i, *r) for i, (cache, x) in zip(active, rows) if grow
-                     for r in self._branch_rows(cache, x, outs[i], *grow[i])]
-            logits = run_ragged_by_shape(self.model, [r[0] for r in rows] + [t[1] for t in twigs],
-                                         [r[1] for r in rows] + [t[2] for t in twigs], self.decode_max)
-            for i, lg in zip(active, logits):
-                outs[i].append(self._choose(lg[-1], sessions[i]))
-            for (i, _, _, tokens), lg in zip(twigs, logits[len(rows):]):
-                tokens.append(self._choose(lg[-1], sessions[i], runner_up=False)[0])
-            for i in (i for i in active if ns[i] == step + 1 and done is not None):
-                done(i, outs[i])
-        return outs
+    def run_jobs(self, jobs: list[DraftJob], take: Callable[[bool], list[DraftJob]] | None = None,
+                 on_step: Callable[[int], None] | None = None) -> tuple[int, int]:
+        """Run draft jobs to their ends, one batched forward per draft step over every job still drafting;
+        each job's `on_done` is called (on this thread) as soon as its own steps are done. `take(idle)`, if
+        given, is asked before every step for jobs that join from that step on (`idle`: no job is left);
+        the run ends when no job is left and it returns none. `on_step(jobs)` after each step, before the
+        jobs it finished are done. Returns (draft steps run, session-steps run)."""
+        active, steps, rows = [], 0, 0
+        while True:
+            for job in [*jobs, *(take(not active) if take is not None else [])]:
+                if job.left > 0:
+                    active.append(job)
+                else:
+                    job.on_done(job.out)
+            jobs = []
+            if not active:
+                return steps, rows
+            self._step(active)
+            steps, rows = steps + 1, rows + len(active)
+            if on_step is not None:
+                on_step(len(active))
+            for job in (j for j in active if j.left == 0):
+                job.on_done(job.out)
+            active = [j for j in active if j.left > 0]
+
+    def _step(self, jobs: list[DraftJob]) -> None:
+        """One draft step of each job: it feeds whatever its cache has not seen yet (the backlog, then the
+        last draft token) and drafts the next token; the branches its plan grows take a step too."""
+        rows = [(j.session.cache, self._unfed(j.session, j.out)) for j in jobs]
+        twigs = [(j, *r) for j, (cache, x) in zip(jobs, rows) for r in self._branch_rows(cache, x, j.out, j.plan, j.branches)]
+        logits = run_ragged_by_shape(self.model, [r[0] for r in rows] + [t[1] for t in twigs],
+                                     [r[1] for r in rows] + [t[2] for t in twigs], self.decode_max)
+        for j, lg in zip(jobs, logits):
+            j.out.append(self._choose(lg[-1], j.session))
+            j.left -= 1
+        for (j, _, _, tokens), lg in zip(twigs, logits[len(rows):]):
+            tokens.append(self._choose(lg[-1], j.session, runner_up=False)[0])
 
     @staticmethod
     def _branch_rows(cache: CachedSequence, fed: list[int], out: list[Step], plan: dict[int, int],

@@ -35,7 +35,7 @@ class ShardResult:
     sessions: list[dict] = field(default_factory=list)  # one per session, with its generated tokens
     lags_by_kind: dict[str, array] = field(default_factory=dict)  # every emulated event's lateness, by kind
     timeline: list[dict] = field(default_factory=list)  # sampled once a second
-    draft_mean_batch: float = 0.0
+    draft_mean_batch: float = 0.0  # devices per draft step (forward), drafting ahead included
     sessions_started: int = 0
     device_crashes: list[str] = field(default_factory=list)  # a bug, not a service error: never expected
 

@@ -316,7 +316,7 @@ def markdown(s: dict, compare: list[dict] | None, plot_names: list[str]) -> str:
         f"Emulation lag over {lag['events']} events: p50 {lag['p50']} ms, p99 {lag['p99']} ms, max {lag['max']} ms "
         f"(p99 by kind: {_by_kind(lag)}). "
         f"Devices mid-round at once: mean {s['mid_round']['mean']}, max {s['mid_round']['max']}; in a session: mean "
-        f"{s['in_session']['mean']}, max {s['in_session']['max']}. Draft batch (per actor): {s['draft_mean_batch']}; "
+        f"{s['in_session']['mean']}, max {s['in_session']['max']}. Devices per draft step (per actor): {s['draft_mean_batch']}; "
         f"verify batch seen by rounds: {s['server_mean_batch']}.{cloud_text(s)} Retries {s['retries']}, resyncs {s['resyncs']}, "
         f"errors {s['errors'] or 'none'}.\n",
         "## By device class\n", md_table(s["per_class"]), "## By target version\n", md_table(s["per_version"]),

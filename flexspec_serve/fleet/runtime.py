@@ -39,7 +39,6 @@ from dataclasses import asdict
 
 from flexspec_serve import protocol as P
 from flexspec_serve.ahead import ahead_tokens
-from flexspec_serve.batching import MicroBatcher, fail_if_unanswered, resolve
 from flexspec_serve.edge.channels import make_link
 from flexspec_serve.edge.controller import make_policy
 from flexspec_serve.edge.devices import DEVICE_CLASSES, CloudProfile
@@ -50,6 +49,7 @@ from flexspec_serve.engine.generate import RoundEvent
 from flexspec_serve.engine.proposer import DraftProposer, Proposal
 from flexspec_serve.engine.sampling import SamplingParams
 from flexspec_serve.fleet.clock import FleetClock, ObservedCloud
+from flexspec_serve.fleet.drafter import StepDrafter
 from flexspec_serve.fleet.records import Delivery, Flight, LiveCounters, ShardResult
 from flexspec_serve.fleet.spec import DevicePlan, FleetSpec
 from flexspec_serve.transport import AsyncTransport, TransportError
@@ -81,47 +81,25 @@ class Shard:
         self.counters = LiveCounters(len(plans))
         self.result = ShardResult()
         self.devices: list[EmulatedDevice] = []
-        self.drafter = MicroBatcher(self._propose_batch, spec.draft_batch_wait_ms, 512, "draft")
-        # draft-ahead work has a deadline (the answer's downlink): its own worker, no gathering wait
-        self.ahead_drafter = MicroBatcher(self._ahead_batch, 0.0, 512, "draft-ahead")
+        self.drafter = StepDrafter(proposer)  # rounds' drafts and drafting ahead, batched step by step
         self._orphans: set[asyncio.Task] = set()  # pipelined rounds discarded while on the air
 
-    def _propose_batch(self, items: list[tuple]) -> list:
-        """Proposals of the K tokens each round sends (a device drafts its guess d_{K+1} during the wait).
-        Each device's future is answered as soon as its own K are drafted: a short draft does not wait for
-        the longest one in its batch (its emulated draft time is short too)."""
-
-        def done(i: int, proposal: Proposal) -> None:
-            fut: asyncio.Future = items[i][2]
-            fut.get_loop().call_soon_threadsafe(resolve, fut, proposal)
-
-        self.proposer.propose([s for s, _, _ in items], [k for _, k, _ in items], on_done=done,
-                              tree=self.spec.tree)
-        return [None] * len(items)
-
-    def _ahead_batch(self, items: list[tuple]) -> list:
-        """Draft-ahead during waits: n more tokens for each session."""
-        self.proposer.draft_ahead([s for s, _ in items], [n for _, n in items])
-        return [None] * len(items)
-
-    async def _propose(self, client: ClientSession, k: int, draft_ms: float):
-        """The round's proposal; from tokens drafted ahead alone when they suffice (no batch wait). Its batch
-        gathers at most a quarter of the device's own draft time: the rest is for computing it."""
+    async def _propose(self, client: ClientSession, k: int, draft_ms: float) -> Proposal | None:
+        """The round's proposal; from tokens drafted ahead alone when they suffice (no draft step). When no
+        device of the actor is drafting, the first step gathers others for at most a quarter of this
+        device's own draft time: the rest is for computing it."""
         if not k:
             return None
         if self.proposer.steps_needed(client.edge, k) == 0:
             return self.proposer.propose([client.edge], [k], tree=self.spec.tree)[0]
-        proposal = asyncio.get_running_loop().create_future()
         wait_ms = min(self.spec.draft_batch_wait_ms, DRAFT_GATHER_SHARE * draft_ms)
-        batch = asyncio.ensure_future(self.drafter.submit((client.edge, k, proposal), wait_ms))
-        batch.add_done_callback(lambda b: fail_if_unanswered(proposal, b))
-        return await proposal
+        return await self.drafter.propose(client.edge, k, self.spec.tree, wait_ms)
 
     def _start_guess(self, dev: EmulatedDevice, client: ClientSession, k: int) -> asyncio.Task | None:
         """Draft-ahead, part 1, as the round goes on the air: the draft's guess d_{K+1} (one step)."""
         if not (dev.ahead_now and k) or self.proposer.drafted_past_sent(client.edge) > 0:
             return None
-        return asyncio.create_task(self.ahead_drafter.submit((client.edge, 1)))
+        return asyncio.create_task(self.drafter.ahead(client.edge, 1))
 
     async def _after_answer(self, client: ClientSession, k: int, result: P.RoundResult,
                             guess: asyncio.Task | None) -> None:
@@ -133,7 +111,7 @@ class Shard:
             return
         more = 1 + ahead_tokens(k) - self.proposer.drafted_past_sent(client.edge)
         if more > 0:
-            await self.ahead_drafter.submit((client.edge, more))
+            await self.drafter.ahead(client.edge, more)
 
     async def run(self) -> ShardResult:
         sampler = asyncio.create_task(self._sample_timeline())
@@ -143,7 +121,6 @@ class Shard:
         finally:
             sampler.cancel()
             self.drafter.close()
-            self.ahead_drafter.close()
         r = self.result
         r.device_crashes = [f"{p.device_id}: {o!r}" for p, o in zip(self.plans, outcomes) if isinstance(o, BaseException)]
         r.rounds = [asdict(rec) for d in self.devices for rec in d.records]
@@ -264,7 +241,7 @@ class Shard:
         k_next = min(k, self.spec.max_new_tokens - len(client.tokens) - (k + 1) - 1)
         if not (k and dev.ahead_now) or k_next <= 0:
             return None
-        await self.ahead_drafter.submit((edge, 1 + k_next))
+        await self.drafter.ahead(edge, 1 + k_next)
         chain, nxt = edge.drafted[:k], self.proposer.ahead_proposal(edge, k_next)
         msg = client.pipelined_message([t for t, *_ in chain] + [self.proposer.guess(edge)], nxt)
         if msg is None or head.task.done():

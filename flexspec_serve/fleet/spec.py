@@ -69,8 +69,10 @@ class FleetSpec(StrictModel):
     url: str = Field("http://127.0.0.1:8000", description="router base URL for the http transport")
     api_key_file: str | None = Field(None, description="file holding this fleet's API key for the http transport "
                                                        "(one line); else $FLEXSPEC_API_KEY. Keys never go in here")
-    draft_batch_wait_ms: float = Field(8.0, ge=0, le=100, description="gather draft steps of an actor's devices "
-                                       "for at most this long, and at most a quarter of the round's own draft time")
+    draft_batch_wait_ms: float = Field(8.0, ge=0, le=100, description="when none of an actor's devices is drafting, "
+                                       "the first draft step waits for others to join for at most this long, and at "
+                                       "most a quarter of the round's own draft time (devices that ask while others "
+                                       "draft join them at their next step)")
     trace_offset_spread_s: float = Field(600.0, ge=0, description="devices start at random offsets in a trace")
     seed: int = Field(0, ge=0)
 

@@ -1,0 +1,109 @@
+"""`StepDrafter`: one fleet actor's draft work, batched step by step across its devices.
+
+Every draft step is one batched forward over every device drafting at that moment (its round's K tokens,
+or tokens drafted ahead while a round waits). A device that asks while others draft joins at their next
+step, instead of waiting for their whole drafts to end, and each device gets its answer as soon as its own
+tokens are drafted. When nothing is drafting, the first step may wait a little (`wait_ms`, the caller's
+choice) for other devices to join. One worker thread runs the steps, so torch never runs two at once and
+the event loop stays free.
+
+It does not choose K and does not emulate time: the caller sleeps until the device's own draft time is up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from flexspec_serve.batching import resolve
+from flexspec_serve.engine.proposer import DraftJob, DraftProposer, EdgeSession, Proposal
+from flexspec_serve.tree import Tree
+
+
+class StepDrafter:
+    def __init__(self, proposer: DraftProposer, name: str = "draft"):
+        self.proposer = proposer
+        self._lock = threading.Lock()  # guards _inbox and _running (the worker thread reads them too)
+        self._inbox: list[tuple[DraftJob, asyncio.Future]] = []
+        self._running = False  # a worker run is queued or under way
+        self._start: asyncio.TimerHandle | None = None  # a gathering first step's start
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+        self.steps = 0  # batched forwards run
+        self.rows = 0  # session-steps run (a forward of 3 devices: 3)
+
+    async def propose(self, session: EdgeSession, k: int, tree: Tree = Tree.CHAIN, wait_ms: float = 0.0) -> Proposal:
+        """The session's round of K tokens (`DraftProposer.propose` for one session, batched with the rest)."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        job = self.proposer.propose_job(session, k, lambda p: loop.call_soon_threadsafe(resolve, fut, p), tree=tree)
+        return await self._submit(job, fut, wait_ms)
+
+    async def ahead(self, session: EdgeSession, n: int) -> None:
+        """n more tokens drafted past what the session has drafted (`DraftProposer.draft_ahead`), no waiting."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        job = self.proposer.ahead_job(session, n, lambda: loop.call_soon_threadsafe(resolve, fut, None))
+        if job is not None:
+            await self._submit(job, fut, 0.0)
+
+    @property
+    def mean_batch_size(self) -> float:
+        """Devices per draft step (forward)."""
+        return self.rows / self.steps if self.steps else 0.0
+
+    def close(self) -> None:
+        if self._start is not None:
+            self._start.cancel()
+        self._pool.shutdown(wait=False)
+
+    async def _submit(self, job: DraftJob, fut: asyncio.Future, wait_ms: float):
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            self._inbox.append((job, fut))
+            running = self._running
+        if not running:  # gathering a first step: it starts at the earliest deadline of the jobs waiting
+            due = loop.time() + wait_ms / 1e3
+            if self._start is None or due < self._start.when():
+                if self._start is not None:
+                    self._start.cancel()
+                self._start = loop.call_at(due, self._begin, loop)
+        return await fut
+
+    def _begin(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._start = None
+        with self._lock:
+            if self._running or not self._inbox:
+                return
+            self._running = True
+        self._pool.submit(self._work, loop)
+
+    def _work(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Worker thread: steps until no job is left and none is waiting; a failed step fails every job of
+        this run (their sessions' state is unknown), and jobs that arrived since start a new run."""
+        taken: list[asyncio.Future] = []
+
+        def take(idle: bool) -> list[DraftJob]:
+            with self._lock:
+                batch, self._inbox = self._inbox, []
+                if idle and not batch:
+                    self._running = False
+            taken.extend(fut for _, fut in batch)
+            return [job for job, _ in batch]
+
+        try:
+            self.proposer.run_jobs([], take, self._count)
+        except Exception as err:  # the draft failed: every device drafting in this run sees it
+            for fut in taken:
+                loop.call_soon_threadsafe(_fail, fut, err)
+            with self._lock:
+                self._running = False
+            loop.call_soon_threadsafe(self._begin, loop)  # whatever arrived meanwhile
+
+    def _count(self, jobs: int) -> None:
+        self.steps, self.rows = self.steps + 1, self.rows + jobs
+
+
+def _fail(fut: asyncio.Future, err: Exception) -> None:
+    if not fut.done():
+        fut.set_exception(err)
