@@ -189,9 +189,12 @@ def test_a_batch_leaves_by_the_earliest_deadline_of_its_items():
     assert alone - hurried >= 0.55  # without a deadline of its own, an item gathers the default wait
 
 
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])  # Ray's actors run uvloop
 def test_devices_that_ask_together_share_draft_steps_and_get_what_they_would_alone(family_models,
-                                                                                    humaneval_prompts):
+                                                                                    humaneval_prompts, loop):
     from flexspec_serve.fleet.drafter import StepDrafter
+
+    run = asyncio.run if loop == "asyncio" else pytest.importorskip("uvloop").run
 
     proposer = DraftProposer(family_models["draft"])
     start = lambda: [proposer.start(str(i), p, P_SAMPLING) for i, p in enumerate(humaneval_prompts[:3])]  # noqa: E731
@@ -206,7 +209,7 @@ def test_devices_that_ask_together_share_draft_steps_and_get_what_they_would_alo
             drafter.close()
 
     sessions = start()
-    got, steps, rows = asyncio.run(main(sessions))
+    got, steps, rows = run(main(sessions))
     assert (steps, rows) == (4 + 3, 4 + 2 + 3 + 3)  # the three rounds asked together: their steps are shared
     alone = start()
     want = [proposer.propose([s], [k])[0] for s, k in zip(alone, (4, 2, 3))]

@@ -27,7 +27,8 @@ class StepDrafter:
         self._lock = threading.Lock()  # guards _inbox and _running (the worker thread reads them too)
         self._inbox: list[tuple[DraftJob, asyncio.Future]] = []
         self._running = False  # a worker run is queued or under way
-        self._start: asyncio.TimerHandle | None = None  # a gathering first step's start
+        self._start: asyncio.Handle | None = None  # a gathering first step's start, due at _start_due (loop time)
+        self._start_due = 0.0  # (uvloop's call_at answers a past time with a plain Handle, which has no `when`)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=name)
         self.steps = 0  # batched forwards run
         self.rows = 0  # session-steps run (a forward of 3 devices: 3)
@@ -64,10 +65,10 @@ class StepDrafter:
             running = self._running
         if not running:  # gathering a first step: it starts at the earliest deadline of the jobs waiting
             due = loop.time() + wait_ms / 1e3
-            if self._start is None or due < self._start.when():
+            if self._start is None or due < self._start_due:
                 if self._start is not None:
                     self._start.cancel()
-                self._start = loop.call_at(due, self._begin, loop)
+                self._start, self._start_due = loop.call_at(due, self._begin, loop), due
         return await fut
 
     def _begin(self, loop: asyncio.AbstractEventLoop) -> None:
