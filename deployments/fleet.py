@@ -22,9 +22,11 @@ class FleetActor:
                  torch_threads: int = 1):
         import torch
 
+        from flexspec_serve.fleet.drafter import hand_the_gil_over_sooner
         from flexspec_serve.fleet.spec import FleetSpec
 
         torch.set_num_threads(torch_threads)  # Ray sets OMP_NUM_THREADS=1; the draft is small, one thread each
+        hand_the_gil_over_sooner()  # the drafter's worker thread shares the GIL with this actor's busy loop
         self.spec, self.plans, self.prompts = FleetSpec.model_validate(spec), plans, prompts
         self.draft_path, self.api_key = draft_path, api_key
         self.shard = None

@@ -244,6 +244,19 @@ def test_a_failed_draft_step_fails_its_devices_and_the_next_ones_still_draft(fam
     assert [type(f) for f in failed] == [RuntimeError, RuntimeError] and len(later.tokens) == 2
 
 
+def test_a_fleet_process_hands_the_gil_over_within_a_millisecond():
+    import sys
+
+    from flexspec_serve.fleet.drafter import hand_the_gil_over_sooner
+
+    default = sys.getswitchinterval()
+    try:
+        hand_the_gil_over_sooner()
+        assert sys.getswitchinterval() <= 0.001 < default  # a draft step's ops wait less behind the event loop
+    finally:
+        sys.setswitchinterval(default)
+
+
 def test_backoff_is_capped_exponential_with_jitter():
     import random
 

@@ -5,7 +5,7 @@ or tokens drafted ahead while a round waits). A device that asks while others dr
 step, instead of waiting for their whole drafts to end, and each device gets its answer as soon as its own
 tokens are drafted. When nothing is drafting, the first step may wait a little (`wait_ms`, the caller's
 choice) for other devices to join. One worker thread runs the steps, so torch never runs two at once and
-the event loop stays free.
+the event loop stays free, though not of the GIL: `hand_the_gil_over_sooner` is for the process it runs in.
 
 It does not choose K and does not emulate time: the caller sleeps until the device's own draft time is up.
 """
@@ -13,12 +13,24 @@ It does not choose K and does not emulate time: the caller sleeps until the devi
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from flexspec_serve.batching import resolve
 from flexspec_serve.engine.proposer import DraftJob, DraftProposer, EdgeSession, Proposal
 from flexspec_serve.tree import Tree
+
+
+SWITCH_INTERVAL_S = 0.0005  # the interpreter's default is 0.005
+
+
+def hand_the_gil_over_sooner() -> None:
+    """Lower the interpreter's switch interval in a process whose event loop runs beside a torch worker
+    thread (a fleet actor). Every torch op of a draft step releases the GIL and takes it back; while the
+    loop runs Python, taking it back waits up to the switch interval, so a forward of a hundred ops crawls
+    behind a busy loop (`benchmarks/gil_convoy.py` measures it). Process-wide, so the actor calls it once."""
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
 
 
 class StepDrafter:
