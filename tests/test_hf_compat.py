@@ -35,13 +35,16 @@ def _appended(layer, chunks):
     return keys, values
 
 
-def test_a_roomy_layer_appends_in_place_and_holds_what_concatenation_would():
+@pytest.mark.parametrize("inference", [True, False], ids=["inference-mode", "grad-mode"])
+def test_a_roomy_layer_appends_in_place_and_holds_what_concatenation_would(inference):
     chunks = [torch.randn(1, 2, n, 4) for n in (5, 1, 3, 1, 1)]
     layer = hf_compat.RoomyLayer()
-    layer.update(chunks[0], -chunks[0])
-    buffer = layer.keys.data_ptr()
-    keys, values = _appended(layer, chunks[1:])
-    assert layer.keys.data_ptr() == buffer  # no copy of the positions already held
+    with torch.inference_mode(inference):  # the engine's forwards run in inference mode (views have no _base)
+        first, _ = layer.update(chunks[0], -chunks[0])  # held: a new buffer could not reuse its memory
+        layer.crop(-1)
+        keys, values = _appended(layer, chunks[1:])
+    chunks[0] = chunks[0][:, :, :-1]
+    assert keys.data_ptr() == first.data_ptr()  # the same buffer: no copy of the positions already held
     torch.testing.assert_close(keys, torch.cat(chunks, dim=2), rtol=0, atol=0)
     torch.testing.assert_close(values, -torch.cat(chunks, dim=2), rtol=0, atol=0)
 
@@ -93,3 +96,13 @@ def test_grouped_sdpa_equals_transformers_sdpa_on_padded_and_tree_batches(family
     assert model.config._attn_implementation == hf_compat.GROUPED_SDPA
     for g, r in zip(grouped, reference):
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+
+
+def test_a_batch_buffer_handed_over_is_appended_into_in_place():
+    buffer = torch.zeros(2, 2, 7, 4)  # 5 positions held, room for 2 (what a ragged batch forward builds)
+    with torch.inference_mode():
+        cache = hf_compat.cache_from_tensors([(buffer, buffer.clone())], length=5, writable=True)
+        new = torch.ones(2, 2, 2, 4)
+        keys, _ = cache.update(new, new, 0)
+    assert keys.data_ptr() == buffer.data_ptr() and keys.shape[2] == 7
+    torch.testing.assert_close(buffer[:, :, 5:], new, rtol=0, atol=0)

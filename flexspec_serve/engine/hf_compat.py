@@ -55,21 +55,27 @@ class RoomyLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        keys, k_buf = self.keys, self._k_buf
-        n, add = (keys.shape[-2] if keys.dim() == 4 else 0), key_states.shape[-2]
-        # room: the keys are a view of this layer's own buffer (views of it start at position 0) with space
-        if k_buf is None or keys._base is not k_buf or n + add > k_buf.shape[-2]:
+        n, add = self.get_seq_length(), key_states.shape[-2]
+        if not self._has_room(key_states, n + add):
             cap = n + add + max(MIN_ROOM, (n + add) // 4)
             k_buf = key_states.new_empty((*key_states.shape[:2], cap, key_states.shape[-1]))
             v_buf = value_states.new_empty((*value_states.shape[:2], cap, value_states.shape[-1]))
             if n:
-                k_buf[..., :n, :].copy_(keys)
+                k_buf[..., :n, :].copy_(self.keys)
                 v_buf[..., :n, :].copy_(self.values)
             self._k_buf, self._v_buf = k_buf, v_buf
-        k_buf[..., n : n + add, :].copy_(key_states)
+        self._k_buf[..., n : n + add, :].copy_(key_states)
         self._v_buf[..., n : n + add, :].copy_(value_states)
-        self.keys, self.values = k_buf[..., : n + add, :], self._v_buf[..., : n + add, :]
+        self.keys, self.values = self._k_buf[..., : n + add, :], self._v_buf[..., : n + add, :]
         return self.keys, self.values
+
+    def _has_room(self, new: torch.Tensor, length: int) -> bool:
+        """Whether the current keys are the head of this layer's own buffer and `length` positions fit it."""
+        buf = self._k_buf
+        if buf is None or length > buf.shape[-2] or buf.shape[:2] != new.shape[:2] or buf.dtype != new.dtype:
+            return False
+        return self.keys.numel() == 0 or (self.keys.data_ptr() == buf.data_ptr() and self.keys.stride() == buf.stride()
+                                          and self.values.data_ptr() == self._v_buf.data_ptr())
 
 
 def _grouped_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
