@@ -5,9 +5,6 @@ A batch is formed when the worker is free: everything that arrived while the pre
 what arrives within `wait_ms` (0: nothing more), up to `max_batch_size`. Under load batches grow with
 the arrival rate; a lone caller waits for nothing. `serve.batch` forms batches on a timer instead, even
 while the previous batch still runs, so under load it queues many small batches behind each other.
-A caller with a deadline of its own passes `wait_ms` to `submit`: the batch then leaves no later than
-that after its item arrived (an emulated device whose whole draft time is a few ms cannot wait the
-default gathering time).
 Used for in-process verification and (by default) the verifier deployment's rounds. (A fleet actor's
 draft steps batch step by step instead: `fleet.drafter`.)"""
 
@@ -29,39 +26,24 @@ class MicroBatcher(Generic[T, R]):
         """`on_batch(items, results, ms)` runs on the event loop after each successful batch."""
         self.fn, self.wait_s, self.max_batch, self.on_batch = fn, wait_ms / 1e3, max_batch_size, on_batch
         self._pending: list[tuple[T, asyncio.Future]] = []
-        self._leave_by: list[float] = []  # monotonic deadlines of pending items that gave a wait_ms
-        self._wake = asyncio.Event()
         self._flusher: asyncio.Task | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=name)
         self.batches = 0
         self.items = 0
 
-    async def submit(self, item: T, wait_ms: float | None = None) -> R:
-        """The item's result; `wait_ms` caps how long its batch may gather after it arrived."""
+    async def submit(self, item: T) -> R:
+        """The item's result."""
         fut = asyncio.get_running_loop().create_future()
         self._pending.append((item, fut))
-        if wait_ms is not None:
-            self._leave_by.append(time.monotonic() + wait_ms / 1e3)
-            self._wake.set()
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
         return await fut
 
-    async def _gather(self) -> None:
-        """Wait `wait_s` from now, or less if a pending item's own deadline comes first."""
-        end = time.monotonic() + self.wait_s
-        while (left := min([end, *self._leave_by]) - time.monotonic()) > 0:
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), left)
-            except TimeoutError:
-                return
-
     async def _flush(self) -> None:
         loop = asyncio.get_running_loop()
         while self._pending:
-            await self._gather()
-            self._leave_by = []  # the deadlines were for this batch (items past max_batch_size gather anew)
+            if self.wait_s > 0:
+                await asyncio.sleep(self.wait_s)
             batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
             items = [item for item, _ in batch]
             started = time.perf_counter()
@@ -92,13 +74,3 @@ def resolve(fut: asyncio.Future, value) -> None:
     """Answer `fut` unless it already is (a cancelled caller's future)."""
     if not fut.done():
         fut.set_result(value)
-
-
-def fail_if_unanswered(fut: asyncio.Future, batch: asyncio.Future) -> None:
-    """A batch that ended (failed, cancelled) without answering `fut` passes that on."""
-    if fut.done():
-        return
-    if batch.cancelled():
-        fut.cancel()
-    else:
-        fut.set_exception(batch.exception() or RuntimeError("the batch ended without answering this item"))

@@ -170,25 +170,6 @@ def test_sessions_evicted_on_the_server_resync_and_continue(family_models, human
     assert all(s["tokens"] == ref[s["prompt_index"]] for s in res.sessions)
 
 
-def test_a_batch_leaves_by_the_earliest_deadline_of_its_items():
-    from flexspec_serve.batching import MicroBatcher
-
-    async def main():
-        batcher = MicroBatcher(lambda items: [time.monotonic()] * len(items), wait_ms=600.0, name="draft")
-        try:
-            t0 = time.monotonic()
-            patient = asyncio.ensure_future(batcher.submit("wearable"))  # gathers up to the default 600 ms
-            await asyncio.sleep(0.05)
-            hurried = await batcher.submit("flagship", wait_ms=5.0)  # wakes the gathering batch early
-            return hurried - t0, await patient - t0, await batcher.submit("alone") - t0
-        finally:
-            batcher.close()
-
-    hurried, patient, alone = asyncio.run(main())
-    assert hurried == patient < 0.4  # one batch, gone well before the default wait
-    assert alone - hurried >= 0.55  # without a deadline of its own, an item gathers the default wait
-
-
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])  # Ray's actors run uvloop
 def test_devices_that_ask_together_share_draft_steps_and_get_what_they_would_alone(family_models,
                                                                                     humaneval_prompts, loop):

@@ -207,7 +207,7 @@ class DraftProposer:
         jobs it finished are done. Returns (draft steps run, session-steps run)."""
         active, steps, rows = [], 0, 0
         while True:
-            for job in [*jobs, *(take(not active) if take is not None else [])]:
+            for job in [*jobs, *(take(not (active or jobs)) if take is not None else [])]:
                 if job.left > 0:
                     active.append(job)
                 else:

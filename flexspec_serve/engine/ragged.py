@@ -183,8 +183,9 @@ def _stack_left_padded(seqs: list[CachedSequence], p_max: int, n_max: int) -> Dy
         v_out = v_ref.new_empty((len(seqs), v_ref.shape[1], p_max + n_max, v_ref.shape[3]))
         for b, lt in enumerate(layers):
             p_b = 0 if lt is None else lt[layer_idx][0].shape[2]
-            k_out[b, :, : p_max - p_b].zero_()  # masked, but garbage could be inf or NaN (0 * NaN is NaN)
-            v_out[b, :, : p_max - p_b].zero_()
+            if p_b < p_max:  # masked, but garbage could be inf or NaN (0 * NaN is NaN)
+                k_out[b, :, : p_max - p_b].zero_()
+                v_out[b, :, : p_max - p_b].zero_()
             if lt is not None:
                 k, v = lt[layer_idx]  # [1, H, p_b, D]
                 k_out[b, :, p_max - p_b : p_max] = k[0]

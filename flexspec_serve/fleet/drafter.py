@@ -84,7 +84,12 @@ class StepDrafter:
         return await fut
 
     def _begin(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The gathering first step's start is due."""
         self._start = None
+        self._kick(loop)
+
+    def _kick(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start a worker run unless one is under way or nothing is waiting."""
         with self._lock:
             if self._running or not self._inbox:
                 return
@@ -111,7 +116,7 @@ class StepDrafter:
                 loop.call_soon_threadsafe(_fail, fut, err)
             with self._lock:
                 self._running = False
-            loop.call_soon_threadsafe(self._begin, loop)  # whatever arrived meanwhile
+            loop.call_soon_threadsafe(self._kick, loop)  # whatever arrived meanwhile
 
     def _count(self, jobs: int) -> None:
         self.steps, self.rows = self.steps + 1, self.rows + jobs
