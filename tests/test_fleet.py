@@ -37,11 +37,13 @@ def small_fleet(**kw) -> FleetSpec:
     return FleetSpec.model_validate(base | kw)
 
 
-def run_shard(spec, prompts, family_models, transport=None, verifier=None):
+def run_shard(spec, prompts, family_models, transport=None, verifier=None, loop="asyncio"):
+    """`loop`: asyncio's, or uvloop (what Ray's actors run)."""
     draft = family_models["draft"]
     verifier = verifier or Verifier(family_models["v1"], draft, name="v1")
     transport = transport or AsyncLocalTransport(verifier)
-    return asyncio.run(Shard(spec, spec.plans(), prompts, DraftProposer(draft), transport, time.time()).run())
+    run = asyncio.run if loop == "asyncio" else pytest.importorskip("uvloop").run
+    return run(Shard(spec, spec.plans(), prompts, DraftProposer(draft), transport, time.time()).run())
 
 
 def assert_all_completed(res) -> None:
@@ -96,10 +98,11 @@ def test_greedy_fleet_devices_emit_the_targets_greedy_output(family_models, huma
     assert max(res.lags_ms) < 1000
 
 
-def test_devices_drafting_ahead_still_emit_the_targets_greedy_output(family_models, humaneval_prompts):
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])  # Ray's actors run uvloop
+def test_devices_drafting_ahead_still_emit_the_targets_greedy_output(family_models, humaneval_prompts, loop):
     prompts = [p[-40:] for p in humaneval_prompts[:6]]
     spec = small_fleet(ahead="draft", max_new_tokens=24)
-    res = run_shard(spec, prompts, family_models)
+    res = run_shard(spec, prompts, family_models, loop=loop)
     assert_all_completed(res)
     ref = greedy_reference(family_models, prompts, spec.max_new_tokens)
     for s in res.sessions:
