@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -26,8 +25,7 @@ from transformers.cache_utils import DynamicLayer
 
 from flexspec_serve import paths
 from flexspec_serve.engine import hf_compat
-from flexspec_serve.engine import sampling as S
-from flexspec_serve.engine.costs import benchmark_contexts, verify_cost_ms
+from flexspec_serve.engine.costs import benchmark_contexts, draft_step_times_ms, verify_cost_ms
 from flexspec_serve.engine.proposer import DraftProposer
 from flexspec_serve.engine.verifier import Verifier
 from flexspec_serve.reports import machine, md_table
@@ -50,27 +48,12 @@ def transformers_defaults(models: list[torch.nn.Module]):
             hf_compat.prefer_grouped_sdpa(m)
 
 
-def draft_step_ms(draft: torch.nn.Module, contexts: list[list[int]], k: int = 4, rounds: int = 4) -> float:
-    """Median ms per draft step of `rounds` proposals of K for len(contexts) sessions (caches warm; each
-    round commits 2 of its tokens and the cloud's, as a round with a rejection would)."""
-    proposer = DraftProposer(draft)
-    sessions = [proposer.start(f"d{i}", c, S.SamplingParams()) for i, c in enumerate(contexts)]
-    times = []
-    for _ in range(rounds + 1):  # the first round feeds the prompts: not timed
-        started = time.perf_counter()
-        proposer.propose(sessions, [k] * len(sessions))
-        times.append((time.perf_counter() - started) * 1e3 / k)
-        for s in sessions:
-            proposer.apply(s, [t for t, *_ in s.drafted[:k]], 2, 7)
-    return statistics.median(times[1:])
-
-
 def measure(target, draft, contexts: dict[int, list[list[int]]], batches: list[int]) -> dict[tuple, float]:
     out = {}
     for ctx, pool in contexts.items():
         for b in batches:
             out[("verify", ctx, b)] = verify_cost_ms(Verifier(target, draft), pool[:b], k=4)
-            out[("draft", ctx, b)] = draft_step_ms(draft, pool[:b])
+            out[("draft", ctx, b)] = statistics.median(draft_step_times_ms(DraftProposer(draft), pool[:b]))
     return out
 
 

@@ -23,8 +23,7 @@ from pathlib import Path
 import torch
 
 from flexspec_serve import paths
-from flexspec_serve.engine import sampling as S
-from flexspec_serve.engine.costs import benchmark_contexts
+from flexspec_serve.engine.costs import benchmark_contexts, draft_step_times_ms
 from flexspec_serve.engine.proposer import DraftProposer
 from flexspec_serve.fleet.drafter import SWITCH_INTERVAL_S
 from flexspec_serve.reports import machine, md_table
@@ -57,17 +56,6 @@ class BusyThread:
             time.sleep(0.001)
 
 
-def step_times_ms(proposer: DraftProposer, context: list[int], rounds: int) -> list[float]:
-    session = proposer.start("bench", context, S.SamplingParams())
-    times = []
-    for _ in range(rounds + 1):  # the first round feeds the context: not kept
-        started = time.perf_counter()
-        proposer.propose([session], [4])
-        times.append((time.perf_counter() - started) * 1e3 / 4)
-        proposer.apply(session, [t for t, *_ in session.drafted[:4]], 2, 7)
-    return times[1:]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="default")
@@ -86,7 +74,7 @@ def main() -> None:
                 sys.setswitchinterval(interval)
                 with BusyThread(burst) as busy:
                     started = time.perf_counter()
-                    times = sorted(step_times_ms(proposer, context, args.rounds))
+                    times = sorted(draft_step_times_ms(proposer, [context], 4, args.rounds))
                     elapsed = time.perf_counter() - started
                 rows.append({"busy bursts ms": burst or "none", "switch interval ms": interval * 1e3,
                              "draft step median ms": round(statistics.median(times), 2),

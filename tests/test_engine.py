@@ -331,7 +331,9 @@ def test_a_draft_that_joins_a_running_one_shares_its_steps_and_drafts_the_same_t
         asked.append(idle)
         return [joiner] if len(asked) == 3 else []  # joins before the third step
 
-    steps, rows = proposer.run_jobs([proposer.propose_job(first, 6, lambda p: done.append(("first", p)))], take)
+    per_step = []
+    proposer.run_jobs([proposer.propose_job(first, 6, lambda p: done.append(("first", p)))], take, per_step.append)
+    steps, rows = len(per_step), sum(per_step)
     assert (steps, rows) == (6, 8)  # its two steps rode along with the third and fourth
     assert [who for who, _ in done] == ["late", "first"] and asked[-1] is True
     fresh = [proposer.start(str(i), p, SamplingParams()) for i, p in enumerate(humaneval_prompts[:2])]

@@ -181,7 +181,7 @@ class StatisticalChannel:
         The fading state moves exactly: n Gauss-Markov steps are one step with rho^n. The outage state is
         drawn from its stationary law: the gap is over HISTORY_MS, and the outage chain forgets its state
         within a few mean sojourns (seconds)."""
-        s, n = self.s, to_block - (self._first + len(self._rates))
+        s, n = self.s, to_block - self._drawn_to()
         rho_n = self.rho**n
         self._h = rho_n * self._h + math.sqrt(1 - rho_n**2) * self._draw_scatter()
         outage_blocks = max(1.0, s.outage_mean_ms / s.block_ms)
@@ -190,6 +190,10 @@ class StatisticalChannel:
         # the next block drawn is `to_block`, and it is in the outage drawn here (the count includes it)
         self._outage_left = 1 + max(1, int(self.rng.exponential(outage_blocks))) if self._in_outage else 0
         self._rates, self._first = array("d"), to_block
+
+    def _drawn_to(self) -> int:
+        """The next block to draw."""
+        return self._first + len(self._rates)
 
     def rate_bps_at(self, t_ms: float) -> float:
         return self._block_rate(int(max(0.0, t_ms) // self.s.block_ms)) * 1e3
@@ -208,9 +212,9 @@ class StatisticalChannel:
         if block < self._first:
             raise ValueError(f"block {block} is older than the kept window (from block {self._first}); "
                              f"lookbacks must stay within {HISTORY_MS} ms ({SKIP_KEEP_MS} ms after a jump)")
-        if block - (self._first + len(self._rates)) > self._window_blocks:
+        if block - self._drawn_to() > self._window_blocks:
             self._skip(block - int(SKIP_KEEP_MS // self.s.block_ms))
-        while self._first + len(self._rates) <= block:
+        while self._drawn_to() <= block:
             self._rates.append(self._next_block_rate())
         drop = block - self._first - self._window_blocks  # blocks more than HISTORY_MS before this one
         if drop > self._window_blocks:  # amortised: trim once that much has piled up

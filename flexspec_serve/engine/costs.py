@@ -2,7 +2,8 @@
 
 `verify_cost_ms(verifier, contexts, k)` times one verify call over len(contexts) sessions with warm caches,
 every session kept at the same length (the round's tokens are rolled back after each call), and returns
-the median. `cost_profile` does it for several batch sizes. Nothing here decides replicas.
+the median. `cost_profile` does it for several batch sizes. `draft_step_times_ms` times the draft side's
+steps. Nothing here decides replicas.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import statistics
 import time
 
+from flexspec_serve.engine import sampling as S
+from flexspec_serve.engine.proposer import DraftProposer
 from flexspec_serve.engine.verifier import Verifier, VerifyRequest
 
 
@@ -50,3 +53,18 @@ def cost_profile(verifier: Verifier, contexts: list[list[int]], k: int, batches=
     """{batch size: median ms per verify call}; contexts are reused cyclically to fill a batch."""
     return {b: round(verify_cost_ms(verifier, [contexts[i % len(contexts)] for i in range(b)], k, reps), 3)
             for b in batches}
+
+
+def draft_step_times_ms(proposer: DraftProposer, contexts: list[list[int]], k: int = 4, rounds: int = 4) -> list[float]:
+    """ms per draft step of each of `rounds` greedy proposals of K for len(contexts) sessions, after one
+    untimed round that feeds the contexts; each round commits 2 of its tokens and the cloud's, as a round
+    with a rejection would."""
+    sessions = [proposer.start(f"d{i}", c, S.SamplingParams()) for i, c in enumerate(contexts)]
+    times = []
+    for _ in range(rounds + 1):
+        started = time.perf_counter()
+        proposer.propose(sessions, [k] * len(sessions))
+        times.append((time.perf_counter() - started) * 1e3 / k)
+        for s in sessions:
+            proposer.apply(s, [t for t, *_ in s.drafted[:k]], 2, 7)
+    return times[1:]

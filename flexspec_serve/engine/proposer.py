@@ -199,13 +199,13 @@ class DraftProposer:
 
     @torch.inference_mode()
     def run_jobs(self, jobs: list[DraftJob], take: Callable[[bool], list[DraftJob]] | None = None,
-                 on_step: Callable[[int], None] | None = None) -> tuple[int, int]:
+                 on_step: Callable[[int], None] | None = None) -> None:
         """Run draft jobs to their ends, one batched forward per draft step over every job still drafting;
         each job's `on_done` is called (on this thread) as soon as its own steps are done. `take(idle)`, if
         given, is asked before every step for jobs that join from that step on (`idle`: no job is left);
-        the run ends when no job is left and it returns none. `on_step(jobs)` after each step, before the
-        jobs it finished are done. Returns (draft steps run, session-steps run)."""
-        active, steps, rows = [], 0, 0
+        the run ends when no job is left and it returns none. `on_step(jobs)` after each step (jobs: how many
+        took it), before the jobs it finished are done."""
+        active = []
         while True:
             for job in [*jobs, *(take(not (active or jobs)) if take is not None else [])]:
                 if job.left > 0:
@@ -214,9 +214,8 @@ class DraftProposer:
                     job.on_done(job.out)
             jobs = []
             if not active:
-                return steps, rows
+                return
             self._step(active)
-            steps, rows = steps + 1, rows + len(active)
             if on_step is not None:
                 on_step(len(active))
             for job in (j for j in active if j.left == 0):
