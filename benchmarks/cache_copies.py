@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -45,7 +46,7 @@ def transformers_defaults(models: list[torch.nn.Module]):
     finally:
         hf_compat.RoomyLayer.update = roomy_update
         for m in models:
-            hf_compat.prefer_grouped_sdpa(m)
+            hf_compat.prefer_fast_paths(m)
 
 
 def measure(target, draft, contexts: dict[int, list[list[int]]], batches: list[int]) -> dict[tuple, float]:
@@ -57,33 +58,42 @@ def measure(target, draft, contexts: dict[int, list[list[int]]], batches: list[i
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def compare(description: str, baseline: Callable[[list[torch.nn.Module]], contextlib.AbstractContextManager],
+            ours: str, check: Callable[[torch.nn.Module], bool] = lambda m: True) -> None:
+    """Parse the command line, then time `measure` with the engine's paths (named `ours`) and inside
+    `baseline(models)`, alternating, and print the medians' table (`check(model)`: whether ours applies)."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="default")
     ap.add_argument("--family", help="family directory (default: the profile's)")
     ap.add_argument("--target", default="v1")
     ap.add_argument("--contexts", type=int, nargs="+", default=[256, 512])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (fleet actors and replicas use 1)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     family = paths.family_dir(args.profile) if args.family is None else Path(args.family)
     target, draft = load_causal_lm(family / args.target), load_causal_lm(family / "draft")
+    if not (check(target) and check(draft)):
+        raise SystemExit(f"{ours} does not apply to this family ({family}): nothing to compare")
     tok = load_tokenizer(family / args.target)
     contexts = {c: benchmark_contexts(tok, max(args.batches), c) for c in args.contexts}
-    runs: dict[str, list[dict]] = {"ours": [], "transformers": []}
+    runs: dict[str, list[dict]] = {ours: [], "transformers": []}
     for _ in range(args.repeats):
-        runs["ours"].append(measure(target, draft, contexts, args.batches))
-        with transformers_defaults([target, draft]):
+        runs[ours].append(measure(target, draft, contexts, args.batches))
+        with baseline([target, draft]):
             runs["transformers"].append(measure(target, draft, contexts, args.batches))
     med = {name: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for name, rs in runs.items()}
     rows = [{"what": what, "context": ctx, "batch": b, "transformers ms": round(med["transformers"][key], 2),
-             "ours ms": round(med["ours"][key], 2), "speedup": round(med["transformers"][key] / med["ours"][key], 2)}
-            for key in med["ours"] for what, ctx, b in [key]]
+             f"{ours} ms": round(med[ours][key], 2), "speedup": round(med["transformers"][key] / med[ours][key], 2)}
+            for key in med[ours] for what, ctx, b in [key]]
     print(f"machine: {machine()}; family {family.name}, target {args.target}; torch threads {args.threads}; "
           f"medians of {args.repeats} alternating repeats\n")
     print(md_table(rows))
+
+
+def main() -> None:
+    compare(__doc__, transformers_defaults, "ours")
 
 
 if __name__ == "__main__":

@@ -92,7 +92,7 @@ def test_grouped_sdpa_equals_transformers_sdpa_on_padded_and_tree_batches(family
     try:
         reference = batches()
     finally:
-        hf_compat.prefer_grouped_sdpa(model)
+        hf_compat.prefer_fast_paths(model)
     assert model.config._attn_implementation == hf_compat.GROUPED_SDPA
     for g, r in zip(grouped, reference):
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)

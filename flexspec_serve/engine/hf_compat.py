@@ -11,6 +11,7 @@ Two things here are ours, because transformers' defaults copy every cached posit
 - `GROUPED_SDPA`, the attention `load_causal_lm` selects: with a mask on a CPU, transformers' SDPA
   attention repeats each KV head for its query heads (a copy of the layer's whole cache) before calling
   SDPA; this one lets SDPA group them (`enable_gqa`). Same outputs (tested); elsewhere it is theirs.
+And `forward_logits` runs `lean_llama.forward` for the models `prefer_fast_paths` marked for it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from transformers import AttentionInterface, AttentionMaskInterface, DynamicCach
 from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
+
+from flexspec_serve.engine import lean_llama
 
 GROUPED_SDPA = "flexspec_grouped_sdpa"
 
@@ -97,10 +100,12 @@ AttentionInterface.register(GROUPED_SDPA, _grouped_sdpa)
 AttentionMaskInterface.register(GROUPED_SDPA, sdpa_mask)
 
 
-def prefer_grouped_sdpa(model: torch.nn.Module) -> None:
-    """Switch a model that uses transformers' SDPA attention to `GROUPED_SDPA` (others are left as they are)."""
+def prefer_fast_paths(model: torch.nn.Module) -> None:
+    """Switch a model that uses transformers' SDPA attention to `GROUPED_SDPA` (others are left as they
+    are), then mark it for `lean_llama.forward` where that applies."""
     if getattr(model.config, "_attn_implementation", None) == "sdpa":
         model.set_attn_implementation(GROUPED_SDPA)
+    lean_llama.prefer(model, attention=("sdpa", GROUPED_SDPA))
 
 
 def new_cache() -> DynamicCache:
@@ -123,7 +128,10 @@ def forward_logits(
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Run the model on `input_ids` [B, N] on top of `cache` (updated in place); returns logits [B, N, V]."""
+    """Run the model on `input_ids` [B, N] on top of `cache` (updated in place); returns logits [B, N, V].
+    A model `lean_llama.prefer` marked runs that forward instead of transformers' (same logits)."""
+    if lean_llama.preferred(model):
+        return lean_llama.forward(model, input_ids, cache, attention_mask=attention_mask, position_ids=position_ids)
     kwargs = {_cache_kwarg(type(model)): cache, "use_cache": True}
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs)
     return out.logits

@@ -21,14 +21,15 @@ class TokenizerMismatch(ValueError):
 def load_causal_lm(path: str | Path, dtype: str = "float32", trust_remote_code: bool = False,
                    device: str | None = None) -> torch.nn.Module:
     """`AutoModelForCausalLM.from_pretrained` from a local directory or the local HF cache only, with
-    `hf_compat.GROUPED_SDPA` attention where it would use SDPA."""
+    `hf_compat.GROUPED_SDPA` attention where it would use SDPA, and marked for `lean_llama.forward` where
+    that applies."""
     hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(
         os.path.expanduser(str(path)), dtype=_DTYPES[dtype], trust_remote_code=trust_remote_code, local_files_only=True
     )
     if device:
         model.to(device)
-    hf_compat.prefer_grouped_sdpa(model)
+    hf_compat.prefer_fast_paths(model)
     return model.eval()
 
 

@@ -1,0 +1,80 @@
+"""The lean Llama forward: transformers' logits, for the models it applies to, and no others."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from flexspec_serve.engine import hf_compat, lean_llama
+from flexspec_serve.engine.ragged import CachedSequence, run_ragged
+from flexspec_serve.zoo import lora
+
+
+def _engine_forwards(model) -> list[torch.Tensor]:
+    """Every kind of forward the engine runs: prompts, single steps, padded batches, token-tree batches."""
+    seqs = [CachedSequence() for _ in range(3)]
+    out = [run_ragged(model, [s], [list(range(2 + i, 9 + 3 * i))])[0] for i, s in enumerate(seqs)]  # prompts
+    out += [run_ragged(model, [seqs[0]], [[4]])[0], run_ragged(model, [seqs[1]], [[4, 5, 6]])[0]]  # steps on a cache
+    out += run_ragged(model, seqs, [[5], [6, 7], [8, 9, 10]])  # left and right padding: a 2-D mask
+    out += run_ragged(model, seqs, [[11, 12, 13]] * 3, trees=[[-1, 0, -1], None, [-1, -1, 1]])  # 4-D masks
+    return out
+
+
+def _lean_and_transformers(model) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    assert lean_llama.preferred(model)
+    lean = _engine_forwards(model)
+    lean_llama.forgo(model)
+    try:
+        reference = _engine_forwards(model)
+    finally:
+        hf_compat.prefer_fast_paths(model)
+    return lean, reference
+
+
+@pytest.mark.parametrize("name", ["draft", "v1"])
+def test_lean_forward_gives_transformers_logits_for_every_engine_forward(family_models, name):
+    lean, reference = _lean_and_transformers(family_models[name])
+    for a, b in zip(lean, reference):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+def _tiny_llama(**overrides) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=256, attn_implementation="sdpa")
+    return LlamaForCausalLM(LlamaConfig(**{**cfg, **overrides})).eval()
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "default", "rope_theta": 10000.0},
+    {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+    {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+     "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64},
+])
+def test_lean_forward_follows_each_static_rope_scaling(rope):
+    model = _tiny_llama(rope_parameters=rope)
+    hf_compat.prefer_fast_paths(model)
+    lean, reference = _lean_and_transformers(model)
+    for a, b in zip(lean, reference):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_models_it_cannot_reproduce_keep_transformers_forward(family_models):
+    assert all(lean_llama.applies_to(m, ("sdpa", hf_compat.GROUPED_SDPA)) for m in family_models.values())
+    assert lean_llama.applies_to(_tiny_llama())
+    assert not lean_llama.applies_to(_tiny_llama(attn_implementation="eager"))
+    assert not lean_llama.applies_to(_tiny_llama(attention_bias=True))
+    assert not lean_llama.applies_to(_tiny_llama(hidden_act="gelu"))
+    assert not lean_llama.applies_to(_tiny_llama(rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4,
+                                                                  "factor": 2.0}))
+    wrapped = _tiny_llama()
+    lora.add_adapters(wrapped, [1], rank=2, alpha=4.0, seed=0)  # unmerged adapters: not plain Linear weights
+    assert not lean_llama.applies_to(wrapped)
+    lora.merge_adapters(wrapped)
+    assert lean_llama.applies_to(wrapped)
+    hooked = _tiny_llama()
+    hooked.model.layers[0].mlp.register_forward_hook(lambda *_: None)
+    assert not lean_llama.applies_to(hooked)
+    hf_compat.prefer_fast_paths(hooked)
+    assert not lean_llama.preferred(hooked)
