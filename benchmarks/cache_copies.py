@@ -10,7 +10,8 @@ shows the median of each:
 - verify: `engine.costs.verify_cost_ms`, the target verifying K = 4 for B sessions at the given context;
 - draft: one `DraftProposer.propose` of K = 4 for B sessions at that context, per draft step.
 
-Ray-free. Only the timings differ between the two: the tests check that the outputs are equal.
+Both arms run the same forward (`engine.lean_llama`'s where it applies; `benchmarks.lean_forward` compares
+that one). Ray-free. Only the timings differ between the two: the tests check that the outputs are equal.
 """
 
 from __future__ import annotations
