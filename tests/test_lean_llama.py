@@ -78,3 +78,20 @@ def test_models_it_cannot_reproduce_keep_transformers_forward(family_models):
     assert not lean_llama.applies_to(hooked)
     hf_compat.prefer_fast_paths(hooked)
     assert not lean_llama.preferred(hooked)
+
+
+def test_a_model_switched_to_another_attention_runs_transformers_forward():
+    model = _tiny_llama()
+    hf_compat.prefer_fast_paths(model)
+    assert lean_llama.preferred(model)
+    model.set_attn_implementation("eager")  # takes an additive mask, which the lean forward does not build
+    assert not lean_llama.preferred(model)
+    seqs = [CachedSequence(), CachedSequence()]
+    run_ragged(model, seqs, [[1, 2, 3], [4, 5]])  # padded: a mask
+    eager = run_ragged(model, seqs, [[6], [7, 8]])
+    model.set_attn_implementation("sdpa")
+    assert lean_llama.preferred(model)
+    seqs = [CachedSequence(), CachedSequence()]
+    run_ragged(model, seqs, [[1, 2, 3], [4, 5]])
+    for a, b in zip(eager, run_ragged(model, seqs, [[6], [7, 8]])):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

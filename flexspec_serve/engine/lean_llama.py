@@ -48,19 +48,22 @@ def applies_to(model: torch.nn.Module, attention: tuple[str, ...] = ("sdpa",)) -
 
 
 def prefer(model: torch.nn.Module, attention: tuple[str, ...] = ("sdpa",)) -> bool:
-    """Mark `model` to run `forward` from now on, if it applies (`applies_to`); returns whether it does."""
+    """Mark `model` to run `forward` from now on, while its attention is one of `attention`, if it applies
+    (`applies_to`); returns whether it does."""
     ok = applies_to(model, attention)
-    setattr(model, _MARK, ok)
+    setattr(model, _MARK, attention if ok else ())
     return ok
 
 
 def forgo(model: torch.nn.Module) -> None:
     """Run transformers' forward for `model` again (a benchmark's or a test's baseline)."""
-    setattr(model, _MARK, False)
+    setattr(model, _MARK, ())
 
 
 def preferred(model: torch.nn.Module) -> bool:
-    return getattr(model, _MARK, False)
+    """Whether `prefer` marked `model` and its attention is still one it allowed (switched to another,
+    e.g. eager, it runs transformers' forward)."""
+    return model.config._attn_implementation in getattr(model, _MARK, ())
 
 
 def forward(model: torch.nn.Module, input_ids: torch.Tensor, cache, attention_mask: torch.Tensor | None = None,
