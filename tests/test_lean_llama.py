@@ -2,7 +2,8 @@
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM)
 
 from flexspec_serve.engine import hf_compat, lean_llama
 from flexspec_serve.engine.ragged import CachedSequence, run_ragged
@@ -38,11 +39,34 @@ def test_lean_forward_gives_transformers_logits_for_every_engine_forward(family_
         assert torch.equal(a.argmax(-1), b.argmax(-1))
 
 
-def _tiny_llama(**overrides) -> LlamaForCausalLM:
+_TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256, attn_implementation="sdpa")
+
+
+def _tiny(model_cls=LlamaForCausalLM, config_cls=LlamaConfig, **overrides):
     torch.manual_seed(0)
-    cfg = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=256, attn_implementation="sdpa")
-    return LlamaForCausalLM(LlamaConfig(**{**cfg, **overrides})).eval()
+    model = model_cls(config_cls(**{**_TINY, **overrides})).eval()
+    for name, p in model.named_parameters():  # biases start at zero: make them count
+        if name.endswith("bias"):
+            torch.nn.init.normal_(p, std=0.5)
+    return model
+
+
+def _tiny_llama(**overrides) -> LlamaForCausalLM:
+    return _tiny(**overrides)
+
+
+@pytest.mark.parametrize("model_cls, config_cls, overrides", [
+    (LlamaForCausalLM, LlamaConfig, {"attention_bias": True, "mlp_bias": True}),
+    (Qwen2ForCausalLM, Qwen2Config, {}),  # biases on q, k, v
+    (MistralForCausalLM, MistralConfig, {"sliding_window": None}),
+], ids=["llama-biases", "qwen2", "mistral"])
+def test_lean_forward_gives_transformers_logits_for_llama_like_architectures(model_cls, config_cls, overrides):
+    model = _tiny(model_cls, config_cls, **overrides)
+    hf_compat.prefer_fast_paths(model)
+    lean, reference = _lean_and_transformers(model)
+    for a, b in zip(lean, reference):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("rope", [
@@ -64,7 +88,9 @@ def test_models_it_cannot_reproduce_keep_transformers_forward(family_models):
     assert all(lean_llama.applies_to(m, ("sdpa", hf_compat.GROUPED_SDPA)) for m in family_models.values())
     assert lean_llama.applies_to(_tiny_llama())
     assert not lean_llama.applies_to(_tiny_llama(attn_implementation="eager"))
-    assert not lean_llama.applies_to(_tiny_llama(attention_bias=True))
+    assert not lean_llama.applies_to(_tiny(Qwen2ForCausalLM, Qwen2Config, use_sliding_window=True, sliding_window=8,
+                                           max_window_layers=0))
+    assert not lean_llama.applies_to(_tiny(MistralForCausalLM, MistralConfig, sliding_window=8))
     assert not lean_llama.applies_to(_tiny_llama(hidden_act="gelu"))
     assert not lean_llama.applies_to(_tiny_llama(rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4,
                                                                   "factor": 2.0}))

@@ -7,14 +7,16 @@ its mask interface, module calls and hooks, output records. This forward reads t
 the same ops in the same order (RMSNorm in float32, RoPE from the model's own `inv_freq`, attention through
 the model's own attention function), so its logits equal transformers' (tested bit for bit on CPU).
 
-`load_causal_lm` turns it on (`hf_compat.prefer_fast_paths`) for a model it applies to (`applies_to`): a plain
-`LlamaForCausalLM`, SDPA attention (transformers' or `hf_compat.GROUPED_SDPA`), static RoPE (no
-`dynamic` or `longrope` rescaling), no biases, SiLU, plain `nn.Linear` projections (merged adapters, no
-wrappers) and no hooks on any module (e.g. accelerate's offloading). Everything else runs transformers'
-forward (`hf_compat.forward_logits` decides).
+The same layout covers `Qwen2ForCausalLM` (biases on q, k, v) and `MistralForCausalLM` when every layer
+attends to the whole context (no sliding window). `hf_compat.prefer_fast_paths` (which `load_causal_lm`
+calls) turns it on for a model it applies to (`applies_to`): one of those classes, SDPA attention
+(transformers' or `hf_compat.GROUPED_SDPA`), static RoPE (no `dynamic` or `longrope` rescaling), SiLU, plain
+`nn.Linear` projections (merged adapters, no wrappers or quantized layers) and no hooks on any module (e.g.
+accelerate's offloading). Everything else runs transformers' forward (`hf_compat.forward_logits` decides).
 
-What it does not do: training (no dropout, no gradients), other architectures, attention outputs or hidden
-states, or building masks beyond what the engine passes (none, a 2-D padding mask, or a 4-D additive one).
+What it does not do: training (no dropout), other architectures (Qwen3's per-head norms, Gemma's scaled
+embeddings, sliding windows, ...), attention outputs or hidden states, or building masks beyond what the engine
+passes (none, a 2-D padding mask, or a 4-D additive one).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 _MARK = "_flexspec_lean_llama"
+_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}  # one layout, up to biases
 _STATIC_ROPE = {"default", "linear", "llama3", "yarn"}  # inv_freq does not change with the sequence length
 _ATTN_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
@@ -34,9 +37,9 @@ def applies_to(model: torch.nn.Module, attention: tuple[str, ...] = ("sdpa",)) -
     attention implementations allowed (SDPA-like: they take a boolean mask, True to attend, or None)."""
     cfg = model.config
     rope = (getattr(cfg, "rope_parameters", None) or {}).get("rope_type", "default")
-    if not (type(model).__name__ == "LlamaForCausalLM" and cfg._attn_implementation in attention
+    if not (type(model).__name__ in _ARCHITECTURES and cfg._attn_implementation in attention
             and rope in _STATIC_ROPE and cfg.hidden_act == "silu" and getattr(cfg, "pretraining_tp", 1) == 1
-            and not getattr(cfg, "attention_bias", False) and not getattr(cfg, "mlp_bias", False)):
+            and _full_attention(cfg)):
         return False
     try:
         linears = [model.lm_head, *(getattr(layer.self_attn, n) for layer in model.model.layers for n in _ATTN_LINEARS),
@@ -44,7 +47,15 @@ def applies_to(model: torch.nn.Module, attention: tuple[str, ...] = ("sdpa",)) -
     except AttributeError:  # a class of the same name laid out differently (remote code)
         return False
     hooked = any(m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") for m in model.modules())
-    return all(type(lin) is torch.nn.Linear and lin.bias is None for lin in linears) and not hooked
+    return all(type(lin) is torch.nn.Linear for lin in linears) and not hooked
+
+
+def _full_attention(cfg) -> bool:
+    """Every layer attends to the whole context (Qwen2 names each layer's kind, Mistral has one window)."""
+    kinds = getattr(cfg, "layer_types", None)
+    if kinds is not None:
+        return all(kind == "full_attention" for kind in kinds)
+    return getattr(cfg, "sliding_window", None) is None
 
 
 def prefer(model: torch.nn.Module, attention: tuple[str, ...] = ("sdpa",)) -> bool:
@@ -84,17 +95,16 @@ def forward(model: torch.nn.Module, input_ids: torch.Tensor, cache, attention_ma
     for i, layer in enumerate(m.layers):
         a, mlp = layer.self_attn, layer.mlp
         x = _rms(h, layer.input_layernorm.weight, eps)
-        q = _heads(F.linear(x, a.q_proj.weight), a.head_dim)  # [B, Hq, N, D]
-        k = _heads(F.linear(x, a.k_proj.weight), a.head_dim)  # [B, Hkv, N, D]
-        v = _heads(F.linear(x, a.v_proj.weight), a.head_dim)
+        q = _heads(_linear(x, a.q_proj), a.head_dim)  # [B, Hq, N, D]
+        k = _heads(_linear(x, a.k_proj), a.head_dim)  # [B, Hkv, N, D]
+        v = _heads(_linear(x, a.v_proj), a.head_dim)
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         k, v = cache.update(k, v, i)  # [B, Hkv, P + N, D]
         o, _ = attend(a, q, k, v, mask, dropout=0.0, scaling=a.scaling)  # [B, N, Hq, D]
-        h = h + F.linear(o.reshape(b, n, -1), a.o_proj.weight)
+        h = h + _linear(o.reshape(b, n, -1), a.o_proj)
         x = _rms(h, layer.post_attention_layernorm.weight, eps)
-        h = h + F.linear(F.silu(F.linear(x, mlp.gate_proj.weight)) * F.linear(x, mlp.up_proj.weight),
-                         mlp.down_proj.weight)
-    return F.linear(_rms(h, m.norm.weight, eps), model.lm_head.weight)  # [B, N, V]
+        h = h + _linear(F.silu(_linear(x, mlp.gate_proj)) * _linear(x, mlp.up_proj), mlp.down_proj)
+    return _linear(_rms(h, m.norm.weight, eps), model.lm_head)  # [B, N, V]
 
 
 def _mask(attention_mask: torch.Tensor | None, past: int, n: int, device) -> torch.Tensor | None:
@@ -116,6 +126,10 @@ def _rope(rotary: torch.nn.Module, position_ids: torch.Tensor, dtype: torch.dtyp
     emb = torch.cat((freqs, freqs), dim=-1)  # [B, N, D]
     scale = rotary.attention_scaling
     return (emb.cos() * scale).to(dtype)[:, None], (emb.sin() * scale).to(dtype)[:, None]
+
+
+def _linear(x: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
+    return F.linear(x, linear.weight, linear.bias)
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
