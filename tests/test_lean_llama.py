@@ -35,7 +35,8 @@ def _lean_and_transformers(model) -> tuple[list[torch.Tensor], list[torch.Tensor
 def test_lean_forward_gives_transformers_logits_for_every_engine_forward(family_models, name):
     lean, reference = _lean_and_transformers(family_models[name])
     for a, b in zip(lean, reference):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        tol = 1e-6 if a.device.type == "cpu" else 1e-4  # (GPU kernels may pick other reduction orders per call)
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
         assert torch.equal(a.argmax(-1), b.argmax(-1))
 
 
