@@ -1,5 +1,5 @@
 """Engine forward cost with our cache layer and attention against transformers' defaults, in one run
-(`python -m benchmarks.cache_copies [--profile default] [--threads 1]`; printed table).
+(`python -m benchmarks.cache_copies [--profile default] [--threads 1] [--device cuda]`; printed table).
 
 Ours (`flexspec_serve.engine.hf_compat`): caches of `RoomyLayer`s (appends in place) and `GROUPED_SDPA`
 attention (KV heads grouped inside SDPA). transformers' defaults: `DynamicLayer`'s concatenating update (a
@@ -71,10 +71,11 @@ def compare(description: str, baseline: Callable[[list[torch.nn.Module]], contex
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (fleet actors and replicas use 1)")
+    ap.add_argument("--device", default="cpu", help="where draft and target run: cpu, cuda, cuda:1, ...")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     family = paths.family_dir(args.profile) if args.family is None else Path(args.family)
-    target, draft = load_causal_lm(family / args.target), load_causal_lm(family / "draft")
+    target, draft = (load_causal_lm(family / m, device=args.device) for m in (args.target, "draft"))
     if not (check(target) and check(draft)):
         raise SystemExit(f"{ours} does not apply to this family ({family}): nothing to compare")
     tok = load_tokenizer(family / args.target)
@@ -88,7 +89,8 @@ def compare(description: str, baseline: Callable[[list[torch.nn.Module]], contex
     rows = [{"what": what, "context": ctx, "batch": b, "transformers ms": round(med["transformers"][key], 2),
              f"{ours} ms": round(med[ours][key], 2), "speedup": round(med["transformers"][key] / med[ours][key], 2)}
             for key in med[ours] for what, ctx, b in [key]]
-    print(f"machine: {machine()}; family {family.name}, target {args.target}; torch threads {args.threads}; "
+    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else f"torch threads {args.threads}"
+    print(f"machine: {machine()}; family {family.name}, target {args.target}; {args.device} ({where}); "
           f"medians of {args.repeats} alternating repeats\n")
     print(md_table(rows))
 

@@ -1,5 +1,5 @@
 """Engine forward cost with the lean Llama forward against transformers' forward, in one run
-(`python -m benchmarks.lean_forward [--profile default] [--threads 1]`; printed table).
+(`python -m benchmarks.lean_forward [--profile default] [--threads 1] [--device cuda]`; printed table).
 
 Lean (`flexspec_serve.engine.lean_llama`): the same ops on the same weights, without transformers' mask
 building, module calls and output records. Both arms use the engine's cache layer and attention
