@@ -74,23 +74,16 @@ def test_tensors_a_cache_adopts_are_never_written():
 
 
 def test_grouped_sdpa_equals_transformers_sdpa_on_padded_and_tree_batches(family_models):
-    from flexspec_serve.engine.ragged import CachedSequence, run_ragged
+    from tests.test_lean_llama import engine_forwards
 
     model = family_models["v1"]
     assert model.config._attn_implementation == hf_compat.GROUPED_SDPA
     assert model.config.num_key_value_heads < model.config.num_attention_heads  # the grouping is exercised
 
-    def batches() -> list[torch.Tensor]:
-        seqs = [CachedSequence() for _ in range(3)]
-        out = [run_ragged(model, [s], [list(range(2 + i, 9 + 3 * i))])[0] for i, s in enumerate(seqs)]
-        out += run_ragged(model, seqs, [[5], [6, 7], [8, 9, 10]])  # left and right padding: a mask
-        out += run_ragged(model, seqs, [[11, 12, 13]] * 3, trees=[[-1, 0, -1], None, [-1, -1, 1]])
-        return out
-
-    grouped = batches()
+    grouped = engine_forwards(model)
     model.set_attn_implementation("sdpa")
     try:
-        reference = batches()
+        reference = engine_forwards(model)
     finally:
         hf_compat.prefer_fast_paths(model)
     assert model.config._attn_implementation == hf_compat.GROUPED_SDPA

@@ -10,22 +10,27 @@ from flexspec_serve.engine.ragged import CachedSequence, run_ragged
 from flexspec_serve.zoo import lora
 
 
-def _engine_forwards(model) -> list[torch.Tensor]:
-    """Every kind of forward the engine runs: prompts, single steps, padded batches, token-tree batches."""
+def engine_forwards(model) -> list[torch.Tensor]:
+    """Every kind of forward the engine runs: prompts, single steps, batches with and without padding,
+    token-tree batches (also what `test_hf_compat` compares attentions on)."""
     seqs = [CachedSequence() for _ in range(3)]
     out = [run_ragged(model, [s], [list(range(2 + i, 9 + 3 * i))])[0] for i, s in enumerate(seqs)]  # prompts
     out += [run_ragged(model, [seqs[0]], [[4]])[0], run_ragged(model, [seqs[1]], [[4, 5, 6]])[0]]  # steps on a cache
     out += run_ragged(model, seqs, [[5], [6, 7], [8, 9, 10]])  # left and right padding: a 2-D mask
     out += run_ragged(model, seqs, [[11, 12, 13]] * 3, trees=[[-1, 0, -1], None, [-1, -1, 1]])  # 4-D masks
+    even = [CachedSequence(), CachedSequence()]
+    for s, start in zip(even, (20, 30)):
+        run_ragged(model, [s], [list(range(start, start + 6))])
+    out += run_ragged(model, even, [[7, 8], [9, 10]])  # nothing padded: no mask
     return out
 
 
 def _lean_and_transformers(model) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     assert lean_llama.preferred(model)
-    lean = _engine_forwards(model)
+    lean = engine_forwards(model)
     lean_llama.forgo(model)
     try:
-        reference = _engine_forwards(model)
+        reference = engine_forwards(model)
     finally:
         hf_compat.prefer_fast_paths(model)
     return lean, reference

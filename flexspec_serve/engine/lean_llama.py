@@ -109,11 +109,10 @@ def forward(model: torch.nn.Module, input_ids: torch.Tensor, cache, attention_ma
 
 def _mask(attention_mask: torch.Tensor | None, past: int, n: int, device) -> torch.Tensor | None:
     """The boolean mask [B or 1, 1, N, P + N] transformers' SDPA path gets (None where it needs none: one new
-    token and no padding, or a prompt on an empty cache, which SDPA runs causally itself)."""
+    token and no padding, or a prompt on an empty cache, which SDPA runs causally itself). A 2-D mask is
+    taken to pad something (the engine passes none otherwise); one of all ones gives the same attention."""
     if attention_mask is not None and attention_mask.dim() == 4:
         return attention_mask
-    if attention_mask is not None and bool(attention_mask.all()):
-        attention_mask = None
     if attention_mask is None and (n == 1 or past == 0):
         return None
     causal = torch.arange(past + n, device=device)[None, :] <= torch.arange(past, past + n, device=device)[:, None]

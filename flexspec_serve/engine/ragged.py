@@ -2,7 +2,8 @@
 
 Each session owns a single-sequence `DynamicCache` (of `hf_compat.RoomyLayer`s, which append in place).
 To run B sessions at once, their caches are copied once, left-padded to the longest, into a batch buffer
-with room for the new tokens; the new tokens are right-padded; a 2-D attention mask hides both paddings
+with room for the new tokens; the new tokens are right-padded; a 2-D attention mask (none when no row is
+padded) hides both paddings
 and explicit position ids keep every session's RoPE positions its own. Afterwards each session's cache
 gets its own new positions appended (its old ones are unchanged, so they are not copied back). A batch of
 one skips all of that and runs in place.
@@ -79,17 +80,20 @@ def run_ragged(
     new = [len(x) for x in inputs]
     p_max, n_max = max(past), max(new)
     ids = torch.full((len(seqs), n_max), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), p_max + n_max), dtype=torch.long)
-    for b, (x, p_len, n_len) in enumerate(zip(inputs, past, new)):
-        ids[b, :n_len] = torch.tensor(x, dtype=torch.long)
-        mask[b, p_max - p_len : p_max + n_len] = 1
+    for b, x in enumerate(inputs):
+        ids[b, : len(x)] = torch.tensor(x, dtype=torch.long)
     positions = torch.tensor(past)[:, None] + torch.arange(n_max)[None, :]  # [B, N]
+    mask = None  # nothing padded: causal order alone
     if has_tree:
         mask, positions = _tree_mask(trees, past, new, p_max, n_max, next(model.parameters()).dtype)
+    elif min(past) < p_max or min(new) < n_max:
+        mask = torch.zeros((len(seqs), p_max + n_max), dtype=torch.long)
+        for b, (p_len, n_len) in enumerate(zip(past, new)):
+            mask[b, p_max - p_len : p_max + n_len] = 1
     cache = _stack_left_padded(seqs, p_max, n_max) if p_max else hf_compat.new_cache()
     logits = hf_compat.forward_logits(
-        model, ids.to(device), cache, attention_mask=mask.to(device), position_ids=positions.to(device)
-    )  # [B, N, V]
+        model, ids.to(device), cache, attention_mask=None if mask is None else mask.to(device),
+        position_ids=positions.to(device))  # [B, N, V]
     _append_new(cache, seqs, new, p_max)
     return [logits[b, :n_len].float() for b, n_len in enumerate(new)]
 
