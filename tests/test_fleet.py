@@ -373,9 +373,13 @@ def test_repeats_divide_each_seed_by_its_own_cloud_only_run_then_average():
                         2: [summary("adaptive", 24.0, 12.0), summary("cloud-only", 12.0, 6.0),
                             summary("adaptive", 36.0, 18.0, ahead="draft")]})
     by = {r["policy"]: r for r in rows}
-    assert by["adaptive"] == {"policy": "adaptive", "seed 1": 2.0, "seed 2": 2.0, "mean": 2.0, "min": 2.0, "max": 2.0,
-                              "phone mean": 2.5, "watch mean": 1.5}  # (3 + 2) / 2 and (1 + 2) / 2
+    assert by["adaptive"] == {"policy": "adaptive", "seed 1": 2.0, "seed 2": 2.0, "mean": 2.0, "sd": 0.0, "min": 2.0,
+                              "max": 2.0, "phone mean": 2.5, "watch mean": 1.5}  # (3 + 2) / 2 and (1 + 2) / 2
     assert by["adaptive + draft-ahead"]["mean"] == 3.0 and "seed 1" not in by["adaptive + draft-ahead"]
+    assert by["adaptive + draft-ahead"]["sd"] is None  # one seed
+    spread = repeat_rows({seed: [summary("adaptive", 10.0 * r, 10.0 * r), summary("cloud-only", 10.0, 10.0)]
+                          for seed, r in enumerate((1.5, 2.0, 2.5))})
+    assert spread[0]["mean"] == 2.0 and spread[0]["sd"] == 0.5
     assert by["cloud-only"]["mean"] == 1.0
     with pytest.raises(ValueError, match="seed 3 has no cloud-only"):
         repeat_rows({3: [summary("adaptive", 30.0, 10.0)]})

@@ -274,7 +274,8 @@ def class_compare_rows(summaries: list[dict]) -> list[dict]:
 def repeat_rows(runs_by_seed: dict[int, list[dict]]) -> list[dict]:
     """Speed-up over cloud-only per policy across repeats of one comparison under other seeds (other trace
     offsets, prompts and arrivals): each repeat divides by its own cloud-only run, then the ratios are
-    averaged, overall and per device class. A policy missing from a repeat is left out of that repeat."""
+    averaged, overall and per device class; `sd` is their sample standard deviation across the seeds (None
+    from one seed). A policy missing from a repeat is left out of that repeat."""
     ratios: dict[str, dict[int, float]] = defaultdict(dict)
     per_class: dict[tuple[str, str], list[float]] = defaultdict(list)
     for seed, summaries in runs_by_seed.items():
@@ -290,7 +291,8 @@ def repeat_rows(runs_by_seed: dict[int, list[dict]]) -> list[dict]:
     for label, by_seed in ratios.items():
         vals = list(by_seed.values())
         row = {"policy": label, **{f"seed {seed}": round(v, 2) for seed, v in by_seed.items()},
-               "mean": round(float(np.mean(vals)), 2), "min": round(min(vals), 2), "max": round(max(vals), 2)}
+               "mean": round(float(np.mean(vals)), 2), "sd": round(float(np.std(vals, ddof=1)), 2) if len(vals) > 1 else None,
+               "min": round(min(vals), 2), "max": round(max(vals), 2)}
         for cls in classes:
             row[f"{cls} mean"] = round(float(np.mean(per_class[(label, cls)])), 2) if per_class[(label, cls)] else None
         rows.append(row)
