@@ -290,9 +290,9 @@ def repeat_rows(runs_by_seed: dict[int, list[dict]]) -> list[dict]:
     rows = []
     for label, by_seed in ratios.items():
         vals = list(by_seed.values())
+        sd = round(float(np.std(vals, ddof=1)), 2) if len(vals) > 1 else None
         row = {"policy": label, **{f"seed {seed}": round(v, 2) for seed, v in by_seed.items()},
-               "mean": round(float(np.mean(vals)), 2), "sd": round(float(np.std(vals, ddof=1)), 2) if len(vals) > 1 else None,
-               "min": round(min(vals), 2), "max": round(max(vals), 2)}
+               "mean": round(float(np.mean(vals)), 2), "sd": sd, "min": round(min(vals), 2), "max": round(max(vals), 2)}
         for cls in classes:
             row[f"{cls} mean"] = round(float(np.mean(per_class[(label, cls)])), 2) if per_class[(label, cls)] else None
         rows.append(row)
