@@ -95,7 +95,8 @@ class VerifierServer:
             **v.stats.as_dict(),
         }
         if since is not None:
-            out["window"] = v.stats_since(since).as_dict()
+            stats, spread = v.stats_since(since)
+            out["window"] = stats.as_dict() | spread.as_dict()
         return out
 
     def check_health(self) -> None:
@@ -107,7 +108,8 @@ class VerifierServer:
 SUMMED = ("sessions", "cache_bytes", "cache_hits", "cache_misses", "evictions", "expired", "batches", "errors",
           "held_batches", "overrun_batches",
           "rounds", "draft_tokens", "accepted_tokens", "generated_tokens")
-WINDOW = ("rounds", "draft_tokens", "accepted_tokens", "generated_tokens")
+WINDOW = ("rounds", "draft_tokens", "accepted_tokens", "generated_tokens",
+          "sessions", "accepted_sq", "draft_sq", "cross")  # the last four: `SessionSpread` (replicas hold disjoint sessions)
 
 
 def merge_replica_stats(replies: list[dict]) -> dict:

@@ -171,14 +171,16 @@ class VersionManager:
 
     @staticmethod
     def _window(plan: CanaryPlan, version: str, stats: dict[str, dict]) -> VersionWindow:
-        """Acceptance over sessions that started since the canary did (both versions equally young; falls
-        back to counter deltas when the replica gives no window); errors as deltas of the counters."""
+        """Acceptance over sessions that started since the canary did (both versions equally young), with
+        their spread; falls back to counter deltas (sessions not counted) when the replica gives no window;
+        errors as deltas of the counters."""
         now, start = counters(stats[version]), plan.start_counters.get(version, {})
         window = stats[version].get("window")
         if window is None:
             window = {k: now[k] - start.get(k, 0) for k in COUNTERS}
         return VersionWindow(int(window["rounds"]), int(window["draft_tokens"]), int(window["accepted_tokens"]),
-                             now["errors"] - start.get("errors", 0))
+                             now["errors"] - start.get("errors", 0), int(window.get("sessions", 0)),
+                             window.get("accepted_sq", 0.0), window.get("draft_sq", 0.0), window.get("cross", 0.0))
 
     @staticmethod
     def _require(state: RegistryState, version: str) -> None:

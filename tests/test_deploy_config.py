@@ -191,7 +191,9 @@ def _replica(rid, **kw):
             "evictions": 0, "expired": 0, "batches": 10, "errors": 0, "rounds": 20, "draft_tokens": 80,
             "accepted_tokens": 40, "generated_tokens": 60, "mean_batch_size": 2.0, "max_batch_size_seen": 4,
             "idle_s": 30.0, "latency_p99_ms": 12.0, "window": {"rounds": 5, "draft_tokens": 20, "accepted_tokens": 10,
-                                                              "generated_tokens": 15}}
+                                                              "generated_tokens": 15, "sessions": 2,
+                                                              "accepted_sq": 52.0, "draft_sq": 208.0,
+                                                              "cross": 104.0}}
     return base | kw
 
 
@@ -208,6 +210,7 @@ def test_version_stats_merge_over_replicas_and_count_each_replica_once():
     assert merged["mean_batch_size"] == pytest.approx((2.0 * 10 + 4.0 * 30) / 40)
     assert merged["latency_p99_ms"] == 40.0 and merged["cache_hit_rate"] == pytest.approx(0.9)
     assert merged["window"]["rounds"] == 10 and merged["window"]["acceptance_rate"] == pytest.approx(0.5)
+    assert merged["window"]["sessions"] == 4 and merged["window"]["cross"] == 208.0  # replicas hold other sessions
     assert merge_replica_stats([a])["replicas"] == ["a"] and merge_replica_stats([a])["rounds"] == 20
 
 

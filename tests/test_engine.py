@@ -403,3 +403,20 @@ def test_a_verified_pipelined_round_samples_as_the_same_plain_round_would(family
     decided = lambda o: (o.seq, o.accepted, o.token, o.context_len)  # noqa: E731
     assert [decided(o) for o in (p0, p1)] == [decided(o) for o in (r0, r1)]
     assert piped.sessions["s"].tokens == plain.sessions["s"].tokens
+
+
+def test_acceptance_since_a_time_merges_the_young_sessions_and_their_spread(family_models, humaneval_prompts):
+    import time
+
+    draft, target = family_models["draft"], family_models["v1"]
+    verifier = Verifier(target, draft)
+    speculative_generate(DraftProposer(draft), verifier, humaneval_prompts[:2], 12, 3, session_prefix="old")
+    since = time.time()
+    young = speculative_generate(DraftProposer(draft), verifier, humaneval_prompts[2:5], 12, 3, session_prefix="new")
+    total, spread = verifier.stats_since(since)
+    per_session = [verifier.session_stats(s.session_id) for s in young]
+    assert spread.sessions == 3 and total.rounds == sum(s.rounds for s in per_session)
+    assert total.accepted_tokens == sum(s.accepted_tokens for s in per_session)
+    assert spread.accepted_sq == sum(s.accepted_tokens ** 2 for s in per_session)
+    assert spread.draft_sq == sum(s.draft_tokens ** 2 for s in per_session)
+    assert spread.cross == sum(s.accepted_tokens * s.draft_tokens for s in per_session)

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import shutil
 
+import numpy as np
 import pytest
 
 from deployments.config import FileRegistry, RegistryState, VersionSpec
 from deployments.versions import VersionError, VersionManager
+from flexspec_serve.engine.stats import AcceptanceStats, SessionSpread
 from flexspec_serve.versions import CanaryRules, VersionWindow, compatibility_gate, judge_canary
 from flexspec_serve.zoo.loading import TokenizerMismatch
 from tests.fakes import FakeClock
@@ -55,6 +57,49 @@ def test_judge_rolls_back_on_an_acceptance_drop_or_errors():
     base = VersionWindow(200, 800, 480, 0)  # alpha 0.6
     assert judge_canary(RULES, 5, base, VersionWindow(100, 400, 120, 0)).action == "rollback"  # tau 1.43 vs 2.31
     assert judge_canary(RULES, 5, base, VersionWindow(20, 80, 48, 5)).action == "rollback"  # errors, before min_rounds
+
+
+def window(sessions: list[tuple[int, int]], rounds_per_session: int = 10) -> VersionWindow:
+    """A version's window over sessions of (accepted, draft) tokens, summed as the replicas sum them."""
+    total, spread = AcceptanceStats(), SessionSpread()
+    for accepted, drafted in sessions:
+        one = AcceptanceStats(rounds=rounds_per_session, draft_tokens=drafted, accepted_tokens=accepted)
+        total.merge(one)
+        spread.add(one)
+    return VersionWindow(total.rounds, total.draft_tokens, total.accepted_tokens, 0, **spread.as_dict())
+
+
+def test_alpha_error_is_the_session_clustered_one():
+    sessions = [(38, 40), (6, 40), (20, 40), (30, 60), (12, 20)]
+    w = window(sessions)
+    a, d = np.array(sessions, dtype=float).T
+    alpha = a.sum() / d.sum()
+    expected = np.sqrt(len(a) / (len(a) - 1) * ((a - alpha * d) ** 2).sum()) / d.sum()
+    assert w.alpha == pytest.approx(alpha) and w.alpha_se == pytest.approx(expected)
+    assert window([(20, 40)] * 5).alpha_se == pytest.approx(0.0)  # identical sessions: no spread
+    assert window([(20, 40)]).alpha_se == float("inf") and VersionWindow(10, 40, 20, 0).alpha_se == 0.0
+
+
+def test_a_drop_from_a_few_uneven_sessions_waits_for_evidence_and_the_same_drop_over_many_rolls_back():
+    base = window([(24, 40)] * 40)  # alpha 0.6 in every session
+    # candidate alpha 0.4 (tau 1.65 vs 2.31): once from five sessions that range from 0.2 to 0.6 ...
+    uneven = window([(8, 40), (12, 40), (16, 40), (20, 40), (24, 40)])
+    assert uneven.alpha == pytest.approx(0.4)
+    decision = judge_canary(RULES, 40, base, uneven)
+    assert decision.action == "continue" and "not yet beyond" in decision.reason
+    # ... then from forty sessions spread the same way: the drop stands out
+    many = window([(8, 40), (12, 40), (16, 40), (20, 40), (24, 40)] * 8)
+    assert judge_canary(RULES, 5, base, many).action == "rollback"
+
+
+def test_acceptance_is_judged_only_after_enough_sessions_on_each_version():
+    base = window([(24, 40)] * 40)
+    few = window([(4, 40)] * 4, rounds_per_session=30)  # 120 rounds, but 4 sessions
+    decision = judge_canary(RULES, 40, base, few)
+    assert decision.action == "continue" and "5 sessions" in decision.reason
+    assert judge_canary(RULES, 5, base, window([(4, 40)] * 5, rounds_per_session=30)).action == "rollback"
+    healthy = window([(22, 40), (26, 40), (23, 40), (25, 40), (24, 40), (21, 40)])
+    assert judge_canary(RULES, 31, base, healthy).action == "promote"
 
 
 def test_manager_judges_on_the_window_of_young_sessions_when_replicas_give_one(manager):

@@ -65,3 +65,27 @@ class AcceptanceStats:
             "acceptance_rate": round(self.acceptance_rate, 4),
             "acceptance_rate_by_position": [round(r, 4) for r in self.rate_by_position()],
         }
+
+
+@dataclass
+class SessionSpread:
+    """How acceptance varies between the sessions behind a merged `AcceptanceStats`: per-session sums of
+    accepted a_s and draft d_s tokens, squared and crossed (sums, so replicas merge by adding). Rounds of one
+    session are far from independent (a session that loops accepts nearly everything, a hard one little), so
+    the error of alpha = sum a_s / sum d_s comes from these, not from the round count."""
+
+    sessions: int = 0
+    accepted_sq: float = 0.0  # sum of a_s^2
+    draft_sq: float = 0.0  # sum of d_s^2
+    cross: float = 0.0  # sum of a_s d_s
+
+    def add(self, session: AcceptanceStats) -> None:
+        a, d = session.accepted_tokens, session.draft_tokens
+        self.sessions += 1
+        self.accepted_sq += a * a
+        self.draft_sq += d * d
+        self.cross += a * d
+
+    def as_dict(self) -> dict:
+        return {"sessions": self.sessions, "accepted_sq": self.accepted_sq, "draft_sq": self.draft_sq,
+                "cross": self.cross}
