@@ -28,7 +28,7 @@ from flexspec_serve.engine.stats import AcceptanceStats, SessionSpread
 from flexspec_serve.reports import md_table
 from flexspec_serve.versions import CanaryRules, VersionWindow, judge_canary
 
-DEFAULT_ROUNDS = Path("docs/results/fleet/lte-adaptive/rounds.csv")
+DEFAULT_ROUNDS = Path(__file__).resolve().parents[1] / "docs/results/fleet/lte-adaptive/rounds.csv"
 
 
 def load_sessions(path: Path) -> list[AcceptanceStats]:
