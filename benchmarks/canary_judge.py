@@ -24,7 +24,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from flexspec_serve.engine.stats import AcceptanceStats, SessionSpread
+from flexspec_serve.engine.stats import AcceptanceStats
 from flexspec_serve.reports import md_table
 from flexspec_serve.versions import CanaryRules, VersionWindow, judge_canary
 
@@ -47,15 +47,6 @@ def thinned(s: AcceptanceStats, f: float, rng: random.Random) -> AcceptanceStats
                            generated_tokens=s.rounds + kept)
 
 
-def window(sessions: list[AcceptanceStats], counted: bool) -> VersionWindow:
-    total, spread = AcceptanceStats(), SessionSpread()
-    for s in sessions:
-        total.merge(s)
-        spread.add(s)
-    extra = spread.as_dict() if counted else {}
-    return VersionWindow(total.rounds, total.draft_tokens, total.accepted_tokens, 0, **extra)
-
-
 def first_rollback(pool, f, rules, counted, weight, max_sessions, rng) -> int | None:
     """Candidate sessions seen when the judge first rolled back (None: it never did)."""
     base, cand = [], []
@@ -65,7 +56,8 @@ def first_rollback(pool, f, rules, counted, weight, max_sessions, rng) -> int | 
             cand.append(thinned(s, f, rng) if f < 1.0 else s)
         else:
             base.append(s)
-        if cand and base and judge_canary(rules, 0.0, window(base, counted), window(cand, counted)).action == "rollback":
+        if cand and base and judge_canary(rules, 0.0, VersionWindow.of_sessions(base, counted=counted),
+                                          VersionWindow.of_sessions(cand, counted=counted)).action == "rollback":
             return len(cand)
     return None
 
@@ -94,7 +86,9 @@ def main() -> None:
                 row[f"{label}: rolled back"] = f"{len(done) / len(hits):.1%}"
                 row[f"{label}: median sessions"] = done[len(done) // 2] if done else "-"
             rows.append(row)
-    print(f"# Canary judge on {len(pool)} sessions of `{args.rounds}`\n")
+    repo = Path(__file__).resolve().parents[1]
+    shown = args.rounds.resolve().relative_to(repo) if args.rounds.resolve().is_relative_to(repo) else args.rounds
+    print(f"# Canary judge on {len(pool)} sessions of `{shown}`\n")
     print(f"Command: `python -m benchmarks.canary_judge {' '.join(sys.argv[1:])}` (trials {args.trials}, up to "
           f"{args.sessions} candidate sessions, weight {args.weight:g}, seed {args.seed})\n")
     print(md_table(rows))

@@ -10,7 +10,7 @@ import pytest
 
 from deployments.config import FileRegistry, RegistryState, VersionSpec
 from deployments.versions import VersionError, VersionManager
-from flexspec_serve.engine.stats import AcceptanceStats, SessionSpread
+from flexspec_serve.engine.stats import AcceptanceStats
 from flexspec_serve.versions import CanaryRules, VersionWindow, compatibility_gate, judge_canary
 from flexspec_serve.zoo.loading import TokenizerMismatch
 from tests.fakes import FakeClock
@@ -61,12 +61,8 @@ def test_judge_rolls_back_on_an_acceptance_drop_or_errors():
 
 def window(sessions: list[tuple[int, int]], rounds_per_session: int = 10) -> VersionWindow:
     """A version's window over sessions of (accepted, draft) tokens, summed as the replicas sum them."""
-    total, spread = AcceptanceStats(), SessionSpread()
-    for accepted, drafted in sessions:
-        one = AcceptanceStats(rounds=rounds_per_session, draft_tokens=drafted, accepted_tokens=accepted)
-        total.merge(one)
-        spread.add(one)
-    return VersionWindow(total.rounds, total.draft_tokens, total.accepted_tokens, 0, **spread.as_dict())
+    return VersionWindow.of_sessions([AcceptanceStats(rounds=rounds_per_session, draft_tokens=drafted,
+                                                      accepted_tokens=accepted) for accepted, drafted in sessions])
 
 
 def test_alpha_error_is_the_session_clustered_one():
