@@ -71,6 +71,9 @@ class CanaryRequest(_Body):
     min_rounds: int = Field(100, ge=1)
     max_acceptance_drop: float = Field(0.2, gt=0, lt=1)
     max_error_rate: float = Field(0.01, ge=0, lt=1)
+    min_sessions: int = Field(5, ge=2, description="sessions on each version before acceptance is judged")
+    z: float = Field(2.0, ge=0, le=6, description="standard errors (between sessions) a drop must stand out by "
+                                                  "before it rolls back")
     force: bool = Field(False, description="skip the compatibility gate")
 
 
@@ -139,7 +142,8 @@ class AdminAPI:
         return gate.as_dict()
 
     async def canary(self, version: str, req: CanaryRequest) -> dict:
-        rules = CanaryRules(req.window_s, req.min_rounds, req.max_acceptance_drop, req.max_error_rate)
+        rules = CanaryRules(req.window_s, req.min_rounds, req.max_acceptance_drop, req.max_error_rate,
+                            min_sessions=req.min_sessions, z=req.z)
         state = self.manager.canary(version, req.weight, rules, req.alias, req.force, await self.stats())
         return {"canary": state.canary.model_dump(), "generation": state.generation}
 

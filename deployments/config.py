@@ -139,6 +139,8 @@ class CanaryPlan(StrictModel):
     min_rounds: int = Field(100, ge=1)
     max_acceptance_drop: float = Field(0.2, gt=0, lt=1)
     max_error_rate: float = Field(0.01, ge=0, lt=1)
+    min_sessions: int = Field(5, ge=2, description="sessions on each version before acceptance is judged")
+    z: float = Field(2.0, ge=0, le=6, description="standard errors a drop must stand out by before it rolls back")
     start_counters: dict[str, dict[str, int]] = Field(default_factory=dict, description="per version, at start")
     status: Literal["running", "promoted", "rolled_back"] = "running"
     reason: str = ""

@@ -97,6 +97,7 @@ class VersionManager:
         plan = CanaryPlan(version=version, baseline=baseline, alias=alias, weight=weight, started_at=self.clock(),
                           window_s=rules.window_s, min_rounds=rules.min_rounds,
                           max_acceptance_drop=rules.max_acceptance_drop, max_error_rate=rules.max_error_rate,
+                          min_sessions=rules.min_sessions, z=rules.z,
                           start_counters={v: counters(s) for v, s in (stats or {}).items()})
         return self._save(state, "canary", version, f"{weight:.0%} of {alias!r} new sessions (baseline {baseline})",
                           aliases={**state.aliases, alias: {baseline: 1 - weight, version: weight}}, canary=plan)
@@ -145,8 +146,9 @@ class VersionManager:
         state = self.state()
         c = state.canary
         if c is not None and c.status == "running" and c.version in stats and c.baseline in stats:
-            decision = judge_canary(CanaryRules(c.window_s, c.min_rounds, c.max_acceptance_drop, c.max_error_rate),
-                                    self.clock() - c.started_at, self._window(c, c.baseline, stats),
+            rules = CanaryRules(c.window_s, c.min_rounds, c.max_acceptance_drop, c.max_error_rate,
+                                min_sessions=c.min_sessions, z=c.z)
+            decision = judge_canary(rules, self.clock() - c.started_at, self._window(c, c.baseline, stats),
                                     self._window(c, c.version, stats))
             decisions.append(decision)
             if decision.action == "rollback":

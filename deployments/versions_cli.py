@@ -29,6 +29,9 @@ def register(sub) -> None:
     k.add_argument("--window-s", type=float, default=60.0)
     k.add_argument("--min-rounds", type=int, default=100)
     k.add_argument("--max-acceptance-drop", type=float, default=0.2)
+    k.add_argument("--min-sessions", type=int, default=5, help="sessions on each version before acceptance is judged")
+    k.add_argument("--z", type=float, default=2.0,
+                   help="standard errors (between sessions) an acceptance drop must stand out by to roll back")
     k.add_argument("--force", action="store_true", help="skip the compatibility gate")
     pr = vs.add_parser("promote", help="point an alias (default stable) at a version")
     pr.add_argument("name")
@@ -59,7 +62,8 @@ def _request(args) -> tuple[str, str, dict | None]:
     if cmd == "canary":
         return "POST", f"/admin/versions/{args.name}/canary", {
             "weight": args.weight, "window_s": args.window_s, "min_rounds": args.min_rounds,
-            "max_acceptance_drop": args.max_acceptance_drop, "force": args.force}
+            "max_acceptance_drop": args.max_acceptance_drop, "min_sessions": args.min_sessions, "z": args.z,
+            "force": args.force}
     if cmd == "promote":
         return "POST", f"/admin/versions/{args.name}/promote", {"alias": args.alias}
     if cmd == "set-weights":

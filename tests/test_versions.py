@@ -107,6 +107,25 @@ def test_manager_judges_on_the_window_of_young_sessions_when_replicas_give_one(m
     assert decision[0].action == "promote"  # the cumulative alpha of v1's old sessions (0.6) is not the yardstick
 
 
+def test_the_canary_keeps_the_session_rules_it_was_started_with(manager):
+    from dataclasses import asdict
+
+    base = window([(24, 40)] * 10)  # alpha 0.6
+    spread = window([(12, 40), (20, 40)] * 5)  # alpha 0.4 +- 0.033: past the limit by 2 standard errors, not 3
+    assert judge_canary(RULES, 31, base, spread).action == "rollback"  # z = 2
+    manager.record_gate("v2", passing_gate("v2"))
+    strict = CanaryRules(window_s=30, min_rounds=50, min_sessions=12, z=3.0)
+    plan = manager.canary("v2", 0.2, strict, stats={"v1": stats(0, 0.0), "v2": stats(0, 0.0)}).canary
+    assert (plan.min_sessions, plan.z) == (12, 3.0)
+    manager.clock.t += 31
+    reply = {"v1": {**stats(100, 0.6), "window": asdict(base)}, "v2": {**stats(100, 0.4), "window": asdict(spread)}}
+    assert "waiting for 12 sessions" in manager.tick(reply)[0].reason
+    more = window([(24, 40)] * 12), window([(12, 40), (20, 40)] * 6)
+    reply = {v: {**stats(120, 0.5), "window": asdict(w)} for v, w in zip(("v1", "v2"), more)}
+    decision = manager.tick(reply)[0]
+    assert decision.action == "continue" and "not yet beyond" in decision.reason  # z = 3
+
+
 def test_judge_is_not_fooled_by_cloud_only_rounds_on_young_sessions():
     base = VersionWindow(200, 800, 480, 0)
     young = VersionWindow(200, 400, 240, 0)  # half its rounds drafted nothing (K = 0): same alpha
@@ -237,3 +256,18 @@ def test_on_real_sessions_an_identical_candidate_is_rarely_rolled_back_and_a_muc
     assert len(pool) > 50
     assert rollbacks(1.0, counted=False) >= 5 and rollbacks(1.0, counted=True) <= 2
     assert rollbacks(0.4, counted=False) == 40 and rollbacks(0.4, counted=True) == 40
+
+
+def test_cli_canary_sends_the_session_rules_and_the_api_checks_them():
+    from pydantic import ValidationError
+
+    from deployments.admin import CanaryRequest
+    from deployments.versions_cli import _request
+    from flexspec_serve.cli import build_parser
+
+    args = build_parser().parse_args(["versions", "canary", "v3", "--min-sessions", "8", "--z", "2.5"])
+    method, path, body = _request(args)
+    req = CanaryRequest.model_validate(body)
+    assert (method, path) == ("POST", "/admin/versions/v3/canary") and (req.min_sessions, req.z) == (8, 2.5)
+    with pytest.raises(ValidationError, match="min_sessions"):
+        CanaryRequest.model_validate({**body, "min_sessions": 1})
