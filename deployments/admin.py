@@ -17,10 +17,10 @@ from pathlib import Path
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from deployments.config import VersionSpec
-from deployments.versions import VersionError, VersionManager
+from deployments.config import CanaryRuleFields, VersionSpec
+from deployments.versions import VersionError, VersionManager, canary_rules
 from flexspec_serve import protocol as P
-from flexspec_serve.versions import CanaryRules, compatibility_gate
+from flexspec_serve.versions import compatibility_gate
 from flexspec_serve.zoo.loading import TokenizerMismatch
 
 
@@ -64,16 +64,9 @@ class CheckRequest(_Body):
     max_new: int = Field(32, ge=4, le=256)
 
 
-class CanaryRequest(_Body):
+class CanaryRequest(CanaryRuleFields):
     weight: float = Field(0.1, gt=0, lt=1, description="share of the alias's new sessions")
     alias: str = "stable"
-    window_s: float = Field(60.0, gt=0, description="promote after this long healthy")
-    min_rounds: int = Field(100, ge=1)
-    max_acceptance_drop: float = Field(0.2, gt=0, lt=1)
-    max_error_rate: float = Field(0.01, ge=0, lt=1)
-    min_sessions: int = Field(5, ge=2, description="sessions on each version before acceptance is judged")
-    z: float = Field(2.0, ge=0, le=6, description="standard errors (between sessions) a drop must stand out by "
-                                                  "before it rolls back")
     force: bool = Field(False, description="skip the compatibility gate")
 
 
@@ -142,9 +135,7 @@ class AdminAPI:
         return gate.as_dict()
 
     async def canary(self, version: str, req: CanaryRequest) -> dict:
-        rules = CanaryRules(req.window_s, req.min_rounds, req.max_acceptance_drop, req.max_error_rate,
-                            min_sessions=req.min_sessions, z=req.z)
-        state = self.manager.canary(version, req.weight, rules, req.alias, req.force, await self.stats())
+        state = self.manager.canary(version, req.weight, canary_rules(req), req.alias, req.force, await self.stats())
         return {"canary": state.canary.model_dump(), "generation": state.generation}
 
     def check_path(self, path: str) -> None:

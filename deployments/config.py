@@ -129,18 +129,25 @@ class DrainPlan(StrictModel):
     since: float = Field(description="epoch seconds when draining started")
 
 
-class CanaryPlan(StrictModel):
+class CanaryRuleFields(StrictModel):
+    """The canary judge's rules (`flexspec_serve.versions.CanaryRules`) as a canary request and the registry's
+    canary plan carry them (`deployments.versions.canary_rules` turns them into the judge's)."""
+
+    window_s: float = Field(60.0, gt=0, description="promote after this long healthy")
+    min_rounds: int = Field(100, ge=1, description="rounds on each version before any judgement")
+    max_acceptance_drop: float = Field(0.2, gt=0, lt=1, description="roll back past this drop of tau(K=4)")
+    max_error_rate: float = Field(0.01, ge=0, lt=1, description="roll back past this error rate")
+    min_sessions: int = Field(5, ge=2, description="sessions on each version before acceptance is judged")
+    z: float = Field(2.0, ge=0, le=6, description="standard errors (between sessions) a drop must stand out by "
+                                                  "before it rolls back")
+
+
+class CanaryPlan(CanaryRuleFields):
     version: str
     baseline: str
     alias: str = "stable"
     weight: float = Field(gt=0, lt=1, description="share of the alias's new sessions sent to the candidate")
     started_at: float
-    window_s: float = Field(60.0, gt=0)
-    min_rounds: int = Field(100, ge=1)
-    max_acceptance_drop: float = Field(0.2, gt=0, lt=1)
-    max_error_rate: float = Field(0.01, ge=0, lt=1)
-    min_sessions: int = Field(5, ge=2, description="sessions on each version before acceptance is judged")
-    z: float = Field(2.0, ge=0, le=6, description="standard errors a drop must stand out by before it rolls back")
     start_counters: dict[str, dict[str, int]] = Field(default_factory=dict, description="per version, at start")
     status: Literal["running", "promoted", "rolled_back"] = "running"
     reason: str = ""

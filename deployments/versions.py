@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from deployments.config import CanaryPlan, DrainPlan, FileRegistry, RegistryState, VersionSpec
+from deployments.config import CanaryPlan, CanaryRuleFields, DrainPlan, FileRegistry, RegistryState, VersionSpec
 from flexspec_serve.versions import CanaryRules, Decision, VersionWindow, judge_canary
 
 
@@ -95,9 +95,7 @@ class VersionManager:
         if not isinstance(baseline, str) or baseline == version:
             raise VersionError(f"alias {alias!r} must point at one version other than {version!r}, not {baseline!r}")
         plan = CanaryPlan(version=version, baseline=baseline, alias=alias, weight=weight, started_at=self.clock(),
-                          window_s=rules.window_s, min_rounds=rules.min_rounds,
-                          max_acceptance_drop=rules.max_acceptance_drop, max_error_rate=rules.max_error_rate,
-                          min_sessions=rules.min_sessions, z=rules.z,
+                          **{f: getattr(rules, f) for f in CanaryRuleFields.model_fields},
                           start_counters={v: counters(s) for v, s in (stats or {}).items()})
         return self._save(state, "canary", version, f"{weight:.0%} of {alias!r} new sessions (baseline {baseline})",
                           aliases={**state.aliases, alias: {baseline: 1 - weight, version: weight}}, canary=plan)
@@ -146,9 +144,7 @@ class VersionManager:
         state = self.state()
         c = state.canary
         if c is not None and c.status == "running" and c.version in stats and c.baseline in stats:
-            rules = CanaryRules(c.window_s, c.min_rounds, c.max_acceptance_drop, c.max_error_rate,
-                                min_sessions=c.min_sessions, z=c.z)
-            decision = judge_canary(rules, self.clock() - c.started_at, self._window(c, c.baseline, stats),
+            decision = judge_canary(canary_rules(c), self.clock() - c.started_at, self._window(c, c.baseline, stats),
                                     self._window(c, c.version, stats))
             decisions.append(decision)
             if decision.action == "rollback":
@@ -188,3 +184,8 @@ class VersionManager:
     def _require(state: RegistryState, version: str) -> None:
         if version not in state.versions:
             raise VersionError(f"unknown version {version!r}; versions: {sorted(state.versions)}", 404)
+
+
+def canary_rules(fields: CanaryRuleFields) -> CanaryRules:
+    """The judge's rules from a canary request or plan (the rest keep `CanaryRules`' defaults)."""
+    return CanaryRules(**{f: getattr(fields, f) for f in CanaryRuleFields.model_fields})

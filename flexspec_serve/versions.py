@@ -29,7 +29,7 @@ import torch
 
 from flexspec_serve.engine.generate import speculative_generate
 from flexspec_serve.engine.proposer import DraftProposer
-from flexspec_serve.engine.stats import AcceptanceStats, SessionSpread, expected_acceptance_length
+from flexspec_serve.engine.stats import AcceptanceStats, expected_acceptance_length, merge_sessions
 from flexspec_serve.engine.verifier import Verifier
 from flexspec_serve.zoo.loading import check_tokenizers_match, load_causal_lm, load_tokenizer
 
@@ -107,10 +107,7 @@ class VersionWindow:
     def of_sessions(cls, sessions: list[AcceptanceStats], errors: int = 0, counted: bool = True) -> VersionWindow:
         """The window over these sessions, merged as a replica merges them (`counted=False`: without the
         sessions, as counter deltas give it)."""
-        total, spread = AcceptanceStats(), SessionSpread()
-        for s in sessions:
-            total.merge(s)
-            spread.add(s)
+        total, spread = merge_sessions(sessions)
         return cls(total.rounds, total.draft_tokens, total.accepted_tokens, errors,
                    **(spread.as_dict() if counted else {}))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 
@@ -89,3 +90,12 @@ class SessionSpread:
     def as_dict(self) -> dict:
         return {"sessions": self.sessions, "accepted_sq": self.accepted_sq, "draft_sq": self.draft_sq,
                 "cross": self.cross}
+
+
+def merge_sessions(sessions: Iterable[AcceptanceStats]) -> tuple[AcceptanceStats, SessionSpread]:
+    """Sessions' acceptance merged, and how it varies between them."""
+    total, spread = AcceptanceStats(), SessionSpread()
+    for s in sessions:
+        total.merge(s)
+        spread.add(s)
+    return total, spread

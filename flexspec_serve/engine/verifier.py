@@ -39,7 +39,7 @@ from flexspec_serve.engine.errors import (ConditionNotMet, ContextTooLong, Engin
                                           RoundFailed, SequenceError)
 from flexspec_serve.engine.ragged import (CachedSequence, decode_max_tokens, run_ragged, shape_groups, tree_depth,
                                           tree_depths)
-from flexspec_serve.engine.stats import AcceptanceStats, SessionSpread
+from flexspec_serve.engine.stats import AcceptanceStats, SessionSpread, merge_sessions
 from flexspec_serve.tree import ends_on_leaf
 
 log = logging.getLogger(__name__)
@@ -140,12 +140,8 @@ class Verifier:
     def stats_since(self, t: float) -> tuple[AcceptanceStats, SessionSpread]:
         """Acceptance over the sessions (still held) that started at or after wall time `t`, and how it
         varies between them."""
-        total, spread = AcceptanceStats(), SessionSpread()
-        for s in list(self.sessions.values()):  # a batch may be changing the store on another thread
-            if s.created_at >= t:
-                total.merge(s.stats)
-                spread.add(s.stats)
-        return total, spread
+        held = list(self.sessions.values())  # a batch may be changing the store on another thread
+        return merge_sessions(s.stats for s in held if s.created_at >= t)
 
     def cache_bytes(self) -> int:
         return self._total_bytes
