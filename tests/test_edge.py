@@ -159,6 +159,42 @@ def test_controller_picks_cloud_only_when_drafting_cannot_pay():
     assert controller(0.6, device=slow).choose(view()) == 0
 
 
+def test_a_session_opens_cloud_only_when_drafting_through_its_prefill_costs_more():
+    """A cloud-only round hides the draft's prefill in its wait; a small prefill is paid and K stays put."""
+    c = controller(0.8)
+    k_steady = c.choose(view())
+    assert k_steady > 0
+    cloud_round_ms = c.round_ms(0, view())
+    assert controller(0.8).choose(view(prefill_ms=cloud_round_ms)) == 0  # the wait would hide it all
+    assert controller(0.8).choose(view(prefill_ms=1.0)) == k_steady  # prefill cannot change which K drafts best
+    assert controller(0.8).choose(view(prefill_ms=cloud_round_ms, predrafted=3)) > 0  # a hit's pre-draft fed it
+
+
+def test_the_controller_opens_cloud_only_exactly_when_that_overruns_steady_rounds_less():
+    c = controller(0.8)
+    steady = max(r.tokens_per_s for r in c.plan(view()))
+    for prefill_ms in np.linspace(0.5, 150.0, 60):
+        v = view(prefill_ms=float(prefill_ms))
+        rows = c.plan(v)
+        cloud = min(c.overrun_ms(r, v.prefill_ms, steady) for r in rows if r.k == 0)
+        drafted = min(c.overrun_ms(r, v.prefill_ms, steady) for r in rows if r.k > 0)
+        assert (c.choose(v) == 0) == (cloud < drafted), prefill_ms
+    assert c.choose(view(prefill_ms=0.5)) > 0 and c.choose(view(prefill_ms=150.0)) == 0
+
+
+def test_a_cloud_only_opening_leaves_the_next_round_no_prefill_to_wait_for():
+    """The emulated clock: the prompt's prefill runs during the cloud-only round's wait."""
+    from flexspec_serve.edge.emulator import EmulatedDevice
+
+    flagship = DEVICE_CLASSES["flagship-phone"]
+    dev = EmulatedDevice("d", flagship, make_link("good", 0), controller(0.8, device=flagship), CLOUD)
+    dev.start_session(250)  # 150 ms of prefill, more than a cloud-only round's 119 ms (50 ms each way)
+    assert dev.choose_k() == 0
+    _answered(dev, 0, 0, hit=None, wait=(50.0, 60.0, 50.0))
+    assert dev.critical_prefill_ms() == 0.0 and dev.choose_k() > 0
+    assert dev.draft_latency_ms(4) == pytest.approx(flagship.draft_ms(4))
+
+
 def test_controller_keeps_within_the_energy_budget():
     thirsty = DeviceProfile("thirsty", 20.0, 1.0, 30.0, 1.0, 1.0, 0.1, 0.1, 512)  # 0.6 J per drafted token
     c = controller(0.85, device=thirsty)

@@ -9,6 +9,17 @@ Every policy implements `choose(view) -> K` and `observe(k, accepted)`; K = 0 me
 plus, for K > 0, whatever draft prefill could not be hidden in earlier rounds' waiting time (a device
 that has sat out rounds must first feed the tokens the cloud produced meanwhile).
 
+Prefill (a session's opening): before its first draft step the device feeds the draft the whole prompt, P ms
+on the critical path of a K > 0 round. A cloud-only round (K = 0) hides that prefill in its wait, so the round
+after it starts clean. Goodput per round cannot see that (the saving falls in the next round), so while
+prefill is pending the controller ranks rounds by their overrun: the time a round takes beyond what steady
+rounds would take for the same tokens, G the best goodput without prefill:
+
+    overrun(K > 0) = P + T_round(K) - tau(K) / G,     overrun(0) = T_round(0) + max(0, P - T_round(0)) - 1 / G
+
+It opens with a cloud-only round when that costs less than drafting through the prefill. With no prefill
+the lowest overrun is the highest goodput (T - tau / G >= 0, and 0 at the best K), so nothing else changes.
+
 Draft-ahead (a device option): while a round waits for its answer the device drafts d_{K+1} (its guess of
 the cloud's bonus token) and then the next round's tokens. On a lookahead hit (all K accepted and the
 guess right, `AcceptanceEstimator.p_hit`) the next round starts with those tokens
@@ -42,7 +53,7 @@ per draft position (acceptance is bursty), so it follows a target that changes u
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 from flexspec_serve.ahead import Ahead
@@ -298,9 +309,23 @@ class FlexSpecController(Policy):
         draft-ahead half of the choice is left in `ahead_now`."""
         rows = self.plan(view)
         feasible = [r for r in rows if r.j_per_token <= self.device.energy_budget_j_per_token]
-        best = max(feasible, key=lambda r: r.tokens_per_s) if feasible else min(rows, key=lambda r: r.j_per_token)
+        if not feasible:
+            best = min(rows, key=lambda r: r.j_per_token)
+        elif view.prefill_ms > 0 and not view.predrafted:  # prefill pending: rank by overrun
+            steady = max(r.tokens_per_s for r in self.plan(replace(view, prefill_ms=0.0))
+                         if r.j_per_token <= self.device.energy_budget_j_per_token)
+            best = min(feasible, key=lambda r: self.overrun_ms(r, view.prefill_ms, steady))
+        else:
+            best = max(feasible, key=lambda r: r.tokens_per_s)
         self.expected, self.ahead_now = best, best.ahead
         return best.k
+
+    @staticmethod
+    def overrun_ms(row: RoundPlan, prefill_ms: float, steady_tokens_per_s: float) -> float:
+        """How much longer than steady rounds (`steady_tokens_per_s`) the planned round takes for its tokens,
+        counting the prefill a cloud-only round leaves to the next (module docstring, Prefill)."""
+        left_ms = max(0.0, prefill_ms - row.round_ms) if row.k == 0 else 0.0
+        return row.round_ms + left_ms - row.tokens / steady_tokens_per_s * 1e3
 
     def observe(self, k: int, accepted: int, hit: bool | None = None) -> None:
         self.estimator.update(k, accepted, hit)
