@@ -195,6 +195,19 @@ def test_a_cloud_only_opening_leaves_the_next_round_no_prefill_to_wait_for():
     assert dev.draft_latency_ms(4) == pytest.approx(flagship.draft_ms(4))
 
 
+def test_the_opening_benchmarks_old_arm_takes_the_rounds_own_best_goodput():
+    """`benchmarks.opening_ab` compares against the rule before: the highest goodput of the round alone."""
+    from benchmarks.opening_ab import goodput_opening
+
+    flagship = DEVICE_CLASSES["flagship-phone"]
+    v = view(prefill_ms=controller(0.8, device=flagship).round_ms(0, view()))  # the wait would hide it all
+    with goodput_opening():
+        c = controller(0.8, device=flagship)
+        k = c.choose(v)
+    assert k == max(c.plan(v), key=lambda r: r.tokens_per_s).k > 0
+    assert controller(0.8, device=flagship).choose(v) == 0  # restored
+
+
 def test_controller_keeps_within_the_energy_budget():
     thirsty = DeviceProfile("thirsty", 20.0, 1.0, 30.0, 1.0, 1.0, 0.1, 0.1, 512)  # 0.6 J per drafted token
     c = controller(0.85, device=thirsty)
