@@ -305,8 +305,9 @@ class FlexSpecController(Policy):
         return rows
 
     def choose(self, view: RoundView) -> int:
-        """The fastest (K, draft ahead or not) within the energy budget, else the most frugal; the
-        draft-ahead half of the choice is left in `ahead_now`."""
+        """The fastest (K, draft ahead or not) within the energy budget, else the most frugal; while draft
+        prefill is pending, the lowest overrun within the budget (module docstring, Prefill). The draft-ahead
+        half of the choice is left in `ahead_now`."""
         rows = self.plan(view)
         feasible = [r for r in rows if r.j_per_token <= self.device.energy_budget_j_per_token]
         if not feasible:
