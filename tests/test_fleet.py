@@ -85,9 +85,11 @@ class FlakyTransport:
         return await self.inner.send(rnd)
 
 
-def test_greedy_fleet_devices_emit_the_targets_greedy_output(family_models, humaneval_prompts):
+def test_greedy_fleet_devices_emit_the_targets_greedy_output(family_models, humaneval_prompts, monkeypatch):
     prompts = [p[-40:] for p in humaneval_prompts[:6]]
     spec = small_fleet()
+    fed, prefill_job = [], DraftProposer.prefill_job
+    monkeypatch.setattr(DraftProposer, "prefill_job", lambda self, s, *a: fed.append(s.session_id) or prefill_job(self, s, *a))
     res = run_shard(spec, prompts, family_models)
     assert_all_completed(res)
     assert res.sessions_started == len(res.sessions) == 24
@@ -96,6 +98,9 @@ def test_greedy_fleet_devices_emit_the_targets_greedy_output(family_models, huma
         assert s["tokens"] == ref[s["prompt_index"]], s["session"]
     assert {r["device_class"] for r in res.rounds} == {"flagship-phone", "wearable"}
     assert max(res.lags_ms) < 1000
+    # wearables (5 ms per prompt token) open cloud-only, their prompts fed during the wait
+    opened = {r["session"] for r in res.rounds if r["round"] == 0 and r["k"] == 0 and r["device_class"] == "wearable"}
+    assert opened and opened <= set(fed)
 
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])  # Ray's actors run uvloop
@@ -200,6 +205,36 @@ def test_devices_that_ask_together_share_draft_steps_and_get_what_they_would_alo
     proposer.draft_ahead([alone[0]], [3])
     assert [g.tokens for g in got] == [w.tokens for w in want]
     assert sessions[0].drafted == alone[0].drafted
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_a_cloud_only_round_feeds_the_prompt_and_the_next_round_drafts_as_it_would_have(family_models,
+                                                                                      humaneval_prompts, temperature):
+    """The prompt is fed in a step that drafts nothing (a sampling session's generator is not drawn), and
+    after the cloud's token the next round feeds only that token and drafts what a cold session would."""
+    from flexspec_serve.fleet.drafter import StepDrafter
+
+    proposer = DraftProposer(family_models["draft"])
+    prompt, sampling = humaneval_prompts[4], SamplingParams(temperature, 1.0, 7)
+
+    async def main(s):
+        drafter = StepDrafter(proposer)
+        try:
+            await drafter.prefill(s)
+            fed, steps = s.cache.length, drafter.steps
+            proposer.apply(s, [], 0, 42)  # the cloud-only round's answer
+            return fed, steps, await drafter.propose(s, 4), drafter.steps
+        finally:
+            drafter.close()
+
+    warm = proposer.start("warm", prompt, sampling)
+    fed, steps, got, steps_after = asyncio.run(main(warm))
+    assert (fed, steps, steps_after) == (len(prompt), 1, 1 + 4)
+    cold = proposer.start("cold", prompt, sampling)
+    proposer.apply(cold, [], 0, 42)
+    want = proposer.propose([cold], [4])[0]
+    assert got.tokens == want.tokens and warm.cache.length == cold.cache.length
+    assert proposer.prefill_job(warm) is None  # a draft in flight: nothing to feed
 
 
 def test_a_failed_draft_step_fails_its_devices_and_the_next_ones_still_draft(family_models, humaneval_prompts,

@@ -93,6 +93,7 @@ class DraftJob:
     plan: dict[int, int]
     branches: dict[int, Branch]
     on_done: Callable[[list[Step]], None]
+    feed_only: bool = False  # feed the session's backlog and draft nothing (`DraftProposer.prefill_job`)
 
 
 class DraftProposer:
@@ -175,6 +176,20 @@ class DraftProposer:
         # the next round's branches, assuming it has this one's K
         return DraftJob(s, list(s.drafted), n, self._plan(s.shape, s.sent, s.sent + 1), s.ahead_branches, finish)
 
+    def prefill_job(self, s: EdgeSession, on_done: Callable[[], None] | None = None) -> DraftJob | None:
+        """While a cloud-only round waits: feed the draft cache the committed tokens it has not seen (a
+        session's prompt, at first), as a job for `run_jobs` that takes one step's forward and drafts nothing,
+        so the next round's first step feeds only the cloud's token. None when there is nothing to feed (or a
+        draft is in flight: a K = 0 round has none)."""
+        if not self.backlog(s) or s.drafted or s.ready:
+            return None
+
+        def finish(out: list[Step]) -> None:
+            if on_done is not None:
+                on_done()
+
+        return DraftJob(s, [], 1, {}, {}, finish, feed_only=True)
+
     @staticmethod
     def backlog(s: EdgeSession) -> int:
         """Committed tokens the draft cache has not fed yet (0 when it is ahead of them, after a hit)."""
@@ -224,14 +239,16 @@ class DraftProposer:
 
     def _step(self, jobs: list[DraftJob]) -> None:
         """One draft step of each job: it feeds whatever its cache has not seen yet (the backlog, then the
-        last draft token) and drafts the next token; the branches its plan grows take a step too."""
+        last draft token) and drafts the next token (a feed-only job drafts none); the branches its plan grows
+        take a step too."""
         rows = [(j.session.cache, self._unfed(j.session, j.out)) for j in jobs]
         twigs = [(j, *r) for j, (cache, x) in zip(jobs, rows) for r in self._branch_rows(cache, x, j.out, j.plan, j.branches)]
         logits = run_ragged_by_shape(self.model, [r[0] for r in rows] + [t[1] for t in twigs],
                                      [r[1] for r in rows] + [t[2] for t in twigs], self.decode_max)
         for j, lg in zip(jobs, logits):
-            j.out.append(self._choose(lg[-1], j.session))
             j.left -= 1
+            if not j.feed_only:
+                j.out.append(self._choose(lg[-1], j.session))
         for (j, _, _, tokens), lg in zip(twigs, logits[len(rows):]):
             tokens.append(self._choose(lg[-1], j.session, runner_up=False)[0])
 

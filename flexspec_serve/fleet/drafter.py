@@ -60,6 +60,14 @@ class StepDrafter:
         if job is not None:
             await self._submit(job, fut, 0.0)
 
+    async def prefill(self, session: EdgeSession) -> None:
+        """The session's backlog fed into its draft cache (`DraftProposer.prefill_job`), in the next step."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        job = self.proposer.prefill_job(session, lambda: loop.call_soon_threadsafe(resolve, fut, None))
+        if job is not None:
+            await self._submit(job, fut, 0.0)
+
     @property
     def mean_batch_size(self) -> float:
         """Devices per draft step (forward)."""

@@ -9,6 +9,10 @@ Each device follows its own arrival process (sessions separated by think time) a
     cloud      a real round through the transport (Serve handle, HTTP, or in-process)
     downlink   due at delivery of the answer's bytes
 
+A cloud-only round (K = 0, a session that opens cloud-only) feeds the draft what it has not seen (the
+prompt) during its wait, as the device's emulated clock assumes; otherwise this host would compute that
+prefill inside the next round's draft time, which the clock no longer charges for it.
+
 Waits happen in wall time (`FleetClock`, shared by every actor of a run through the start epoch). How late
 each due time actually fires is the *emulation lag*, recorded per event: while it stays small, every
 device's clock is faithful to its profile even though all devices share a few host cores.
@@ -225,7 +229,9 @@ class Shard:
         f.lags.append(await clock.sleep_until(t0 + f.draft_ms, "draft"))
         f.sent = clock.now_ms()
         on_answer = None
-        if not self.spec.ahead.sends:
+        if not k and self.proposer.backlog(client.edge) > 1:  # the device prefills during a cloud-only round
+            f.after.append(asyncio.create_task(self.drafter.prefill(client.edge)))
+        elif not self.spec.ahead.sends:
             f.guess = self._start_guess(dev, client, k)
             if dev.ahead_now and k:
                 on_answer = lambda res: f.after.append(  # noqa: E731
