@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from flexspec_serve.batching import resolve
@@ -54,17 +55,17 @@ class StepDrafter:
 
     async def ahead(self, session: EdgeSession, n: int) -> None:
         """n more tokens drafted past what the session has drafted (`DraftProposer.draft_ahead`), no waiting."""
-        loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-        job = self.proposer.ahead_job(session, n, lambda: loop.call_soon_threadsafe(resolve, fut, None))
-        if job is not None:
-            await self._submit(job, fut, 0.0)
+        await self._side_job(lambda done: self.proposer.ahead_job(session, n, done))
 
     async def prefill(self, session: EdgeSession) -> None:
-        """The session's backlog fed into its draft cache (`DraftProposer.prefill_job`), in the next step."""
+        """The session's backlog fed into its draft cache (`DraftProposer.prefill_job`), no waiting."""
+        await self._side_job(lambda done: self.proposer.prefill_job(session, done))
+
+    async def _side_job(self, make: Callable[[Callable[[], None]], DraftJob | None]) -> None:
+        """A job without a result (drafting ahead, feeding a backlog), `make(on_done)`; None: nothing to do."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        job = self.proposer.prefill_job(session, lambda: loop.call_soon_threadsafe(resolve, fut, None))
+        job = make(lambda: loop.call_soon_threadsafe(resolve, fut, None))
         if job is not None:
             await self._submit(job, fut, 0.0)
 

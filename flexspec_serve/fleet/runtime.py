@@ -229,7 +229,8 @@ class Shard:
         f.lags.append(await clock.sleep_until(t0 + f.draft_ms, "draft"))
         f.sent = clock.now_ms()
         on_answer = None
-        if not k and self.proposer.backlog(client.edge) > 1:  # the device prefills during a cloud-only round
+        if not k and self.proposer.backlog(client.edge) > 1 and len(client.tokens) + 1 < self.spec.max_new_tokens:
+            # the device prefills during a cloud-only round that the session goes on after
             f.after.append(asyncio.create_task(self.drafter.prefill(client.edge)))
         elif not self.spec.ahead.sends:
             f.guess = self._start_guess(dev, client, k)
