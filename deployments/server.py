@@ -14,6 +14,7 @@ from deployments.config import VersionSpec
 from flexspec_serve import protocol as P
 from flexspec_serve.edge.devices import CLOUD_PROFILES
 from flexspec_serve.engine.errors import ConditionNotMet, EngineError, ResyncRequired
+from flexspec_serve.engine.stats import SPREAD_KEYS
 from flexspec_serve.engine.verifier import Verifier, VerifierLimits
 from flexspec_serve.zoo.loading import check_tokenizers_match, load_causal_lm, load_tokenizer
 
@@ -108,8 +109,7 @@ class VerifierServer:
 SUMMED = ("sessions", "cache_bytes", "cache_hits", "cache_misses", "evictions", "expired", "batches", "errors",
           "held_batches", "overrun_batches",
           "rounds", "draft_tokens", "accepted_tokens", "generated_tokens")
-WINDOW = ("rounds", "draft_tokens", "accepted_tokens", "generated_tokens",
-          "sessions", "accepted_sq", "draft_sq", "cross")  # the last four: `SessionSpread` (replicas hold disjoint sessions)
+WINDOW = ("rounds", "draft_tokens", "accepted_tokens", "generated_tokens", *SPREAD_KEYS)
 
 
 def merge_replica_stats(replies: list[dict]) -> dict:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from deployments.config import CanaryPlan, CanaryRuleFields, DrainPlan, FileRegistry, RegistryState, VersionSpec
+from flexspec_serve.engine.stats import SessionSpread
 from flexspec_serve.versions import CanaryRules, Decision, VersionWindow, judge_canary
 
 
@@ -177,8 +178,7 @@ class VersionManager:
         if window is None:
             window = {k: now[k] - start.get(k, 0) for k in COUNTERS}
         return VersionWindow(int(window["rounds"]), int(window["draft_tokens"]), int(window["accepted_tokens"]),
-                             now["errors"] - start.get("errors", 0), int(window.get("sessions", 0)),
-                             window.get("accepted_sq", 0.0), window.get("draft_sq", 0.0), window.get("cross", 0.0))
+                             now["errors"] - start.get("errors", 0), SessionSpread.from_dict(window))
 
     @staticmethod
     def _require(state: RegistryState, version: str) -> None:

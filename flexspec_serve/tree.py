@@ -19,6 +19,7 @@ No torch here: the controller and the fleet spec use it too.
 
 from __future__ import annotations
 
+import functools
 from enum import Enum
 
 BRANCH_TOKENS = 2  # continuation of a runner-up: `tree_headroom` finds little past 2 at the K it picks
@@ -48,6 +49,7 @@ def continuations(k: int, tree: Tree, max_nodes: int = MAX_NODES) -> list[int]:
     return out
 
 
+@functools.cache  # the controller asks for every K of every plan, once per round
 def tree_nodes(k: int, tree: Tree, max_nodes: int = MAX_NODES) -> int:
     """Draft tokens a K-step round sends and the cloud verifies."""
     return k + (k + sum(continuations(k, tree, max_nodes)) if tree.siblings and k else 0)

@@ -22,14 +22,14 @@ Neither deploys, routes or writes the registry.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from flexspec_serve.engine.generate import speculative_generate
 from flexspec_serve.engine.proposer import DraftProposer
-from flexspec_serve.engine.stats import AcceptanceStats, expected_acceptance_length, merge_sessions
+from flexspec_serve.engine.stats import AcceptanceStats, SessionSpread, expected_acceptance_length, merge_sessions
 from flexspec_serve.engine.verifier import Verifier
 from flexspec_serve.zoo.loading import check_tokenizers_match, load_causal_lm, load_tokenizer
 
@@ -98,10 +98,7 @@ class VersionWindow:
     draft_tokens: int
     accepted_tokens: int
     errors: int
-    sessions: int = 0
-    accepted_sq: float = 0.0
-    draft_sq: float = 0.0
-    cross: float = 0.0
+    spread: SessionSpread = field(default_factory=SessionSpread)
 
     @classmethod
     def of_sessions(cls, sessions: list[AcceptanceStats], errors: int = 0, counted: bool = True) -> VersionWindow:
@@ -109,7 +106,11 @@ class VersionWindow:
         sessions, as counter deltas give it)."""
         total, spread = merge_sessions(sessions)
         return cls(total.rounds, total.draft_tokens, total.accepted_tokens, errors,
-                   **(spread.as_dict() if counted else {}))
+                   spread if counted else SessionSpread())
+
+    @property
+    def sessions(self) -> int:
+        return self.spread.sessions
 
     @property
     def alpha(self) -> float:
@@ -124,7 +125,8 @@ class VersionWindow:
             return 0.0
         if n < 2 or not self.draft_tokens:
             return math.inf
-        residual = max(0.0, self.accepted_sq - 2 * a * self.cross + a * a * self.draft_sq)
+        sp = self.spread
+        residual = max(0.0, sp.accepted_sq - 2 * a * sp.cross + a * a * sp.draft_sq)
         return math.sqrt(n / (n - 1) * residual) / self.draft_tokens
 
     @property

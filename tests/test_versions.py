@@ -107,9 +107,13 @@ def test_manager_judges_on_the_window_of_young_sessions_when_replicas_give_one(m
     assert decision[0].action == "promote"  # the cumulative alpha of v1's old sessions (0.6) is not the yardstick
 
 
-def test_the_canary_keeps_the_session_rules_it_was_started_with(manager):
-    from dataclasses import asdict
+def as_reply(w: VersionWindow) -> dict:
+    """A replica's `window` reply for this window (`VerifierServer.stats`)."""
+    return {"rounds": w.rounds, "draft_tokens": w.draft_tokens, "accepted_tokens": w.accepted_tokens,
+            **w.spread.as_dict()}
 
+
+def test_the_canary_keeps_the_session_rules_it_was_started_with(manager):
     base = window([(24, 40)] * 10)  # alpha 0.6
     spread = window([(12, 40), (20, 40)] * 5)  # alpha 0.4 +- 0.033: past the limit by 2 standard errors, not 3
     assert judge_canary(RULES, 31, base, spread).action == "rollback"  # z = 2
@@ -118,10 +122,10 @@ def test_the_canary_keeps_the_session_rules_it_was_started_with(manager):
     plan = manager.canary("v2", 0.2, strict, stats={"v1": stats(0, 0.0), "v2": stats(0, 0.0)}).canary
     assert (plan.min_sessions, plan.z) == (12, 3.0)
     manager.clock.t += 31
-    reply = {"v1": {**stats(100, 0.6), "window": asdict(base)}, "v2": {**stats(100, 0.4), "window": asdict(spread)}}
+    reply = {"v1": {**stats(100, 0.6), "window": as_reply(base)}, "v2": {**stats(100, 0.4), "window": as_reply(spread)}}
     assert "waiting for 12 sessions" in manager.tick(reply)[0].reason
     more = window([(24, 40)] * 12), window([(12, 40), (20, 40)] * 6)
-    reply = {v: {**stats(120, 0.5), "window": asdict(w)} for v, w in zip(("v1", "v2"), more)}
+    reply = {v: {**stats(120, 0.5), "window": as_reply(w)} for v, w in zip(("v1", "v2"), more)}
     decision = manager.tick(reply)[0]
     assert decision.action == "continue" and "not yet beyond" in decision.reason  # z = 3
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 
 def expected_acceptance_length(alpha: float, k: int) -> float:
@@ -88,8 +88,15 @@ class SessionSpread:
         self.cross += a * d
 
     def as_dict(self) -> dict:
-        return {"sessions": self.sessions, "accepted_sq": self.accepted_sq, "draft_sq": self.draft_sq,
-                "cross": self.cross}
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SessionSpread:
+        """From `as_dict`'s keys (missing ones: 0, as from a replica that does not count sessions)."""
+        return cls(int(d.get("sessions", 0)), *(float(d.get(f.name, 0.0)) for f in fields(cls)[1:]))
+
+
+SPREAD_KEYS = tuple(f.name for f in fields(SessionSpread))  # summed across replicas (they hold disjoint sessions)
 
 
 def merge_sessions(sessions: Iterable[AcceptanceStats]) -> tuple[AcceptanceStats, SessionSpread]:
