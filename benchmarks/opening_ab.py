@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks.draft_ahead import CLASSES, pooled
+from benchmarks.draft_ahead import CLASSES
+from benchmarks.emulated_ab import ratio_row, replaced
 from flexspec_serve import paths
 from flexspec_serve.ahead import Ahead
 from flexspec_serve.edge.bench import BenchConfig, Cell, run_bench
@@ -31,15 +32,9 @@ MODES = {"idle, chain": (Ahead.OFF, Tree.CHAIN), "draft-ahead, chain": (Ahead.DR
          "draft-ahead, branches": (Ahead.DRAFT, Tree.BRANCHES)}
 
 
-@contextmanager
 def goodput_opening():
     """The rule before: rank by the round's own goodput whatever the prefill (the lowest key wins)."""
-    kept = vars(FlexSpecController)["overrun_ms"]  # the staticmethod itself
-    FlexSpecController.overrun_ms = staticmethod(lambda row, prefill_ms, steady: -row.tokens_per_s)
-    try:
-        yield
-    finally:
-        FlexSpecController.overrun_ms = kept
+    return replaced(FlexSpecController, "overrun_ms", staticmethod(lambda row, prefill_ms, steady: -row.tokens_per_s))
 
 
 def run(cfg: BenchConfig, rule: str) -> list[Cell]:
@@ -49,19 +44,10 @@ def run(cfg: BenchConfig, rule: str) -> list[Cell]:
         return run_bench(cfg)
 
 
-def row(label: str, temperature: float, seed: int, runs: dict[str, list[Cell]], devices: int) -> dict:
-    out = {"mode": label, "T": temperature, "seed": seed}
-    for rule, cells in runs.items():
-        out[f"{rule}: vs cloud-only"] = round(pooled(cells, "adaptive") / pooled(cells, "cloud-only"), 3)
-    for cls in CLASSES:
-        for rule, cells in runs.items():
-            mine = [c for c in cells if c.device_class == cls]
-            out[f"{cls} {rule}"] = round(pooled(mine, "adaptive") / pooled(mine, "cloud-only"), 3)
-    for rule, cells in runs.items():  # the opening shows as cloud-only rounds of the adaptive devices
-        adaptive = [c for c in cells if c.policy == "adaptive"]
-        out[f"{rule}: cloud-only rounds / session"] = round(
-            sum(c.rounds - c.drafting_rounds for c in adaptive) / devices, 2)
-    return out
+def cloud_only_rounds(devices: int) -> Callable[[str, list[Cell]], dict]:
+    """The opening shows as cloud-only rounds of the adaptive devices (per session: one per device)."""
+    return lambda rule, adaptive: {f"{rule}: cloud-only rounds / session": round(
+        sum(c.rounds - c.drafting_rounds for c in adaptive) / devices, 2)}
 
 
 def main() -> None:
@@ -81,7 +67,8 @@ def main() -> None:
         for seed in seeds:
             for label, (ahead, tree) in MODES.items():
                 cfg = BenchConfig(**base, ahead=ahead, tree=tree, temperature=temperature, seed=seed)
-                rows.append(row(label, temperature, seed, {r: run(cfg, r) for r in ("goodput", "overrun")}, devices))
+                runs = {r: run(cfg, r) for r in ("goodput", "overrun")}
+                rows.append(ratio_row(label, temperature, seed, runs, cloud_only_rounds(devices)))
                 logging.info("%s", rows[-1])
     text = "\n".join([
         "# How a session opens: goodput per round vs overrun while the prefill is pending (emulated time)\n",

@@ -3,7 +3,9 @@ emulator, the adaptive controller and the benchmarks (no torch here, so a fleet 
 
 - `off`: the device idles until the answer comes.
 - `draft`: draft-ahead. It drafts its guess d_{K+1}, then `ahead_tokens(K)` more; after a lookahead hit (all K
-  accepted and the cloud's token was d_{K+1}) the next round's draft is ready.
+  accepted and the cloud's token was d_{K+1}) the next round's draft is ready. With token trees of `branches`
+  it also continues the guess's runner-up s_{K+1} (a second guess, `second_guess`), one more branch in the
+  same steps, so a round whose cloud token was s_{K+1} is a lookahead hit too.
 - `pipeline`: draft-ahead, and it sends that next round as soon as it is drafted, before the answer; the
   cloud verifies it only if the round before it committed what it assumes (see `protocol.DraftRound.assume`).
 """
@@ -11,6 +13,8 @@ emulator, the adaptive controller and the benchmarks (no torch here, so a fleet 
 from __future__ import annotations
 
 from enum import Enum
+
+from flexspec_serve.tree import Tree
 
 
 class Ahead(str, Enum):
@@ -33,3 +37,10 @@ def ahead_tokens(k: int) -> int:
     """Tokens drafted ahead past d_{K+1} while a K-token round waits: a next round of the same K and its
     own guess, so a hit's next round needs no draft step before it is sent."""
     return k + 1
+
+
+def second_guess(ahead: Ahead, tree: Tree) -> bool:
+    """Whether a device drafting ahead also continues the guess's runner-up s_{K+1}: on `branches`, whose steps
+    already run one row per open branch (`flexspec_serve.tree`), and not when pipelining (the round it sends
+    early assumes d_{K+1})."""
+    return Ahead(ahead) is Ahead.DRAFT and Tree(tree) is Tree.BRANCHES

@@ -300,7 +300,7 @@ def test_draft_ahead_keeps_greedy_output_and_guesses_the_next_draft_token(family
     assert proposer.guess(sessions[1]) is None  # a cloud-only round guesses nothing
     hits = []
     results = speculative_generate(proposer, Verifier(family_models["v1"], family_models["draft"]),
-                                   humaneval_prompts[:20], MAX_NEW, lambda i, r: (i + r) % 6, draft_ahead=True,
+                                   humaneval_prompts[:20], MAX_NEW, lambda i, r: (i + r) % 6, ahead="draft",
                                    on_round=hits.append)
     assert [r.tokens for r in results] == reference_greedy["v1"]  # hits start rounds from drafted-ahead tokens
     assert any(ev.lookahead_hit for ev in hits)

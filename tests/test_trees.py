@@ -288,21 +288,77 @@ def test_tokens_drafted_ahead_grow_their_branches_and_a_hit_keeps_them_true(fami
     assert proposer.propose([s], [3])[0].tokens == proposer.propose([fresh], [3])[0].tokens == greedy(s.tokens, 3)
 
 
+def test_a_cloud_token_equal_to_the_guesss_runner_up_is_a_hit_whose_next_round_drafts_on_from_it(
+        family_models, humaneval_prompts):
+    from flexspec_serve.engine.proposer import DraftProposer
+    from flexspec_serve.engine.sampling import SamplingParams
+    from flexspec_serve.tree import Tree
+
+    draft = family_models["draft"]
+    proposer, prompt = DraftProposer(draft), humaneval_prompts[2][-30:]
+
+    def round_in_flight(name: str):
+        s = proposer.start(name, prompt, SamplingParams())
+        return s, proposer.propose([s], [3], lookahead=True, tree=Tree.BRANCHES)[0]
+
+    s, first = round_in_flight("s")
+    chain, (guess, _, runner_up) = first.tokens[:3], s.drafted[3]
+    assert runner_up not in (-1, guess)
+    # what does not count: the path left the chain, a rejection, or a token neither guess named
+    for accepted, token, path in ((3, runner_up, [0, 1, 4]), (2, runner_up, None), (3, 1 + max(guess, runner_up), None)):
+        assert not proposer.take_second_guess(s, accepted, token, path) and s.drafted[3][0] == guess
+    ahead, _ = round_in_flight("ahead")
+    proposer.draft_ahead([ahead], [2])  # drafted on past d_4: that continuation follows the first guess only
+    assert not proposer.take_second_guess(ahead, 3, runner_up, None)
+
+    from benchmarks.second_guess_ab import first_guess_only  # its old arm takes none
+    with first_guess_only():
+        assert not proposer.take_second_guess(s, 3, runner_up, [0, 1, 2])
+    assert proposer.take_second_guess(s, 3, runner_up, [0, 1, 2])
+    assert proposer.guess(s) == runner_up and proposer.lookahead_hit(s, 3, runner_up, [0, 1, 2])
+    proposer.draft_ahead([s], [4])  # the next round's 3 tokens and its guess, on from s_4
+    proposer.apply_tree(s, chain, runner_up)
+    assert s.tokens == prompt + chain + [runner_up]
+    assert [t for t, *_ in s.ready] == reference_greedy(draft, s.tokens, 4)  # what drafting after the answer gives
+    assert proposer.steps_needed(s, 3) == 0 and s.cache.length == len(s.tokens) + 3
+    nxt = proposer.propose([s], [3], tree=Tree.BRANCHES)[0]
+    fresh = proposer.start("f", s.tokens, SamplingParams())
+    assert nxt == proposer.propose([fresh], [3], tree=Tree.BRANCHES)[0]  # the same tree, branches and all
+
+
 @pytest.mark.parametrize("tree", ["second", "branches"])
 def test_token_trees_with_draft_ahead_keep_greedy_output_and_an_off_chain_path_is_never_a_hit(
-        family_models, humaneval_prompts, tree, needs_variety):
+        family_models, humaneval_prompts, tree, needs_variety, monkeypatch):
     from flexspec_serve.engine.generate import speculative_generate
     from flexspec_serve.engine.proposer import DraftProposer
     from flexspec_serve.engine.verifier import Verifier
     from flexspec_serve.tree import on_chain
 
+    took, real = set(), DraftProposer.take_second_guess
+
+    def spy(s, accepted, token, path=None):
+        if real(s, accepted, token, path):
+            took.add(s.session_id)
+            return True
+        return False
+
+    monkeypatch.setattr(DraftProposer, "take_second_guess", staticmethod(spy))
     prompts = humaneval_prompts[:12]
     want = [reference_greedy(family_models["v1"], p, MAX_NEW) for p in prompts]
-    events = []
+    events, second = [], []
+
+    def on_round(e):
+        events.append(e)
+        if f"s{e.index}" in took:  # this round's cloud token was the guess's runner-up
+            took.discard(f"s{e.index}")
+            second.append(e)
+
     out = speculative_generate(DraftProposer(family_models["draft"]), Verifier(family_models["v1"]), prompts, MAX_NEW,
-                               lambda i, r: 1 + (i + r) % 4, on_round=events.append, draft_ahead=True, tree=tree)
+                               lambda i, r: 1 + (i + r) % 4, on_round=on_round, ahead="draft", tree=tree)
     assert [c.tokens for c in out] == want
     assert any(e.lookahead_hit for e in events)
+    assert all(e.lookahead_hit and e.k for e in second)
+    assert bool(second) == (tree == "branches")  # second guesses ride on branches only
     needs_variety(any(not on_chain(e.result.path) for e in events), "a round that accepts a runner-up")
     assert not any(e.lookahead_hit and not on_chain(e.result.path) for e in events)
     if tree == "branches":  # a round drafted ahead grew its branches too

@@ -21,8 +21,9 @@ It opens with a cloud-only round when that costs less than drafting through the 
 the lowest overrun is the highest goodput (T - tau / G >= 0, and 0 at the best K), so nothing else changes.
 
 Draft-ahead (a device option): while a round waits for its answer the device drafts d_{K+1} (its guess of
-the cloud's bonus token) and then the next round's tokens. On a lookahead hit (all K accepted and the
-guess right, `AcceptanceEstimator.p_hit`) the next round starts with those tokens
+the cloud's bonus token) and then the next round's tokens (with branches, from its runner-up too: a second
+guess, `flexspec_serve.ahead.second_guess`). On a lookahead hit (all K accepted and a guess right,
+`AcceptanceEstimator.p_hit`) the next round starts with those tokens
 already drafted (`RoundView.predrafted`), so the controller counts the expected saving against T_round(K)
 and the pre-draft's energy (spent hit or miss) in J/token; it chooses K and whether to draft ahead at all
 this round together (`ahead_now`), so a tight energy budget buys a longer draft rather than a pre-draft.
@@ -132,7 +133,8 @@ class AcceptanceEstimator:
 
     def guess_rate(self, k: int) -> float:
         """P(lookahead hit | all K accepted), learned from the rounds that drafted a guess, shrunk toward the
-        acceptance rate of the position after d_K (which it is for a greedy chain). It is lower when sampling
+        acceptance rate of the position after d_K (which it is for a greedy chain; a second guess raises it,
+        which it learns). It is lower when sampling
         (the cloud's token ~ p and the guess ~ q are drawn apart) and for token trees (a path through a branch
         reaches depth K off the chain)."""
         return (self.guessed_right + self.strength * self.position_alpha(k)) / (self.guessed + self.strength)

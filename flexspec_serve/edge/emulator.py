@@ -13,9 +13,11 @@ What a device does while its round waits is `EmulatedDevice.ahead` (`flexspec_se
 
 Draft-ahead (`Ahead.DRAFT`): the device drafts during the wait for the answer (up to
 `DeviceProfile.ahead_steps`), and pays that energy hit or miss. On a lookahead hit the next round's first
-tokens are ready (`predrafted`) and cost no draft time. When this host's draft computes them does not enter
-the figures, only the emulated clock does: the in-process loop drafts them before applying the answer, a
-fleet actor during the round's wait and downlink (greedy: the same tokens; sampling: the same distribution).
+tokens are ready (`predrafted`) and cost no draft time. With `branches` the guess's runner-up is a second
+guess (`flexspec_serve.ahead.second_guess`): its continuation grows in the same steps, one row more, and a
+hit on it readies the next round just the same. When this host's draft computes them does not enter
+the figures, only the emulated clock does: the in-process loop drafts them (for hits only) before applying
+the answer, a fleet actor as the answer comes down (greedy: the same tokens; sampling: the same distribution).
 
 Pipelining (`Ahead.PIPELINE`, on top of draft-ahead): after a lookahead hit whose next round the
 device had drafted before the answer came, that round was already sent then, with the same K: it left
@@ -27,7 +29,7 @@ counts the round's nodes, the draft time only its K steps (a branch grows in the
 that ends on a node the draft never fed (a leaf) leaves that node unfed with the cloud's token.
 
 The device counts its own draft cache (`backlog_tokens`, `predrafted`): what it fed and drafted ahead within
-its own waits. This host's proposer may hold more (the in-process loop drafts ahead fully for every session,
+its own waits. This host's proposer may hold more (the in-process loop drafts ahead fully after every hit,
 whatever the wait), so the emulated clock and energy never read the proposer's cache.
 """
 
@@ -257,14 +259,14 @@ def run_devices(devices: list[EmulatedDevice], prompts: list[list[int]], propose
     """Device i generates for prompts[i] until max_new_tokens; returns one summary per device."""
     if len(devices) != len(prompts):
         raise ValueError(f"{len(devices)} devices but {len(prompts)} prompts")
-    if len({d.tree for d in devices}) > 1:
-        raise ValueError("devices of one run all send drafts of one shape (`tree`)")
+    if len({d.tree for d in devices}) > 1 or len({d.ahead for d in devices}) > 1:
+        raise ValueError("devices of one run all send drafts of one shape (`tree`) and share one `ahead` mode")
     for dev, prompt in zip(devices, prompts):
         dev.start_session(len(prompt))
     speculative_generate(
         proposer, transport, prompts, max_new_tokens, choose_k=lambda i, r: devices[i].choose_k(), sampling=sampling,
         session_prefix=session_prefix, on_round=lambda ev: devices[ev.index].finish_round(ev), target=target,
-        draft_ahead=any(d.ahead.drafts for d in devices), tree=devices[0].tree if devices else Tree.CHAIN,
+        ahead=devices[0].ahead if devices else Ahead.OFF, tree=devices[0].tree if devices else Tree.CHAIN,
     )
     return [summarize(d) for d in devices]
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from flexspec_serve import protocol as P
-from flexspec_serve.ahead import ahead_tokens
+from flexspec_serve.ahead import Ahead, ahead_tokens, second_guess
 from flexspec_serve.engine.client import ClientSession
 from flexspec_serve.engine.proposer import DraftProposer, Proposal
 from flexspec_serve.engine.sampling import SamplingParams
@@ -37,7 +37,8 @@ class RoundEvent:
     bytes_up: int
     bytes_down: int
     result: P.RoundResult
-    # draft-ahead: all K accepted and the cloud's token was the draft's d_{K+1}; None: no guess was drafted
+    # draft-ahead: all K accepted and the cloud's token was the draft's d_{K+1} (or a second guess, its
+    # runner-up); None: no guess was drafted
     lookahead_hit: bool | None = None
     parents: tuple[int, ...] | None = None  # a token-tree round: its nodes' parents (K stays the draft steps)
 
@@ -53,12 +54,14 @@ def speculative_generate(
     stop_token: int | None = None,
     on_round: Callable[[RoundEvent], None] | None = None,
     target: str | None = None,
-    draft_ahead: bool = False,
+    ahead: Ahead = Ahead.OFF,
     tree: Tree = Tree.CHAIN,
 ) -> list[ClientSession]:
-    """Generate for every prompt; `proposer=None` or K = 0 means cloud-only rounds. `draft_ahead` drafts
-    d_{K+1} too (not sent) and `ahead_tokens(K)` past it before the answer is applied; a lookahead hit's next
-    round starts from them (`on_round` is told of hits; the output does not change in greedy mode).
+    """Generate for every prompt; `proposer=None` or K = 0 means cloud-only rounds. A device that drafts
+    `ahead` drafts d_{K+1} too (not sent) and, on a lookahead hit, `ahead_tokens(K)` past it before the answer
+    is applied: what it drafted during the wait, computed only when it is used (as the fleet does); the hit's
+    next round starts from them (`on_round` is told of hits; the output does not change in greedy mode).
+    With branches and no pipelining the guess's runner-up counts as a second guess (`ahead.second_guess`).
 
     `tree`: sessions send token trees of that shape (`flexspec_serve.tree`; the K in `RoundEvent` stays
     the draft steps).
@@ -74,11 +77,12 @@ def speculative_generate(
     while running:
         ks = [0 if proposer is None else max(0, min(pick(i, round_idx), max_new_tokens - len(clients[i].tokens) - 1))
               for i in running]
-        proposals = (proposer.propose([clients[i].edge for i in running], ks, draft_ahead, tree=tree)
+        proposals = (proposer.propose([clients[i].edge for i in running], ks, Ahead(ahead).drafts, tree=tree)
                      if proposer else [None] * len(running))
-        if proposer and draft_ahead:  # what the devices draft while the round is on the air
-            proposer.draft_ahead([clients[i].edge for i in running], [ahead_tokens(k) for k in ks])
         exchanges = round_trip_resync(transport, [clients[i] for i in running], proposals)
+        if proposer and Ahead(ahead).drafts:  # what the devices drafted while the round was on the air
+            drafted_ahead(proposer, [clients[i].edge for i in running], ks, [ex.result for ex in exchanges],
+                          second_guess(ahead, tree))
         still = []
         for i, k, prop, ex in zip(running, ks, proposals, exchanges):
             edge = clients[i].edge
@@ -95,6 +99,19 @@ def speculative_generate(
     for c in clients:
         del c.tokens[max_new_tokens:]
     return clients
+
+
+def drafted_ahead(proposer: DraftProposer, edges: list, ks: list[int], results: list[P.RoundResult],
+                  second: bool) -> None:
+    """The tokens drafted past d_{K+1} during each round's wait, for the rounds that use them (lookahead hits,
+    `second`: counting second guesses), in one batched draft run."""
+    hits = []
+    for edge, k, r in zip(edges, ks, results):
+        if second:
+            proposer.take_second_guess(edge, r.accepted, r.token, r.path)
+        if k and proposer.lookahead_hit(edge, r.accepted, r.token, r.path):
+            hits.append((edge, ahead_tokens(k)))
+    proposer.draft_ahead([e for e, _ in hits], [n for _, n in hits])
 
 
 def round_trip_resync(transport, clients: list[ClientSession], drafts: list[Proposal | None]) -> list[Exchange]:

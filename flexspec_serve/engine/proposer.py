@@ -10,7 +10,9 @@ round waits for its answer. On a *lookahead hit* (all K accepted and the cloud's
 keeps those tokens as the session's `ready` draft and the next `propose` starts from them; on a miss they
 are dropped with the rest of the rejected draft. A client that already sent the first of them as a
 pipelined round (see `engine.verifier`) marks them sent with `promote`. Either way the drafted tokens are the ones drafting after
-the answer would give (greedy: the same tokens; sampling: the same distribution).
+the answer would give (greedy: the same tokens; sampling: the same distribution). A second guess (the guess
+step's runner-up s_{K+1}, for devices that grow it: `flexspec_serve.ahead.second_guess`) is taken with
+`take_second_guess` before drafting on from it.
 
 Token trees (`propose(..., tree=...)`; shapes in `flexspec_serve.tree`): with `second`, every draft step's
 runner-up s_i rides beside its token, so the round is a tree of 2K nodes that costs no extra draft step;
@@ -204,6 +206,21 @@ class DraftProposer:
     def guess(s: EdgeSession) -> int | None:
         """d_{K+1}: the draft's guess of the token the cloud adds to the round in flight (None: not drafted)."""
         return s.drafted[s.sent][0] if s.sent and len(s.drafted) > s.sent else None
+
+    @staticmethod
+    def take_second_guess(s: EdgeSession, accepted: int, token: int, path: list[int] | None = None) -> bool:
+        """Second guess (`flexspec_serve.ahead.second_guess`): when the cloud accepted all K sent on the chain and
+        added the guess step's runner-up s_{K+1}, s_{K+1} takes d_{K+1}'s place, so what is drafted ahead from
+        here continues it and the round is a lookahead hit. Only while nothing is drafted past the guess (the
+        device grew both continuations in the same steps; a caller that drafts lazily, after the answer,
+        drafts the one the answer chose). Returns whether it did."""
+        if not (s.sent and DraftProposer.drafted_past_sent(s) == 1 and accepted == s.sent and on_chain(path)):
+            return False
+        guess, _, runner_up = s.drafted[s.sent]
+        if runner_up < 0 or token != runner_up:
+            return False
+        s.drafted[s.sent] = (runner_up, 0.0, guess)  # (q of the runner-up is not kept: only sent tokens need one)
+        return True
 
     @staticmethod
     def lookahead_hit(s: EdgeSession, accepted: int, token: int, path: list[int] | None = None) -> bool | None:

@@ -42,7 +42,7 @@ import random
 from dataclasses import asdict
 
 from flexspec_serve import protocol as P
-from flexspec_serve.ahead import ahead_tokens
+from flexspec_serve.ahead import ahead_tokens, second_guess
 from flexspec_serve.edge.channels import make_link
 from flexspec_serve.edge.controller import make_policy
 from flexspec_serve.edge.devices import DEVICE_CLASSES, CloudProfile
@@ -108,9 +108,12 @@ class Shard:
     async def _after_answer(self, client: ClientSession, k: int, result: P.RoundResult,
                             guess: asyncio.Task | None) -> None:
         """Draft-ahead, part 2, as the answer comes down: on a lookahead hit, the rest of what the device
-        drafted during its wait (computed now because only hits use it; they are the same tokens)."""
+        drafted during its wait (computed now because only hits use it; they are the same tokens). A second
+        guess's hit drafts on from the guess's runner-up (`ahead.second_guess`)."""
         if guess is not None:
             await guess
+        if second_guess(self.spec.ahead, self.spec.tree):
+            self.proposer.take_second_guess(client.edge, result.accepted, result.token, result.path)
         if not self.proposer.lookahead_hit(client.edge, result.accepted, result.token, result.path):
             return
         more = 1 + ahead_tokens(k) - self.proposer.drafted_past_sent(client.edge)
