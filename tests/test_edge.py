@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import random
 
 import numpy as np
 import pytest
@@ -206,6 +208,19 @@ def test_the_opening_benchmarks_old_arm_takes_the_rounds_own_best_goodput():
         k = c.choose(v)
     assert k == max(c.plan(v), key=lambda r: r.tokens_per_s).k > 0
     assert controller(0.8, device=flagship).choose(v) == 0  # restored
+
+
+def test_the_estimators_tables_equal_the_products_they_stand_for_after_every_update():
+    est, rng = AcceptanceEstimator(k_max=4), random.Random(0)  # K past the 4 positions kept apart: pooled alpha
+    for _ in range(40):
+        k = rng.randint(0, 6)
+        est.update(k, rng.randint(0, k), hit=rng.random() < 0.5)
+        alphas = [est.position_alpha(i) for i in range(9)]
+        for n in range(9):
+            assert est.p_all(n) == pytest.approx(math.prod(alphas[:n]))
+            assert est.expected_tau(n) == pytest.approx(1 + sum(math.prod(alphas[: j + 1]) for j in range(n)))
+    est.reset()
+    assert est.p_all(2) == pytest.approx(est.alpha ** 2)
 
 
 def test_controller_keeps_within_the_energy_budget():

@@ -85,7 +85,8 @@ class AcceptanceEstimator:
     Pooled: a Beta(a, b) posterior on the per-token acceptance rate alpha. Per draft position i: the
     rate at which position i is accepted given that positions before it were (real acceptance is bursty:
     a draft that got the first tokens right tends to get the next ones right too), shrunk toward the
-    pooled alpha with `strength` pseudo-rounds. E[tau | K] = 1 + sum_j prod_{i<=j} alpha_i.
+    pooled alpha with `strength` pseudo-rounds. E[tau | K] = 1 + sum_j prod_{i<=j} alpha_i. Those products
+    and sums are tabulated once per update (the controller asks for them for every K of every plan).
     """
 
     def __init__(self, prior_a: float = 3.0, prior_b: float = 2.0, decay: float = 0.97, k_max: int = 16,
@@ -96,11 +97,13 @@ class AcceptanceEstimator:
         self.kept = [0.0] * k_max  # ... and position i was accepted
         self.guessed = 0.0  # discounted rounds that accepted all K while the draft's guess d_{K+1} was drafted
         self.guessed_right = 0.0  # ... and were lookahead hits
+        self._tables: tuple[list[float], list[float]] | None = None  # (p_all, expected_tau) by n, until an update
 
     def update(self, k: int, accepted: int, hit: bool | None = None) -> None:
         """One round's outcome; `hit`: whether it was a lookahead hit (None: no guess was drafted)."""
         if k == 0:
             return
+        self._tables = None
         self.s = self.decay * self.s + accepted
         self.f = self.decay * self.f + (1 if accepted < k else 0)
         for i in range(len(self.reached)):
@@ -124,12 +127,21 @@ class AcceptanceEstimator:
             return self.alpha
         return (self.kept[i] + self.strength * self.alpha) / (self.reached[i] + self.strength)
 
+    def _tabulated(self) -> tuple[list[float], list[float]]:
+        """P(the first n positions all accepted) and E[tau | K = n], for n = 0 .. the positions kept apart."""
+        if self._tables is None:
+            p_all, tau = [1.0], [1.0]
+            for i in range(len(self.reached)):
+                p_all.append(p_all[-1] * self.position_alpha(i))
+                tau.append(tau[-1] + p_all[-1])
+            self._tables = p_all, tau
+        return self._tables
+
     def p_all(self, n: int) -> float:
         """Probability that the first n draft positions are all accepted."""
-        p = 1.0
-        for i in range(n):
-            p *= self.position_alpha(i)
-        return p
+        p_all = self._tabulated()[0]
+        last = len(p_all) - 1  # positions past it share the pooled alpha
+        return p_all[n] if n <= last else p_all[last] * self.alpha ** (n - last)
 
     def guess_rate(self, k: int) -> float:
         """P(lookahead hit | all K accepted), learned from the rounds that drafted a guess, shrunk toward the
@@ -144,13 +156,12 @@ class AcceptanceEstimator:
         return self.p_all(k) * self.guess_rate(k)
 
     def expected_tau(self, k: int) -> float:
-        total, survive = 1.0, 1.0
-        for i in range(k):
-            survive *= self.position_alpha(i)
-            total += survive
-        return total
+        tau = self._tabulated()[1]
+        last = len(tau) - 1
+        return tau[k] if k <= last else tau[last] + sum(self.p_all(n) for n in range(last + 1, k + 1))
 
     def reset(self) -> None:
+        self._tables = None
         self.s = self.f = 0.0
         self.reached = [0.0] * len(self.reached)
         self.kept = [0.0] * len(self.kept)

@@ -109,7 +109,7 @@ def drafted_ahead(proposer: DraftProposer, edges: list, ks: list[int], results: 
     for edge, k, r in zip(edges, ks, results):
         if second:
             proposer.take_second_guess(edge, r.accepted, r.token, r.path)
-        if k and proposer.lookahead_hit(edge, r.accepted, r.token, r.path):
+        if proposer.lookahead_hit(edge, r.accepted, r.token, r.path):  # (None: K = 0, no guess)
             hits.append((edge, ahead_tokens(k)))
     proposer.draft_ahead([e for e, _ in hits], [n for _, n in hits])
 
