@@ -308,6 +308,24 @@ def test_draft_ahead_keeps_greedy_output_and_guesses_the_next_draft_token(family
     assert all(ev.accepted == ev.k for ev in hits if ev.lookahead_hit)
 
 
+def test_a_sampling_sessions_guess_is_qs_likeliest_token_while_its_drafts_stay_samples(family_models,
+                                                                                        humaneval_prompts):
+    from flexspec_serve.engine.ragged import CachedSequence, run_ragged
+
+    draft = family_models["draft"]
+    proposer, prompt = DraftProposer(draft), humaneval_prompts[4][-40:]
+    params = SamplingParams(0.8, 1.0, 3)
+    guessing, plain = (proposer.start(n, prompt, params) for n in ("g", "p"))
+    sent = proposer.propose([guessing], [3], lookahead=True)[0]
+    assert sent == proposer.propose([plain], [3])[0]  # the same seed draws the same drafts: the guess draws nothing
+    logits = run_ragged(draft, [CachedSequence()], [prompt + sent.tokens])[0][-1]  # [V]: q after d_3, unscaled
+    assert [proposer.guess(guessing), guessing.drafted[3][2]] == logits.topk(2).indices.tolist()
+    fresh = proposer.start("c", prompt + sent.tokens + [proposer.guess(guessing)], params)
+    fresh.generator.set_state(guessing.generator.get_state())
+    proposer.draft_ahead([guessing], [4])  # past the guess: draws from q, as drafting after the answer would be
+    assert [t for t, *_ in guessing.drafted[4:]] == proposer.propose([fresh], [4])[0].tokens
+
+
 def test_a_short_draft_is_handed_over_before_the_longest_in_its_batch_is_done(family_models, humaneval_prompts):
     proposer = DraftProposer(family_models["draft"])
     sessions = [proposer.start(str(i), p, SamplingParams()) for i, p in enumerate(humaneval_prompts[:4])]

@@ -311,7 +311,7 @@ def test_a_cloud_token_equal_to_the_guesss_runner_up_is_a_hit_whose_next_round_d
     proposer.draft_ahead([ahead], [2])  # drafted on past d_4: that continuation follows the first guess only
     assert not proposer.take_second_guess(ahead, 3, runner_up, None)
 
-    from benchmarks.second_guess_ab import first_guess_only  # its old arm takes none
+    from benchmarks.guess_ab import first_guess_only  # its old arm takes none
     with first_guess_only():
         assert not proposer.take_second_guess(s, 3, runner_up, [0, 1, 2])
     assert proposer.take_second_guess(s, 3, runner_up, [0, 1, 2])

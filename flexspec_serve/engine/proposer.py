@@ -12,7 +12,8 @@ are dropped with the rest of the rejected draft. A client that already sent the 
 pipelined round (see `engine.verifier`) marks them sent with `promote`. Either way the drafted tokens are the ones drafting after
 the answer would give (greedy: the same tokens; sampling: the same distribution). A second guess (the guess
 step's runner-up s_{K+1}, for devices that grow it: `flexspec_serve.ahead.second_guess`) is taken with
-`take_second_guess` before drafting on from it.
+`take_second_guess` before drafting on from it. The guesses are q's top two in sampling sessions as well
+(`_choose`): only the tokens drafted after them must be samples.
 
 Token trees (`propose(..., tree=...)`; shapes in `flexspec_serve.tree`): with `second`, every draft step's
 runner-up s_i rides beside its token, so the round is a tree of 2K nodes that costs no extra draft step;
@@ -96,6 +97,7 @@ class DraftJob:
     branches: dict[int, Branch]
     on_done: Callable[[list[Step]], None]
     feed_only: bool = False  # feed the session's backlog and draft nothing (`DraftProposer.prefill_job`)
+    guess_at: int | None = None  # the index in `out` of the guess d_{K+1}, if this job drafts it
 
 
 class DraftProposer:
@@ -147,7 +149,8 @@ class DraftProposer:
             on_done(proposal_of(out[:k], s.shape, {p: b for p, (b, _) in s.branches.items()}, self.max_nodes))
 
         wants = k + (lookahead and k > 0)
-        return DraftJob(s, list(start), max(0, wants - len(start)), self._plan(s.shape, k), s.branches, finish)
+        return DraftJob(s, list(start), max(0, wants - len(start)), self._plan(s.shape, k), s.branches, finish,
+                        guess_at=k if wants > k else None)
 
     def ahead_proposal(self, s: EdgeSession, k: int) -> Proposal:
         """The next round as drafted ahead (its first k tokens past d_{K+1}, with their branches): what a
@@ -176,7 +179,8 @@ class DraftProposer:
                 on_done()
 
         # the next round's branches, assuming it has this one's K
-        return DraftJob(s, list(s.drafted), n, self._plan(s.shape, s.sent, s.sent + 1), s.ahead_branches, finish)
+        return DraftJob(s, list(s.drafted), n, self._plan(s.shape, s.sent, s.sent + 1), s.ahead_branches, finish,
+                        guess_at=s.sent)
 
     def prefill_job(self, s: EdgeSession, on_done: Callable[[], None] | None = None) -> DraftJob | None:
         """While a cloud-only round waits: feed the draft cache the committed tokens it has not seen (a
@@ -265,7 +269,7 @@ class DraftProposer:
         for j, lg in zip(jobs, logits):
             j.left -= 1
             if not j.feed_only:
-                j.out.append(self._choose(lg[-1], j.session))
+                j.out.append(self._choose(lg[-1], j.session, guess=len(j.out) == j.guess_at))
         for (j, _, _, tokens), lg in zip(twigs, logits[len(rows):]):
             tokens.append(self._choose(lg[-1], j.session, runner_up=False)[0])
 
@@ -289,11 +293,14 @@ class DraftProposer:
         head = s.tokens[fed:] if fed < n else []
         return head + [t for t, *_ in drafted[max(0, fed - n):]]
 
-    def _choose(self, logits: torch.Tensor, s: EdgeSession, runner_up: bool = True) -> Step:
+    def _choose(self, logits: torch.Tensor, s: EdgeSession, runner_up: bool = True, guess: bool = False) -> Step:
         """(token, q(token), runner-up): greedy takes the top two. Sampling draws the token from q and, when
         the session sends trees, the runner-up from q without it (-1 in chains; when q has nothing else, the
-        top other logit, which the cloud then never accepts)."""
-        if s.sampling.greedy:
+        top other logit, which the cloud then never accepts). A `guess` (d_{K+1}) is q's top two in sampling
+        sessions too: it is never sent as a draft token, only where drafting ahead goes on from (lossless
+        whichever token it is), and q's likeliest tokens match a token the cloud draws from p more often than
+        a draw from q does."""
+        if s.sampling.greedy or guess:
             top = logits.topk(2).indices.tolist()
             return top[0], 1.0, top[1]
         q = S.probs(logits[None], s.sampling)[0]  # [V]
