@@ -61,9 +61,9 @@ def hits_and_k(arm: str, adaptive: list[Cell]) -> dict:
     out = {}
     for cls in CLASSES:
         mine = [c for c in adaptive if c.device_class == cls]
-        drafting = sum(c.drafting_rounds for c in mine)
-        out[f"{cls} {arm}: hits / K"] = (f"{sum(c.lookahead_hits for c in mine) / max(1, drafting):.3f} / "
-                                         f"{sum(c.mean_k * c.rounds for c in mine) / max(1, sum(c.rounds for c in mine)):.2f}")
+        drafting, rounds = sum(c.drafting_rounds for c in mine), sum(c.rounds for c in mine)
+        hits, k = sum(c.lookahead_hits for c in mine) / max(1, drafting), sum(c.mean_k * c.rounds for c in mine)
+        out[f"{cls} {arm}: hits / K"] = f"{hits:.3f} / {k / max(1, rounds):.2f}"
     return out
 
 

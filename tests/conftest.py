@@ -74,3 +74,22 @@ def needs_variety(family_loops):
         assert cond, what
 
     return check
+
+
+@pytest.fixture
+def second_guesses(monkeypatch):
+    """Counts, by session id, the second guesses `DraftProposer.take_second_guess` took (it still takes them)."""
+    import collections
+
+    from flexspec_serve.engine.proposer import DraftProposer
+
+    took, real = collections.Counter(), DraftProposer.take_second_guess
+
+    def counting(s, accepted, token, path=None):
+        if real(s, accepted, token, path):
+            took[s.session_id] += 1
+            return True
+        return False
+
+    monkeypatch.setattr(DraftProposer, "take_second_guess", staticmethod(counting))
+    return took

@@ -305,7 +305,8 @@ def test_a_cloud_token_equal_to_the_guesss_runner_up_is_a_hit_whose_next_round_d
     chain, (guess, _, runner_up) = first.tokens[:3], s.drafted[3]
     assert runner_up not in (-1, guess)
     # what does not count: the path left the chain, a rejection, or a token neither guess named
-    for accepted, token, path in ((3, runner_up, [0, 1, 4]), (2, runner_up, None), (3, 1 + max(guess, runner_up), None)):
+    neither = 1 + max(guess, runner_up)
+    for accepted, token, path in ((3, runner_up, [0, 1, 4]), (2, runner_up, None), (3, neither, None)):
         assert not proposer.take_second_guess(s, accepted, token, path) and s.drafted[3][0] == guess
     ahead, _ = round_in_flight("ahead")
     proposer.draft_ahead([ahead], [2])  # drafted on past d_4: that continuation follows the first guess only
@@ -328,29 +329,19 @@ def test_a_cloud_token_equal_to_the_guesss_runner_up_is_a_hit_whose_next_round_d
 
 @pytest.mark.parametrize("tree", ["second", "branches"])
 def test_token_trees_with_draft_ahead_keep_greedy_output_and_an_off_chain_path_is_never_a_hit(
-        family_models, humaneval_prompts, tree, needs_variety, monkeypatch):
+        family_models, humaneval_prompts, tree, needs_variety, second_guesses):
     from flexspec_serve.engine.generate import speculative_generate
     from flexspec_serve.engine.proposer import DraftProposer
     from flexspec_serve.engine.verifier import Verifier
     from flexspec_serve.tree import on_chain
 
-    took, real = set(), DraftProposer.take_second_guess
-
-    def spy(s, accepted, token, path=None):
-        if real(s, accepted, token, path):
-            took.add(s.session_id)
-            return True
-        return False
-
-    monkeypatch.setattr(DraftProposer, "take_second_guess", staticmethod(spy))
     prompts = humaneval_prompts[:12]
     want = [reference_greedy(family_models["v1"], p, MAX_NEW) for p in prompts]
     events, second = [], []
 
     def on_round(e):
         events.append(e)
-        if f"s{e.index}" in took:  # this round's cloud token was the guess's runner-up
-            took.discard(f"s{e.index}")
+        if second_guesses.pop(f"s{e.index}", 0):  # this round's cloud token was the guess's runner-up
             second.append(e)
 
     out = speculative_generate(DraftProposer(family_models["draft"]), Verifier(family_models["v1"]), prompts, MAX_NEW,

@@ -44,8 +44,8 @@ where the tree would not fit the server's node limit.
 
 A lookahead hit needs all K accepted (the depth rates above) and then the guess right, on the chain: the
 estimator learns that second part from the hits it sees (`guess_rate`), starting from position K+1's
-alpha, which is what it is for greedy chains. Sampling sessions guess right far less often (the cloud's
-token is drawn from p, the guess from q), and a tree's path can reach depth K through a branch.
+alpha, which is what it is for greedy chains. Sampling sessions guess right far less often (the cloud draws
+its token from p; the guesses are q's likeliest), and a tree's path can reach depth K through a branch.
 
 Everything above is chosen subject to the expected energy per generated token staying within the device's budget; alpha is an
 online estimate per (device, target version): Beta posteriors with exponential forgetting, pooled and
@@ -146,9 +146,8 @@ class AcceptanceEstimator:
     def guess_rate(self, k: int) -> float:
         """P(lookahead hit | all K accepted), learned from the rounds that drafted a guess, shrunk toward the
         acceptance rate of the position after d_K (which it is for a greedy chain; a second guess raises it,
-        which it learns). It is lower when sampling
-        (the cloud's token ~ p and the guess ~ q are drawn apart) and for token trees (a path through a branch
-        reaches depth K off the chain)."""
+        which it learns). It is lower when sampling (the cloud draws its token from p) and for token trees (a
+        path through a branch reaches depth K off the chain)."""
         return (self.guessed_right + self.strength * self.position_alpha(k)) / (self.guessed + self.strength)
 
     def p_hit(self, k: int) -> float:

@@ -19,7 +19,7 @@ import torch
 from flexspec_serve import protocol as P
 from flexspec_serve.ahead import Ahead, ahead_tokens, second_guess
 from flexspec_serve.engine.client import ClientSession
-from flexspec_serve.engine.proposer import DraftProposer, Proposal
+from flexspec_serve.engine.proposer import DraftProposer, EdgeSession, Proposal
 from flexspec_serve.engine.sampling import SamplingParams
 from flexspec_serve.tree import Tree
 from flexspec_serve.transport import Exchange, LocalTransport, RoundFailed
@@ -101,7 +101,7 @@ def speculative_generate(
     return clients
 
 
-def drafted_ahead(proposer: DraftProposer, edges: list, ks: list[int], results: list[P.RoundResult],
+def drafted_ahead(proposer: DraftProposer, edges: list[EdgeSession], ks: list[int], results: list[P.RoundResult],
                   second: bool) -> None:
     """The tokens drafted past d_{K+1} during each round's wait, for the rounds that use them (lookahead hits,
     `second`: counting second guesses), in one batched draft run."""
