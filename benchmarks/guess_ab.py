@@ -15,19 +15,13 @@ carry that noise too. Writes docs/results/guess_ab.md.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import logging
-from pathlib import Path
 
 from benchmarks.draft_ahead import CLASSES
-from benchmarks.emulated_ab import ratio_row, replaced
-from flexspec_serve import paths
+from benchmarks.emulated_ab import compare, parse_args, replaced, write_report
 from flexspec_serve.ahead import Ahead
 from flexspec_serve.edge.bench import BenchConfig, Cell, run_bench
-from flexspec_serve.edge.channels import trace_names
 from flexspec_serve.engine.proposer import DraftProposer
-from flexspec_serve.reports import machine, md_table
 from flexspec_serve.tree import Tree
 
 
@@ -68,39 +62,17 @@ def hits_and_k(arm: str, adaptive: list[Cell]) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--profile", default="default")
-    ap.add_argument("--devices-per-cell", type=int, default=16)
-    ap.add_argument("--sampling-seeds", type=int, nargs="*", default=[0, 1])
-    ap.add_argument("--out", type=Path, default=Path("docs/results"))
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    lte = tuple(t for t in trace_names() if "LTE" in t)
-    base = dict(family=paths.family_dir(args.profile), classes=CLASSES, settings=lte, fixed_ks=(),
-                devices_per_cell=args.devices_per_cell)
+    args = parse_args(__doc__)
     rows = []
     for temperature, seed, modes in ((0.0, 0, ["draft-ahead, branches"]),  # greedy: the seed changes nothing
                                      *((0.8, seed, list(MODES) if seed == args.sampling_seeds[0] else
                                         ["draft-ahead, branches"]) for seed in args.sampling_seeds)):
-        for label in modes:
-            ahead, tree = MODES[label]
-            cfg = BenchConfig(**base, ahead=ahead, tree=tree, temperature=temperature, seed=seed)
-            runs = {arm: run(cfg, arm) for arm in ("first", "second", "now")}
-            rows.append(ratio_row(label, temperature, seed, runs, hits_and_k))
-            logging.info("%s", rows[-1])
-    text = "\n".join([
-        "# Guessing the cloud's token: one drawn guess, a second guess, and q's top two (emulated time)\n",
-        f"Command: `python -m benchmarks.guess_ab --profile {args.profile} --devices-per-cell "
-        f"{args.devices_per_cell}`  \n"
-        f"machine: {machine()}; family {args.profile}, frozen draft against v1; LTE traces ({', '.join(lte)}), "
-        f"{args.devices_per_cell} devices per (class, trace), one session of 48 new tokens each from a HumanEval "
-        "prompt cut to its last 192 tokens; the same devices, traces and seeds every way\n",
-        "## Adaptive decode tokens/s over cloud-only, pooled, then per device class\n", md_table(rows),
-        "`hits / K`: lookahead hits per drafting round, and the mean K of all rounds, of the adaptive devices. "
-        "T = 0.8 rows differ by sampling noise as well as by the rules (module docstring).",
-    ]) + "\n"
-    (args.out / "guess_ab.md").write_text(text)
-    print(text)
+        rows += [compare(args, label, MODES[label], temperature, seed, run, ("first", "second", "now"), hits_and_k)
+                 for label in modes]
+    write_report(args, "guess_ab", "Guessing the cloud's token: one drawn guess, a second guess, and q's top two "
+                 "(emulated time)", rows,
+                 "`hits / K`: lookahead hits per drafting round, and the mean K of all rounds, of the adaptive "
+                 "devices. T = 0.8 rows differ by sampling noise as well as by the rules (module docstring).")
 
 
 if __name__ == "__main__":

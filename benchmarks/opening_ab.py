@@ -13,19 +13,13 @@ cloud draws), so their differences carry that noise too. Writes docs/results/ope
 
 from __future__ import annotations
 
-import argparse
-import logging
 from collections.abc import Callable
-from pathlib import Path
 
 from benchmarks.draft_ahead import CLASSES
-from benchmarks.emulated_ab import ratio_row, replaced
-from flexspec_serve import paths
+from benchmarks.emulated_ab import compare, lte_traces, parse_args, replaced, write_report
 from flexspec_serve.ahead import Ahead
 from flexspec_serve.edge.bench import BenchConfig, Cell, run_bench
-from flexspec_serve.edge.channels import trace_names
 from flexspec_serve.edge.controller import FlexSpecController
-from flexspec_serve.reports import machine, md_table
 from flexspec_serve.tree import Tree
 
 MODES = {"idle, chain": (Ahead.OFF, Tree.CHAIN), "draft-ahead, chain": (Ahead.DRAFT, Tree.CHAIN),
@@ -51,38 +45,17 @@ def cloud_only_rounds(devices: int) -> Callable[[str, list[Cell]], dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--profile", default="default")
-    ap.add_argument("--devices-per-cell", type=int, default=16)
-    ap.add_argument("--sampling-seeds", type=int, nargs="*", default=[0, 1])
-    ap.add_argument("--out", type=Path, default=Path("docs/results"))
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    lte = tuple(t for t in trace_names() if "LTE" in t)
-    devices = args.devices_per_cell * len(lte) * len(CLASSES)
-    base = dict(family=paths.family_dir(args.profile), classes=CLASSES, settings=lte, fixed_ks=(),
-                devices_per_cell=args.devices_per_cell)
+    args = parse_args(__doc__)
+    devices = args.devices_per_cell * len(lte_traces()) * len(CLASSES)
     rows = []
     for temperature, seeds in ((0.0, [0]), (0.8, args.sampling_seeds)):
         for seed in seeds:
-            for label, (ahead, tree) in MODES.items():
-                cfg = BenchConfig(**base, ahead=ahead, tree=tree, temperature=temperature, seed=seed)
-                runs = {r: run(cfg, r) for r in ("goodput", "overrun")}
-                rows.append(ratio_row(label, temperature, seed, runs, cloud_only_rounds(devices)))
-                logging.info("%s", rows[-1])
-    text = "\n".join([
-        "# How a session opens: goodput per round vs overrun while the prefill is pending (emulated time)\n",
-        f"Command: `python -m benchmarks.opening_ab --profile {args.profile} --devices-per-cell "
-        f"{args.devices_per_cell}`  \n"
-        f"machine: {machine()}; family {args.profile}, frozen draft against v1; LTE traces ({', '.join(lte)}), "
-        f"{args.devices_per_cell} devices per (class, trace), one session of 48 new tokens each from a HumanEval "
-        "prompt cut to its last 192 tokens; the same devices, traces and seeds both ways\n",
-        "## Adaptive decode tokens/s over cloud-only, pooled, then per device class\n", md_table(rows),
-        "`cloud-only rounds / session`: rounds the adaptive controller sent without a draft, per session. "
-        "T = 0.8 rows differ by sampling noise as well as by the rule (module docstring).",
-    ]) + "\n"
-    (args.out / "opening_ab.md").write_text(text)
-    print(text)
+            rows += [compare(args, label, mode, temperature, seed, run, ("goodput", "overrun"),
+                             cloud_only_rounds(devices)) for label, mode in MODES.items()]
+    write_report(args, "opening_ab", "How a session opens: goodput per round vs overrun while the prefill is pending "
+                 "(emulated time)", rows,
+                 "`cloud-only rounds / session`: rounds the adaptive controller sent without a draft, per session. "
+                 "T = 0.8 rows differ by sampling noise as well as by the rule (module docstring).")
 
 
 if __name__ == "__main__":
