@@ -19,7 +19,7 @@ import torch
 from flexspec_serve import protocol as P
 from flexspec_serve.ahead import Ahead, ahead_tokens, second_guess
 from flexspec_serve.engine.client import ClientSession
-from flexspec_serve.engine.proposer import DraftProposer, EdgeSession, Proposal
+from flexspec_serve.engine.proposer import DraftProposer, Proposal
 from flexspec_serve.engine.sampling import SamplingParams
 from flexspec_serve.tree import Tree
 from flexspec_serve.transport import Exchange, LocalTransport, RoundFailed
@@ -74,20 +74,20 @@ def speculative_generate(
     clients = [ClientSession.start(f"{session_prefix}{i}", p, session_sampling(sampling, i), proposer, target)
                for i, p in enumerate(prompts)]
     running, round_idx = list(range(len(prompts))), 0
+    second = second_guess(ahead, tree)
     while running:
         ks = [0 if proposer is None else max(0, min(pick(i, round_idx), max_new_tokens - len(clients[i].tokens) - 1))
               for i in running]
         proposals = (proposer.propose([clients[i].edge for i in running], ks, Ahead(ahead).drafts, tree=tree)
                      if proposer else [None] * len(running))
         exchanges = round_trip_resync(transport, [clients[i] for i in running], proposals)
-        if proposer and Ahead(ahead).drafts:  # what the devices drafted while the round was on the air
-            drafted_ahead(proposer, [clients[i].edge for i in running], ks, [ex.result for ex in exchanges],
-                          second_guess(ahead, tree))
+        hits = [proposer.settle_guess(clients[i].edge, ex.result.accepted, ex.result.token, ex.result.path, second)
+                for i, ex in zip(running, exchanges)] if proposer else [None] * len(running)
+        if any(hits):  # what the devices drafted during the wait, computed for the rounds that use it
+            proposer.draft_ahead([clients[i].edge for i, hit in zip(running, hits) if hit],
+                                 [ahead_tokens(k) for k, hit in zip(ks, hits) if hit])
         still = []
-        for i, k, prop, ex in zip(running, ks, proposals, exchanges):
-            edge = clients[i].edge
-            hit = None if edge is None else proposer.lookahead_hit(edge, ex.result.accepted, ex.result.token,
-                                                                   ex.result.path)
+        for i, k, prop, ex, hit in zip(running, ks, proposals, exchanges, hits):
             new = clients[i].commit(prop, ex.result, proposer)
             if on_round:
                 parents = tuple(prop.parents) if prop and prop.parents else None
@@ -99,19 +99,6 @@ def speculative_generate(
     for c in clients:
         del c.tokens[max_new_tokens:]
     return clients
-
-
-def drafted_ahead(proposer: DraftProposer, edges: list[EdgeSession], ks: list[int], results: list[P.RoundResult],
-                  second: bool) -> None:
-    """The tokens drafted past d_{K+1} during each round's wait, for the rounds that use them (lookahead hits,
-    `second`: counting second guesses), in one batched draft run."""
-    hits = []
-    for edge, k, r in zip(edges, ks, results):
-        if second:
-            proposer.take_second_guess(edge, r.accepted, r.token, r.path)
-        if proposer.lookahead_hit(edge, r.accepted, r.token, r.path):  # (None: K = 0, no guess)
-            hits.append((edge, ahead_tokens(k)))
-    proposer.draft_ahead([e for e, _ in hits], [n for _, n in hits])
 
 
 def round_trip_resync(transport, clients: list[ClientSession], drafts: list[Proposal | None]) -> list[Exchange]:

@@ -11,9 +11,9 @@ keeps those tokens as the session's `ready` draft and the next `propose` starts 
 are dropped with the rest of the rejected draft. A client that already sent the first of them as a
 pipelined round (see `engine.verifier`) marks them sent with `promote`. Either way the drafted tokens are the ones drafting after
 the answer would give (greedy: the same tokens; sampling: the same distribution). A second guess (the guess
-step's runner-up s_{K+1}, for devices that grow it: `flexspec_serve.ahead.second_guess`) is taken with
-`take_second_guess` before drafting on from it. The guesses are q's top two in sampling sessions as well
-(`_choose`): only the tokens drafted after them must be samples.
+step's runner-up s_{K+1}, for devices that grow it: `flexspec_serve.ahead.second_guess`) is taken when the
+answer is settled against the guesses (`settle_guess`), before drafting on from it. The guesses are q's top
+two in sampling sessions as well (`_choose`): only the tokens drafted after them must be samples.
 
 Token trees (`propose(..., tree=...)`; shapes in `flexspec_serve.tree`): with `second`, every draft step's
 runner-up s_i rides beside its token, so the round is a tree of 2K nodes that costs no extra draft step;
@@ -225,6 +225,14 @@ class DraftProposer:
             return False
         s.drafted[s.sent] = (runner_up, 0.0, guess)  # (q of the runner-up is not kept: only sent tokens need one)
         return True
+
+    @staticmethod
+    def settle_guess(s: EdgeSession, accepted: int, token: int, path: list[int] | None, second: bool) -> bool | None:
+        """The answer against the round's guesses: with `second` (`flexspec_serve.ahead.second_guess`) a second
+        guess that the answer chose is taken first; then whether the round is a lookahead hit (None: no guess)."""
+        if second:
+            DraftProposer.take_second_guess(s, accepted, token, path)
+        return DraftProposer.lookahead_hit(s, accepted, token, path)
 
     @staticmethod
     def lookahead_hit(s: EdgeSession, accepted: int, token: int, path: list[int] | None = None) -> bool | None:

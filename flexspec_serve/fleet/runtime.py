@@ -112,9 +112,8 @@ class Shard:
         guess's hit drafts on from the guess's runner-up (`ahead.second_guess`)."""
         if guess is not None:
             await guess
-        if second_guess(self.spec.ahead, self.spec.tree):
-            self.proposer.take_second_guess(client.edge, result.accepted, result.token, result.path)
-        if not self.proposer.lookahead_hit(client.edge, result.accepted, result.token, result.path):
+        second = second_guess(self.spec.ahead, self.spec.tree)
+        if not self.proposer.settle_guess(client.edge, result.accepted, result.token, result.path, second):
             return
         more = 1 + ahead_tokens(k) - self.proposer.drafted_past_sent(client.edge)
         if more > 0:
