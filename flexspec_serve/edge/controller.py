@@ -167,6 +167,16 @@ class AcceptanceEstimator:
         self.guessed = self.guessed_right = 0.0
 
 
+class KCosts(NamedTuple):
+    """A K-token round's times and hit chance, the same whether or not it drafts ahead."""
+
+    k: int
+    up_ms: float  # uplink of the round message, serialisation included
+    verify_ms: float  # the cloud's pass over its nodes
+    wait_ms: float  # from sending to the answer: up + verify + down
+    p_hit: float  # P(lookahead hit | K)
+
+
 class RoundPlan(NamedTuple):
     """What the controller's model expects of a K-token round (drafting ahead or not): one row of `plan`."""
 
@@ -265,6 +275,11 @@ class FlexSpecController(Policy):
     def wait_ms(self, k: int, view: RoundView) -> float:
         return self.up_ms(k, view) + self.verify_ms(k) + view.down_ms
 
+    def costs(self, k: int, view: RoundView) -> KCosts:
+        """What a K-token round costs whether or not it drafts ahead (a plan's two rows for K share it)."""
+        up_ms, verify_ms = self.up_ms(k, view), self.verify_ms(k)
+        return KCosts(k, up_ms, verify_ms, up_ms + verify_ms + view.down_ms, self.estimator.p_hit(k))
+
     def drafts_ahead(self, ahead: bool | None = None) -> bool:
         """Whether a round drafts ahead: `ahead` when given, else whenever the device can."""
         return self.ahead.drafts if ahead is None else ahead
@@ -276,57 +291,79 @@ class FlexSpecController(Policy):
     def sends_ahead(self, k: int, view: RoundView, ahead: bool | None = None) -> bool:
         """A pipelining device sends the next round before this one's answer: its 1 + K draft steps fit in
         the wait (the emulator and the fleet send it then, hit or miss)."""
-        return self.pipelines(k, ahead) and self.device.draft_ms(1 + k) < self.wait_ms(k, view)
+        return self._sends_ahead(self.costs(k, view), ahead)
+
+    def _sends_ahead(self, c: KCosts, ahead: bool | None) -> bool:
+        return self.pipelines(c.k, ahead) and self.device.draft_ms(1 + c.k) < c.wait_ms
 
     def ahead_steps(self, k: int, view: RoundView, ahead: bool | None = None) -> int:
-        return self.device.ahead_steps(k, self.wait_ms(k, view)) if self.drafts_ahead(ahead) else 0
+        return self._ahead_steps(self.costs(k, view), ahead)
+
+    def _ahead_steps(self, c: KCosts, ahead: bool | None) -> int:
+        return self.device.ahead_steps(c.k, c.wait_ms) if self.drafts_ahead(ahead) else 0
 
     def round_ms(self, k: int, view: RoundView, ahead: bool | None = None) -> float:
         """Expected critical-path time of a K-token round, less the draft time its pre-draft is expected to
         save the next round (with `ahead`; default: whenever the device can draft ahead). A pipelining
         device's next answer follows a hit by the 1 + K steps that drafted that round."""
-        if self.pipelines(k, ahead):  # the min() below is `sends_ahead`'s fit test
-            hit = self.estimator.p_hit(k)
-            fresh = self.draft_ms(k, view) + self.wait_ms(k, view)
-            return hit * min(fresh, self.device.draft_ms(1 + k) + self.pipe_extra_ms) + (1 - hit) * fresh
-        saved_steps = max(0, min(k, self.ahead_steps(k, view, ahead) - 1))
-        saving = self.estimator.p_hit(k) * self.device.draft_ms(saved_steps) if saved_steps else 0.0
-        return self.draft_ms(k, view) + self.wait_ms(k, view) - saving
+        return self._round_ms(self.costs(k, view), view, ahead)
+
+    def _round_ms(self, c: KCosts, view: RoundView, ahead: bool | None) -> float:
+        fresh = self.draft_ms(c.k, view) + c.wait_ms
+        if self.pipelines(c.k, ahead):  # the min() below is `sends_ahead`'s fit test
+            return c.p_hit * min(fresh, self.device.draft_ms(1 + c.k) + self.pipe_extra_ms) + (1 - c.p_hit) * fresh
+        saved_steps = max(0, min(c.k, self._ahead_steps(c, ahead) - 1))
+        return fresh - (c.p_hit * self.device.draft_ms(saved_steps) if saved_steps else 0.0)
 
     def round_j(self, k: int, view: RoundView, ahead: bool | None = None) -> float:
         """Expected device energy of a K-token round: its draft work (the pre-draft's too, hit or miss), its
         radio time, idling through the verification, and for a pipelining device the round it sends behind
         this one (when it can draft it before the answer), which the cloud refuses on a miss (its radio time is
         spent for nothing)."""
+        return self._round_j(self.costs(k, view), view, ahead)
+
+    def _round_j(self, c: KCosts, view: RoundView, ahead: bool | None) -> float:
         d = self.device
-        compute_ms = d.draft_ms(self.draft_steps(k, view) + self.ahead_steps(k, view, ahead))
-        radio_mj = self.up_ms(k, view) * d.tx_w + view.down_ms * d.rx_w
-        refused_mj = (1 - self.estimator.p_hit(k)) * radio_mj if self.sends_ahead(k, view, ahead) else 0.0
-        return (compute_ms * d.compute_w + radio_mj + refused_mj + self.verify_ms(k) * d.idle_w) / 1e3
+        compute_ms = d.draft_ms(self.draft_steps(c.k, view) + self._ahead_steps(c, ahead))
+        radio_mj = c.up_ms * d.tx_w + view.down_ms * d.rx_w
+        refused_mj = (1 - c.p_hit) * radio_mj if self._sends_ahead(c, ahead) else 0.0
+        return (compute_ms * d.compute_w + radio_mj + refused_mj + c.verify_ms * d.idle_w) / 1e3
 
     def plan(self, view: RoundView) -> list[RoundPlan]:
         """A row for every K, with and without drafting ahead when the device can."""
+        return self._plan(self._all_costs(view), view)
+
+    def _all_costs(self, view: RoundView) -> list[KCosts]:
+        """`costs` for every K the server's node limit allows (none of it depends on the prefill)."""
+        costs = []
+        for k in range(self.k_max + 1):
+            if self.nodes(k) > self.max_nodes:
+                break
+            costs.append(self.costs(k, view))
+        return costs
+
+    def _plan(self, costs: list[KCosts], view: RoundView) -> list[RoundPlan]:
         rows = []
         for ahead in ((False, True) if self.ahead.drafts else (False,)):
-            for k in range(self.k_max + 1):
-                if self.nodes(k) > self.max_nodes:
-                    break
-                tau, round_ms = self.estimator.expected_tau(k), self.round_ms(k, view, ahead)
-                rows.append(RoundPlan(k, tau / round_ms * 1e3, self.round_j(k, view, ahead) / tau, ahead and k > 0,
-                                      tau, round_ms))
+            for c in costs:
+                tau, round_ms = self.estimator.expected_tau(c.k), self._round_ms(c, view, ahead)
+                rows.append(RoundPlan(c.k, tau / round_ms * 1e3, self._round_j(c, view, ahead) / tau,
+                                      ahead and c.k > 0, tau, round_ms))
         return rows
 
     def choose(self, view: RoundView) -> int:
         """The fastest (K, draft ahead or not) within the energy budget, else the most frugal; while draft
         prefill is pending, the lowest overrun within the budget (module docstring, Prefill). The draft-ahead
         half of the choice is left in `ahead_now`."""
-        rows = self.plan(view)
-        feasible = [r for r in rows if r.j_per_token <= self.device.energy_budget_j_per_token]
+        costs = self._all_costs(view)
+        rows = self._plan(costs, view)
+        budget = self.device.energy_budget_j_per_token
+        feasible = [r for r in rows if r.j_per_token <= budget]
         if not feasible:
             best = min(rows, key=lambda r: r.j_per_token)
         elif view.prefill_ms > 0 and not view.predrafted:  # prefill pending: rank by overrun
-            steady = max(r.tokens_per_s for r in self.plan(replace(view, prefill_ms=0.0))
-                         if r.j_per_token <= self.device.energy_budget_j_per_token)
+            steady = max(r.tokens_per_s for r in self._plan(costs, replace(view, prefill_ms=0.0))
+                         if r.j_per_token <= budget)
             best = min(feasible, key=lambda r: self.overrun_ms(r, view.prefill_ms, steady))
         else:
             best = max(feasible, key=lambda r: r.tokens_per_s)
