@@ -1,7 +1,7 @@
 """The canary judge replayed on real sessions (`python -m benchmarks.canary_judge [--rounds CSV]`).
 
 A canary's acceptance verdict rests on the sessions that ran on each version. This replays the judge
-(`flexspec_serve.versions.judge_canary`) on the sessions of a committed fleet run (per-session accepted and
+(`flexspec_serve.canary.judge_canary`) on the sessions of a committed fleet run (per-session accepted and
 draft tokens from its `rounds.csv`), drawn at random into a baseline and a candidate stream (the candidate
 gets `--weight` of new sessions), judging after every session until the candidate has `--sessions`:
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 from flexspec_serve.engine.stats import AcceptanceStats
 from flexspec_serve.reports import md_table
-from flexspec_serve.versions import CanaryRules, VersionWindow, judge_canary
+from flexspec_serve.canary import CanaryRules, VersionWindow, judge_canary
 
 DEFAULT_ROUNDS = Path(__file__).resolve().parents[1] / "docs/results/fleet/lte-adaptive/rounds.csv"
 

@@ -20,6 +20,7 @@ from pydantic import Field, field_validator, model_validator
 from flexspec_serve import paths
 from flexspec_serve.config import StrictModel
 from flexspec_serve.edge.devices import CLOUD_PROFILES
+from flexspec_serve.canary import CanaryRules
 
 VERSION_NAME = r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,63}$"
 APP_NAME = "flexspec"  # the router's Serve application (`flexspec serve up`)
@@ -129,17 +130,22 @@ class DrainPlan(StrictModel):
     since: float = Field(description="epoch seconds when draining started")
 
 
+_JUDGE = CanaryRules()  # the judge's defaults, stated once there
+
+
 class CanaryRuleFields(StrictModel):
-    """The canary judge's rules (`flexspec_serve.versions.CanaryRules`) as a canary request and the registry's
+    """The canary judge's rules (`flexspec_serve.canary.CanaryRules`) as a canary request and the registry's
     canary plan carry them (`deployments.versions.canary_rules` turns them into the judge's)."""
 
-    window_s: float = Field(60.0, gt=0, description="promote after this long healthy")
-    min_rounds: int = Field(100, ge=1, description="rounds on each version before any judgement")
-    max_acceptance_drop: float = Field(0.2, gt=0, lt=1, description="roll back past this drop of tau(K=4)")
-    max_error_rate: float = Field(0.01, ge=0, lt=1, description="roll back past this error rate")
-    min_sessions: int = Field(5, ge=2, description="sessions on each version before acceptance is judged")
-    z: float = Field(2.0, ge=0, le=6, description="standard errors (between sessions) a drop must stand out by "
-                                                  "before it rolls back")
+    window_s: float = Field(_JUDGE.window_s, gt=0, description="promote after this long healthy")
+    min_rounds: int = Field(_JUDGE.min_rounds, ge=1, description="rounds on each version before any judgement")
+    max_acceptance_drop: float = Field(_JUDGE.max_acceptance_drop, gt=0, lt=1,
+                                       description="roll back past this drop of tau(K=4)")
+    max_error_rate: float = Field(_JUDGE.max_error_rate, ge=0, lt=1, description="roll back past this error rate")
+    min_sessions: int = Field(_JUDGE.min_sessions, ge=2,
+                              description="sessions on each version before acceptance is judged")
+    z: float = Field(_JUDGE.z, ge=0, le=6, description="standard errors (between sessions) an acceptance drop must "
+                                                       "stand out by before it rolls back")
 
 
 class CanaryPlan(CanaryRuleFields):

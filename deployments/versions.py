@@ -4,7 +4,7 @@
 admin API holds one, and `flexspec versions ...` calls that API. Every operation is one validated registry
 write with an event in the registry's history; deploying and deleting a version's Serve application goes
 through the deployer. `tick(counters)` is one step of the watcher: it judges a running canary
-(`flexspec_serve.versions.judge_canary`) and finishes drains.
+(`flexspec_serve.canary.judge_canary`) and finishes drains.
 
 Draining (retire): the version takes no new sessions at once. `finish` keeps routing its pinned sessions
 to it; `migrate` routes their next round to the `to` alias, whose replica answers `resync_required`, and
@@ -21,7 +21,7 @@ from typing import Protocol
 
 from deployments.config import CanaryPlan, CanaryRuleFields, DrainPlan, FileRegistry, RegistryState, VersionSpec
 from flexspec_serve.engine.stats import SessionSpread
-from flexspec_serve.versions import CanaryRules, Decision, VersionWindow, judge_canary
+from flexspec_serve.canary import CanaryRules, Decision, VersionWindow, judge_canary
 
 
 COUNTERS = ("rounds", "draft_tokens", "accepted_tokens", "errors")

@@ -26,13 +26,7 @@ def register(sub) -> None:
     k = vs.add_parser("canary", help="send a share of new `stable` sessions to a version; auto promote/rollback")
     k.add_argument("name")
     k.add_argument("--weight", type=float, default=0.1)
-    # the judge's rules: unset ones are left to the server's defaults (`deployments.config.CanaryRuleFields`)
-    k.add_argument("--window-s", type=float, help="promote after this long healthy (default 60)")
-    k.add_argument("--min-rounds", type=int, help="rounds on each version before any judgement (default 100)")
-    k.add_argument("--max-acceptance-drop", type=float, help="roll back past this drop of tau(K=4) (default 0.2)")
-    k.add_argument("--min-sessions", type=int, help="sessions on each version before acceptance is judged (default 5)")
-    k.add_argument("--z", type=float,
-                   help="standard errors (between sessions) an acceptance drop must stand out by to roll back (default 2)")
+    _rule_flags(k)
     k.add_argument("--force", action="store_true", help="skip the compatibility gate")
     pr = vs.add_parser("promote", help="point an alias (default stable) at a version")
     pr.add_argument("name")
@@ -49,6 +43,15 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_versions)
 
 
+def _rule_flags(parser) -> None:
+    """A flag per rule of the canary judge; unset ones are left to the server's defaults (shown in the help)."""
+    from deployments.config import CanaryRuleFields
+
+    for name, field in CanaryRuleFields.model_fields.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=field.annotation,
+                            help=f"{field.description} (default {field.default:g})")
+
+
 def _request(args) -> tuple[str, str, dict | None]:
     cmd = args.versions_cmd
     if cmd == "list":
@@ -61,7 +64,9 @@ def _request(args) -> tuple[str, str, dict | None]:
     if cmd == "check":
         return "POST", f"/admin/versions/{args.name}/check", {"min_fraction": args.min_fraction, "prompts": args.prompts}
     if cmd == "canary":
-        rules = {f: getattr(args, f) for f in ("window_s", "min_rounds", "max_acceptance_drop", "min_sessions", "z")}
+        from deployments.config import CanaryRuleFields
+
+        rules = {f: getattr(args, f) for f in CanaryRuleFields.model_fields}
         return "POST", f"/admin/versions/{args.name}/canary", {
             "weight": args.weight, "force": args.force, **{f: v for f, v in rules.items() if v is not None}}
     if cmd == "promote":

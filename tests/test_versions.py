@@ -11,7 +11,8 @@ import pytest
 from deployments.config import FileRegistry, RegistryState, VersionSpec
 from deployments.versions import VersionError, VersionManager
 from flexspec_serve.engine.stats import AcceptanceStats
-from flexspec_serve.versions import CanaryRules, VersionWindow, compatibility_gate, judge_canary
+from flexspec_serve.canary import CanaryRules, VersionWindow, judge_canary
+from flexspec_serve.versions import compatibility_gate
 from flexspec_serve.zoo.loading import TokenizerMismatch
 from tests.fakes import FakeClock
 
@@ -275,3 +276,16 @@ def test_cli_canary_sends_the_session_rules_and_the_api_checks_them():
     assert (method, path) == ("POST", "/admin/versions/v3/canary") and (req.min_sessions, req.z) == (8, 2.5)
     with pytest.raises(ValidationError, match="min_sessions"):
         CanaryRequest.model_validate({**body, "min_sessions": 1})
+
+
+def test_a_canary_request_without_rules_gets_the_judges_defaults_and_the_cli_offers_every_rule():
+    from deployments.config import CanaryRuleFields
+    from deployments.versions import canary_rules
+    from deployments.versions_cli import _request
+    from flexspec_serve.cli import build_parser
+
+    assert canary_rules(CanaryRuleFields()) == CanaryRules()
+    flags = [f"--{name.replace('_', '-')}" for name in CanaryRuleFields.model_fields]
+    argv = ["versions", "canary", "v3"] + [a for flag in flags for a in (flag, "3")]
+    body = _request(build_parser().parse_args(argv))[2]
+    assert {f: body[f] for f in CanaryRuleFields.model_fields} == dict.fromkeys(CanaryRuleFields.model_fields, 3)
