@@ -471,6 +471,28 @@ def test_the_adaptive_controller_states_what_it_expects_of_the_round_it_chose():
     assert FixedK(k=3).expected is None and make_policy("cloud-only", PHONE, CLOUD).expected is None
 
 
+def test_a_round_is_expected_to_take_its_draft_and_wait_while_goodput_counts_the_next_rounds_saving():
+    """The record's expectation is the round's own time (comparable with what it took); the pre-draft's expected
+    saving, which the next round realizes, only enters the choice."""
+    from flexspec_serve.edge.emulator import EmulatedDevice
+
+    flagship = DEVICE_CLASSES["flagship-phone"]
+    policy = FlexSpecController(flagship, CLOUD, k_max=8, estimator=AcceptanceEstimator(prior_a=800, prior_b=200),
+                                ahead=Ahead.DRAFT)
+    dev = EmulatedDevice("d", flagship, make_link("good", 0), policy, CLOUD, ahead=Ahead.DRAFT)
+    dev.start_session(0)
+    for predrafted in (False, True):
+        k, v = dev.choose_k(), dev.view()
+        plan = policy.expected
+        assert plan.ahead and bool(v.predrafted) == predrafted
+        assert plan.time_ms == pytest.approx(policy.draft_ms(k, v) + policy.wait_ms(k, v), rel=1e-3)  # (a 2nd view)
+        assert plan.round_ms < plan.time_ms - 0.5 * policy.estimator.p_hit(k) * flagship.draft_ms(k)
+        rec = _answered(dev, k, k, hit=True, wait=(60.0, 20.0, 40.0))
+        assert rec.expected_round_ms == pytest.approx(plan.time_ms, abs=1e-3)
+        assert rec.round_ms == pytest.approx(rec.draft_ms + 120.0)
+    assert rec.draft_ms < 9.0 * k and plan.time_ms < plan.round_ms + flagship.draft_ms(k)  # (predrafted: cheap)
+
+
 def test_a_pipelining_controller_pays_the_radio_energy_of_the_round_a_miss_gets_refused():
     est = lambda: AcceptanceEstimator(prior_a=660, prior_b=340)  # noqa: E731
     midrange, v = DEVICE_CLASSES["midrange-phone"], view(50, 50)

@@ -185,7 +185,8 @@ class RoundPlan(NamedTuple):
     j_per_token: float
     ahead: bool  # the device drafts ahead during the wait
     tokens: float  # E[tau]: tokens the round adds
-    round_ms: float  # E[round time], less the expected pre-draft saving
+    round_ms: float  # time_ms less the draft time its pre-draft is expected to save the next round: goodput's divisor
+    time_ms: float  # E[this round's own time]: its draft steps not predrafted (and unhidden prefill), and its wait
 
 
 @dataclass
@@ -348,7 +349,7 @@ class FlexSpecController(Policy):
             for c in costs:
                 tau, round_ms = self.estimator.expected_tau(c.k), self._round_ms(c, view, ahead)
                 rows.append(RoundPlan(c.k, tau / round_ms * 1e3, self._round_j(c, view, ahead) / tau,
-                                      ahead and c.k > 0, tau, round_ms))
+                                      ahead and c.k > 0, tau, round_ms, self.draft_ms(c.k, view) + c.wait_ms))
         return rows
 
     def choose(self, view: RoundView) -> int:

@@ -82,9 +82,9 @@ class RoundRecord:
     pipelined: bool = False  # sent before the previous round's answer (its round_ms: from that answer to its own)
     refused_next: bool = False  # a miss: the round pipelined behind it was sent anyway, and refused (its bytes
     # and radio energy are booked here)
-    # the adaptive controller's expectation when it chose K (None for the baselines, and for a round cut shorter
-    # than the K chosen, at a session's end): compare with tokens and round_ms to see how well its model fits (a
-    # pipelined round's expectation counts hits and misses alike)
+    # the adaptive controller's expectation when it chose K (`RoundPlan.tokens` and `.time_ms`; None for the
+    # baselines, for a round cut shorter than the K chosen at a session's end, and for a pipelined round, which
+    # went out on its predecessor's plan): compare with tokens and round_ms to see how well its model fits
     expected_tokens: float | None = None
     expected_round_ms: float | None = None
 
@@ -213,13 +213,13 @@ class EmulatedDevice:
             self.idle_credit_ms += back - t0
         alpha = getattr(getattr(self.policy, "estimator", None), "alpha", float("nan"))
         plan = self.policy.expected
-        expected = plan if plan is not None and plan.k == ev.k else None
+        expected = plan if plan is not None and plan.k == ev.k and not extra.get("pipelined") else None
         rec = RoundRecord(self.device_id, p.name, self.link.name, self.policy.name, ev.round_index, t0, ev.k,
                           ev.accepted, ev.accepted + 1, draft_ms, up_ms, verify_ms, down_ms, back - t0, energy,
                           ev.bytes_up, ev.bytes_down, alpha, ev.result.version, predrafted=predrafted,
                           lookahead_hit=bool(ev.lookahead_hit),
                           expected_tokens=None if expected is None else round(expected.tokens, 4),
-                          expected_round_ms=None if expected is None else round(expected.round_ms, 3),
+                          expected_round_ms=None if expected is None else round(expected.time_ms, 3),
                           **extra)
         self.records.append(rec)
         return rec

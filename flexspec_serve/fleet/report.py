@@ -18,8 +18,9 @@ Per-token latency of a round is its round time divided by the tokens it produced
 tokens over the time devices spent in rounds (think time excluded), the speed a user of a device sees.
 
 Controller fit: `model_speed_ratio` is the adaptive controller's expected decode speed over the rounds it
-chose (expected tokens over expected round time, `RoundRecord.expected_*`) divided by the speed those rounds
-had; above 1 the model was optimistic. None for policies without a model.
+chose (expected tokens over expected round time, `RoundRecord.expected_*`: the round's own draft and wait, as
+its `round_ms` measures it) divided by the speed those rounds had; above 1 the model was optimistic. None for
+policies without a model.
 """
 
 from __future__ import annotations
