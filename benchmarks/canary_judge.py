@@ -28,7 +28,7 @@ from flexspec_serve.engine.stats import AcceptanceStats
 from flexspec_serve.reports import md_table
 from flexspec_serve.canary import CanaryRules, VersionWindow, judge_canary
 
-DEFAULT_ROUNDS = Path(__file__).resolve().parents[1] / "docs/results/fleet/lte-adaptive/rounds.csv"
+DEFAULT_ROUNDS = Path(__file__).resolve().parents[1] / "docs/results/canary_judge_rounds.csv"  # a fleet run's, kept
 
 
 def load_sessions(path: Path) -> list[AcceptanceStats]:
