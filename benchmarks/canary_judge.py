@@ -24,9 +24,9 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from flexspec_serve.canary import CanaryRules, VersionWindow, judge_canary
 from flexspec_serve.engine.stats import AcceptanceStats
 from flexspec_serve.reports import md_table
-from flexspec_serve.canary import CanaryRules, VersionWindow, judge_canary
 
 DEFAULT_ROUNDS = Path(__file__).resolve().parents[1] / "docs/results/canary_judge_rounds.csv"  # a fleet run's, kept
 

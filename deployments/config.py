@@ -18,9 +18,9 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from flexspec_serve import paths
+from flexspec_serve.canary import CanaryRules
 from flexspec_serve.config import StrictModel
 from flexspec_serve.edge.devices import CLOUD_PROFILES
-from flexspec_serve.canary import CanaryRules
 
 VERSION_NAME = r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,63}$"
 APP_NAME = "flexspec"  # the router's Serve application (`flexspec serve up`)

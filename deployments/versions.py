@@ -20,8 +20,8 @@ from collections.abc import Callable
 from typing import Protocol
 
 from deployments.config import CanaryPlan, CanaryRuleFields, DrainPlan, FileRegistry, RegistryState, VersionSpec
-from flexspec_serve.engine.stats import SessionSpread
 from flexspec_serve.canary import CanaryRules, Decision, VersionWindow, judge_canary
+from flexspec_serve.engine.stats import SessionSpread
 
 
 COUNTERS = ("rounds", "draft_tokens", "accepted_tokens", "errors")

@@ -10,8 +10,8 @@ import pytest
 
 from deployments.config import FileRegistry, RegistryState, VersionSpec
 from deployments.versions import VersionError, VersionManager
-from flexspec_serve.engine.stats import AcceptanceStats
 from flexspec_serve.canary import CanaryRules, VersionWindow, judge_canary
+from flexspec_serve.engine.stats import AcceptanceStats
 from flexspec_serve.versions import compatibility_gate
 from flexspec_serve.zoo.loading import TokenizerMismatch
 from tests.fakes import FakeClock
