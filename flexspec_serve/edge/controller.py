@@ -274,7 +274,7 @@ class FlexSpecController(Policy):
         return self.cloud.verify_ms(self.nodes(k))
 
     def wait_ms(self, k: int, view: RoundView) -> float:
-        return self.up_ms(k, view) + self.verify_ms(k) + view.down_ms
+        return self.costs(k, view).wait_ms
 
     def costs(self, k: int, view: RoundView) -> KCosts:
         """What a K-token round costs whether or not it drafts ahead (a plan's two rows for K share it)."""
@@ -307,10 +307,11 @@ class FlexSpecController(Policy):
         """Expected critical-path time of a K-token round, less the draft time its pre-draft is expected to
         save the next round (with `ahead`; default: whenever the device can draft ahead). A pipelining
         device's next answer follows a hit by the 1 + K steps that drafted that round."""
-        return self._round_ms(self.costs(k, view), view, ahead)
+        c = self.costs(k, view)
+        return self._round_ms(c, self.draft_ms(k, view) + c.wait_ms, ahead)
 
-    def _round_ms(self, c: KCosts, view: RoundView, ahead: bool | None) -> float:
-        fresh = self.draft_ms(c.k, view) + c.wait_ms
+    def _round_ms(self, c: KCosts, fresh: float, ahead: bool | None) -> float:
+        """`round_ms` from the K's costs and its `fresh` time (its draft steps not predrafted, and its wait)."""
         if self.pipelines(c.k, ahead):  # the min() below is `sends_ahead`'s fit test
             return c.p_hit * min(fresh, self.device.draft_ms(1 + c.k) + self.pipe_extra_ms) + (1 - c.p_hit) * fresh
         saved_steps = max(0, min(c.k, self._ahead_steps(c, ahead) - 1))
@@ -345,11 +346,12 @@ class FlexSpecController(Policy):
 
     def _plan(self, costs: list[KCosts], view: RoundView) -> list[RoundPlan]:
         rows = []
+        fresh = [self.draft_ms(c.k, view) + c.wait_ms for c in costs]  # each K's own time, either way
         for ahead in ((False, True) if self.ahead.drafts else (False,)):
-            for c in costs:
-                tau, round_ms = self.estimator.expected_tau(c.k), self._round_ms(c, view, ahead)
+            for c, time_ms in zip(costs, fresh):
+                tau, round_ms = self.estimator.expected_tau(c.k), self._round_ms(c, time_ms, ahead)
                 rows.append(RoundPlan(c.k, tau / round_ms * 1e3, self._round_j(c, view, ahead) / tau,
-                                      ahead and c.k > 0, tau, round_ms, self.draft_ms(c.k, view) + c.wait_ms))
+                                      ahead and c.k > 0, tau, round_ms, time_ms))
         return rows
 
     def choose(self, view: RoundView) -> int:
